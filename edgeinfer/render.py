@@ -1,0 +1,64 @@
+"""Rich renderings used by the CLI: progress bars that implement ProgressReporter.
+
+Bars go to stderr and only when it is a terminal, so pipes and --json stay clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from edgeinfer.progress import ProgressReporter, SilentProgress
+
+
+class RichProgress:
+    """One visible bar at a time: each `start` finishes the previous phase."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._task: TaskID | None = None
+
+    def start(self, description: str, total: int | None, completed: int = 0) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, visible=False)
+        self._task = self._progress.add_task(description, total=total, completed=completed)
+
+    def advance(self, amount: int) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, amount)
+
+    def note(self, message: str) -> None:
+        self._progress.console.print(f"[yellow]{message}[/]", highlight=False)
+
+
+@contextmanager
+def transfer_progress(console: Console) -> Iterator[ProgressReporter]:
+    """A byte-counting progress bar on a terminal; silence elsewhere."""
+    if not console.is_terminal:
+        yield SilentProgress()
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield RichProgress(progress)
+
+
+@contextmanager
+def count_progress(console: Console) -> Iterator[ProgressReporter]:
+    """A progress bar counting items (tensors, chunks) rather than bytes."""
+    if not console.is_terminal:
+        yield SilentProgress()
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield RichProgress(progress)

