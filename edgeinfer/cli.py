@@ -125,10 +125,11 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """GGUF metadata of a model: architecture, parameters, quantization, context, tokenizer."""
-    from edgeinfer.ggufinfo import read_info
+    from edgeinfer.ggufinfo import inspect
     from edgeinfer.models import model_path_for_info
 
-    meta = read_info(model_path_for_info(_library(), ref))
+    lib = _library()
+    meta = inspect(model_path_for_info(lib, ref), lib.store.inspect_cache)
     if as_json:
         _print_json(meta.to_json())
         return

@@ -7,6 +7,7 @@ pure-Python reader first, and raises our own error when it is not.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -60,6 +61,46 @@ def validate(path: Path) -> "gguf.GGUFReader":  # noqa: F821 - gguf is imported 
     _check_tensors(reader, size)
     _check_required_keys(reader)
     return reader
+
+
+def inspect(path: Path, cache_file: Path | None = None) -> GGUFInfo:
+    """Validated metadata, remembered per (path, size, mtime) so a second run starts at once.
+
+    The gguf reader walks every vocabulary string in Python (seconds for a
+    150k-token vocabulary); a file that has not changed need not be walked again.
+    """
+    key, stamp = _cache_key(path)
+    cache = _load_cache(cache_file)
+    hit = cache.get(key)
+    if hit is not None and hit.get("stamp") == stamp:
+        return GGUFInfo(**{**hit["info"], "path": path})
+    info = read_info(path)
+    if cache_file is not None:
+        from edgeinfer.store import atomic_write_text
+
+        cache[key] = {"stamp": stamp, "info": {**info.to_json(), "chat_template": info.chat_template}}
+        try:
+            atomic_write_text(cache_file, json.dumps(cache))
+        except OSError:
+            pass  # a read-only home only costs the next run the same walk
+    return info
+
+
+def _cache_key(path: Path) -> tuple[str, list[int]]:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read {path}: {exc.strerror}") from None
+    return str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _load_cache(cache_file: Path | None) -> dict:
+    if cache_file is None or not cache_file.is_file():
+        return {}
+    try:
+        return json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def read_info(path: Path) -> GGUFInfo:
@@ -125,17 +166,36 @@ def _check_header(path: Path) -> int:
 
 
 def _open_reader(path: Path) -> "gguf.GGUFReader":  # noqa: F821
-    import gguf
-
     try:
-        return gguf.GGUFReader(path, "r")
+        return _fast_reader_class()(path, "r")
     except Exception as exc:  # the reader signals corruption with many exception types
         raise InvalidModelError(f"{path.name} is not a valid GGUF file (truncated or corrupt: {type(exc).__name__})") from None
 
 
+def _fast_reader_class() -> type:
+    """The gguf reader over a plain ndarray view of its memory map.
+
+    Slicing a numpy.memmap goes through Python-level hooks on every access; the
+    reader slices once per vocabulary string, so a plain view parses about 3x faster.
+    """
+    import gguf
+    import numpy as np
+
+    class FastReader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return FastReader
+
+
 def _check_tensors(reader: "gguf.GGUFReader", size: int) -> None:  # noqa: F821
     if not reader.tensors:
-        raise InvalidModelError(f"{Path(reader.data.filename).name} holds no tensors")
+        raise InvalidModelError("the GGUF file holds no tensors")
     for tensor in reader.tensors:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size or tensor.data.nbytes != int(tensor.n_bytes):

@@ -55,6 +55,7 @@ class Store:
         self.models_dir = root / "models"
         self.partial_dir = root / ".partial"
         self.manifest_path = root / "manifest.json"
+        self.inspect_cache = root / "gguf-metadata-cache.json"
 
     # --- reading ---------------------------------------------------------------
 
