@@ -152,5 +152,118 @@ def rm(ref: Annotated[str, typer.Argument(help="A model in the store.")]) -> Non
     stdout.print(f"removed {entry.name} ({_size(entry.size)})")
 
 
+# --- generation -------------------------------------------------------------------
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (default: the catalog's default model).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 is greedy.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens whose probability reaches p.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely.")]
+RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalty for tokens among the last 64 (1: off).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same output.")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable).")]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores).")]
+GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload (default: all on a GPU build, 0 on CPU).")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")]
+
+
+def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int | None):
+    from edgeinfer.sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, seed=seed)
+
+
+def _load_options(ctx_size: int | None, threads: int | None, gpu_layers: int | None, verbose: bool):
+    from edgeinfer.engine import LoadOptions
+    from edgeinfer.errors import UsageError
+
+    if ctx_size is not None and ctx_size < 16:
+        raise UsageError("--ctx-size must be at least 16")
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be at least 1")
+    return LoadOptions(n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, verbose=verbose)
+
+
+def _read_prompt(prompt: str | None, files: list[Path] | None) -> str:
+    """The argument, then stdin when it is piped, then each --file: joined by blank lines."""
+    from edgeinfer.errors import UsageError
+
+    parts = [prompt] if prompt else []
+    if not sys.stdin.isatty():
+        try:
+            piped = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("stdin is not UTF-8 text") from None
+        if piped.strip():
+            parts.append(piped)
+    for path in files or []:
+        try:
+            parts.append(f"{path.name}:\n{path.read_text(encoding='utf-8')}")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --file {path}: {getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
+    return "\n\n".join(parts)
+
+
+def _stats_line(result) -> str:
+    line = (f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated; "
+            f"first token {result.time_to_first_token * 1000:.0f} ms, prompt {result.prompt_tokens_per_second:.1f} tok/s, "
+            f"generation {result.generation_tokens_per_second:.1f} tok/s; finish: {result.finish_reason}")
+    return line
+
+
+@app.command()
+def run(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (joined with stdin when piped).")] = None,
+    model: ModelOpt = None,
+    file: Annotated[Optional[list[Path]], typer.Option("--file", "-f", help="Add a file's text to the prompt (repeatable).")] = None,
+    system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
+    temperature: TemperatureOpt = 0.8,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    stop: StopOpt = None,
+    ctx_size: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr after the answer.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Answer one prompt, streaming the text to stdout."""
+    from edgeinfer.api import RunRequest, run as run_prompt
+    from edgeinfer.render import transfer_progress
+
+    request = RunRequest(
+        prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw,
+        sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
+        max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose),
+    )
+    write = None if as_json else _stream_to_stdout
+    with transfer_progress(stderr) as progress:
+        result = run_prompt(request, on_text=write, progress=progress)
+    if as_json:
+        _print_json({"model": model or _library().catalog.default, **result.to_json()})
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if stats:
+        stderr.print(_stats_line(result))
+    if result.finish_reason == "interrupted":
+        raise typer.Exit(130)
+
+
+def _stream_to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def main() -> None:
     app()

@@ -1,0 +1,47 @@
+"""The Python API behind `edgeinfer run`: everything the command does, as one call.
+
+    from edgeinfer.api import RunRequest, run
+    result = run(RunRequest(prompt="Why is the sky blue?", sampling=SamplingParams(temperature=0)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edgeinfer.engine import GenerationResult, LoadOptions, generate, load
+from edgeinfer.errors import UsageError
+from edgeinfer.models import Library, locate
+from edgeinfer.progress import ProgressReporter
+from edgeinfer.sampling import SamplingParams
+from edgeinfer.template import Message, chat_tokens, raw_tokens
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    prompt: str
+    model: str | None = None  # any model reference; None: the catalog's default
+    system: str | None = None
+    raw: bool = False  # plain completion, no chat template
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+    def messages(self) -> list[Message]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": self.prompt}]
+
+
+def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
+        progress: ProgressReporter | None = None, lib: Library | None = None) -> GenerationResult:
+    """Answer one prompt, streaming text through `on_text`; a catalog model is pulled first if missing."""
+    if not request.prompt.strip():
+        raise UsageError("empty prompt: give one as an argument, on stdin, or with --file")
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+    lib = lib or Library.open()
+    path = locate(lib, request.model, pull_missing=True, progress=progress)
+    with load(path, request.load, lib.store.inspect_cache) as model:
+        tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
+        return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop, on_text=on_text)

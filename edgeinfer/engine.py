@@ -1,0 +1,343 @@
+"""A loaded model and the token loop, on llama-cpp-python's low-level API.
+
+`Model` owns one llama.cpp model and context and knows which tokens its KV cache
+holds, so a new prompt that shares a prefix with the last one (the next chat
+turn) only evaluates the new tokens. `generate` is the one token loop: it asks a
+`Stepper` for the next tokens (one at a time for plain decoding, several for
+speculative decoding), and streams their text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgeinfer import machine
+from edgeinfer.errors import GenerationError, InvalidModelError
+from edgeinfer.ggufinfo import GGUFInfo, inspect
+from edgeinfer.sampling import Sampler, SamplingParams
+from edgeinfer.textstream import TextStream
+
+DEFAULT_CTX = 4096
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    n_ctx: int | None = None  # None: the model's training context, at most DEFAULT_CTX
+    n_threads: int | None = None  # None: the physical cores
+    n_gpu_layers: int | None = None  # None: all layers on a GPU build, 0 on a CPU build
+    n_batch: int = 512
+    verbose: bool = False
+
+
+def load(path: Path, options: LoadOptions = LoadOptions(), cache_file: Path | None = None) -> "Model":
+    """Validate a GGUF with the gguf reader, check it fits in memory, then hand it to llama.cpp."""
+    info = inspect(path, cache_file)
+    n_ctx = options.n_ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
+    machine.check_fits(info, n_ctx)
+    return Model(path, info, options, n_ctx)
+
+
+class Model:
+    def __init__(self, path: Path, info: GGUFInfo, options: LoadOptions, n_ctx: int) -> None:
+        import llama_cpp
+
+        self._ll = llama_cpp
+        _init_backend(options.verbose)
+        self.path, self.info, self.n_ctx = path, info, n_ctx
+        self.n_batch = min(options.n_batch, n_ctx)
+        self.n_threads = options.n_threads or machine.physical_cores()
+        self._model = self._load_model(path, options)
+        self._ctx = self._new_context(options)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._pieces: dict[int, bytes] = {}
+        self.cached: list[int] = []  # the tokens whose keys and values sit in the KV cache, in order
+
+    def _load_model(self, path: Path, options: LoadOptions):
+        ll = self._ll
+        params = ll.llama_model_default_params()
+        gpu = options.n_gpu_layers
+        params.n_gpu_layers = (-1 if ll.llama_supports_gpu_offload() else 0) if gpu is None else gpu
+        model = ll.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise InvalidModelError(f"llama.cpp could not load {path.name} (unsupported architecture or tensor layout?)")
+        return model
+
+    def _new_context(self, options: LoadOptions):
+        ll = self._ll
+        params = ll.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.no_perf = True
+        ctx = ll.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise GenerationError(f"llama.cpp could not create a {self.n_ctx}-token context (out of memory?)")
+        return ctx
+
+    # --- tokens and text -----------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (self._ll.llama_token * capacity)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:
+            buf = (self._ll.llama_token * -n)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (possibly part of a UTF-8 character)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._ll.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self._vocab, token))
+
+    def token_text(self, token: int) -> str:
+        """A token's text with special tokens spelled out (for templates' bos_token/eos_token)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    @property
+    def bos_token(self) -> int:
+        return int(self._ll.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos_token(self) -> int:
+        return int(self._ll.llama_vocab_eos(self._vocab))
+
+    # --- the KV cache ------------------------------------------------------------
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Evaluate a prompt, reusing the cached prefix it shares; returns the last position's logits."""
+        if not tokens:
+            raise GenerationError("empty prompt: nothing to evaluate")
+        if len(tokens) >= self.n_ctx:
+            raise GenerationError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx}; shorten it or raise --ctx-size")
+        keep = _common_prefix(self.cached, tokens)
+        keep = min(keep, len(tokens) - 1)  # the last token is always evaluated again: we need its logits
+        self.truncate(keep)
+        rest = list(tokens[keep:])
+        for start in range(0, len(rest), self.n_batch):
+            chunk = rest[start : start + self.n_batch]
+            logits = self.decode(chunk, all_logits=False)
+        return logits[-1].copy()
+
+    def decode(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the cache; returns logits (one row, or one per token with all_logits).
+
+        The rows are a view of llama.cpp's buffer, valid until the next decode.
+        """
+        n = len(tokens)
+        if n == 0 or n > self.n_batch:
+            raise GenerationError(f"cannot evaluate {n} tokens at once (batch holds {self.n_batch})")
+        if len(self.cached) + n > self.n_ctx:
+            raise GenerationError(f"the context window ({self.n_ctx} tokens) is full")
+        batch, pos0 = self._batch, len(self.cached)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = pos0 + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = all_logits or i == n - 1
+        batch.n_tokens = n
+        code = self._ll.llama_decode(self._ctx, batch)
+        if code != 0:
+            raise GenerationError(f"llama.cpp could not evaluate the batch (llama_decode returned {code})")
+        self.cached.extend(tokens)
+        rows = n if all_logits else 1
+        first = 0 if all_logits else n - 1
+        ptr = self._ll.llama_get_logits_ith(self._ctx, first)
+        return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
+
+    def truncate(self, n: int) -> None:
+        """Forget every cached position from `n` on."""
+        if n < len(self.cached):
+            self._ll.llama_memory_seq_rm(self._memory, 0, n, -1)
+            del self.cached[n:]
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._ll.llama_batch_free(self._batch)
+            self._ll.llama_free(self._ctx)
+            self._ll.llama_model_free(self._model)
+            self._ctx = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+# --- the token loop ---------------------------------------------------------------
+
+
+class Stepper(Protocol):
+    def advance(self, history: list[int]) -> list[int]:
+        """Evaluate history[-1] (sampled, not yet in the cache) and return the next token(s)."""
+
+
+class PlainStepper:
+    """One token per model call: the baseline every other stepper must equal."""
+
+    def __init__(self, model: Model, sampler: Sampler) -> None:
+        self.model, self.sampler = model, sampler
+
+    def advance(self, history: list[int]) -> list[int]:
+        logits = self.model.decode(history[-1:])[0]
+        return [self.sampler.sample(logits, history)]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" (end of generation or stop string), "length", "context", "interrupted"
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float
+    total_seconds: float
+    tokens: tuple[int, ...] = ()
+    stats: dict = field(default_factory=dict)  # extra figures from the stepper (speculative decoding)
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.time_to_first_token if self.time_to_first_token > 0 else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        seconds = self.total_seconds - self.time_to_first_token
+        return (self.completion_tokens - 1) / seconds if self.completion_tokens > 1 and seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "time_to_first_token_s": round(self.time_to_first_token, 4),
+            "prompt_tokens_per_second": round(self.prompt_tokens_per_second, 2),
+            "generation_tokens_per_second": round(self.generation_tokens_per_second, 2),
+            "total_s": round(self.total_seconds, 4),
+            **({"speculative": self.stats} if self.stats else {}),
+        }
+
+
+def generate(
+    model: Model,
+    prompt: Sequence[int],
+    sampling: SamplingParams = SamplingParams(),
+    *,
+    max_tokens: int | None = None,
+    stop: Sequence[str] = (),
+    on_text: Callable[[str], None] | None = None,
+    stepper_factory: Callable[[Model, Sampler], Stepper] | None = None,
+) -> GenerationResult:
+    """Generate from a prompt until end of generation, a stop string, max_tokens or a full context.
+
+    Ctrl-C ends generation cleanly (finish_reason "interrupted"); the text so far is kept.
+    """
+    start = time.perf_counter()
+    emit = on_text or (lambda _text: None)
+    sampler = Sampler(sampling)
+    stepper = (stepper_factory or PlainStepper)(model, sampler)
+    history, produced = list(prompt), []
+    stream, reason, first = TextStream(stop), None, 0.0
+    limit = max_tokens if max_tokens is not None else model.n_ctx
+    try:
+        logits = model.prefill(prompt)
+        pending = [sampler.sample(logits, history)]
+        first = time.perf_counter() - start
+        while reason is None:
+            reason = _consume(model, pending, history, produced, stream, emit, limit)
+            if reason is None and len(model.cached) + 1 > model.n_ctx:
+                reason = "context"
+            elif reason is None:
+                pending = stepper.advance(history)
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    emit(stream.flush())
+    stats = getattr(stepper, "stats", None)
+    return GenerationResult(
+        text=stream.text,
+        finish_reason=reason,
+        prompt_tokens=len(prompt),
+        completion_tokens=len(produced),
+        time_to_first_token=first or (time.perf_counter() - start),
+        total_seconds=time.perf_counter() - start,
+        tokens=tuple(produced),
+        stats=stats() if callable(stats) else {},
+    )
+
+
+def _consume(model: Model, tokens: list[int], history: list[int], produced: list[int],
+             stream: TextStream, emit: Callable[[str], None], limit: int) -> str | None:
+    """Take the stepper's tokens one by one; a reason to finish ends the block early."""
+    for token in tokens:
+        if model.is_eog(token):
+            return "stop"
+        history.append(token)
+        produced.append(token)
+        text = stream.push(model.piece(token))
+        if text:
+            emit(text)
+        if stream.stopped:
+            return "stop"
+        if len(produced) >= limit:
+            return "length"
+    return None
+
+
+# --- llama.cpp's process-wide state -------------------------------------------------
+
+_backend = {"ready": False, "callback": None}
+
+
+def _init_backend(verbose: bool) -> None:
+    """Initialise llama.cpp once; route its log to stderr only when asked (--verbose)."""
+    import llama_cpp
+
+    if not _backend["ready"]:
+        llama_cpp.llama_backend_init()
+        _backend["ready"] = True
+
+    @llama_cpp.llama_log_callback
+    def _log(level, text, _user):
+        if verbose:
+            import sys
+
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    _backend["callback"] = _log  # keep a reference: llama.cpp holds only the C pointer
+    llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))

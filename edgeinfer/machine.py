@@ -1,0 +1,95 @@
+"""Facts about this machine that decide how a model is run: cores, memory, CPU, GPU offload.
+
+Also the memory estimate (weights plus KV cache) that lets `run` and `chat` stop
+with a clear message instead of swapping or being killed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+from edgeinfer.errors import ResourceError
+from edgeinfer.ggufinfo import GGUFInfo
+
+_KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16
+_COMPUTE_OVERHEAD = 64 * 2**20  # compute buffers, a generous allowance for small contexts
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: llama.cpp gains nothing from hyper-threads."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for block in text.split("\n\n"):
+            phys = re.search(r"^physical id\s*:\s*(\d+)", block, re.M)
+            core = re.search(r"^core id\s*:\s*(\d+)", block, re.M)
+            if core:
+                cores.add((phys.group(1) if phys else "0", core.group(1)))
+    except OSError:
+        pass
+    return max(1, min(usable, len(cores) or usable))
+
+
+def cpu_name() -> str:
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD features that matter to llama.cpp's CPU kernels."""
+    try:
+        match = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        return []
+    flags = set(match.group(1).split()) if match else set()
+    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return [f for f in wanted if f in flags]
+
+
+def total_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory() -> int:
+    """Memory a new model can take without swapping (MemAvailable where the kernel tells it)."""
+    try:
+        match = re.search(r"^MemAvailable:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        if match:
+            return int(match.group(1)) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return total_memory()
+
+
+def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
+    layers = info.block_count or 0
+    heads = info.head_count or 1
+    kv_heads = info.head_count_kv or heads
+    head_dim = (info.embedding_length or 0) // heads
+    return 2 * layers * n_ctx * kv_heads * head_dim * _KV_BYTES_PER_VALUE
+
+
+def estimate_memory(info: GGUFInfo, n_ctx: int) -> int:
+    """Weights (the file, memory-mapped) plus the KV cache for `n_ctx` tokens plus compute buffers."""
+    return info.file_size + kv_cache_bytes(info, n_ctx) + _COMPUTE_OVERHEAD
+
+
+def check_fits(info: GGUFInfo, n_ctx: int) -> None:
+    need, free = estimate_memory(info, n_ctx), available_memory()
+    if need > free:
+        raise ResourceError(
+            f"{info.path.name} with a {n_ctx}-token context needs about {need / 2**30:.1f} GiB, "
+            f"only {free / 2**30:.1f} GiB is available; try a smaller --ctx-size or a smaller quantization"
+        )
