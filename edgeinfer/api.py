@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgeinfer.chat import ChatSession, Conversation
 from edgeinfer.engine import GenerationResult, LoadOptions, generate, load
 from edgeinfer.errors import UsageError
 from edgeinfer.models import Library, locate
@@ -45,3 +46,14 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
     with load(path, request.load, lib.store.inspect_cache) as model:
         tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
         return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop, on_text=on_text)
+
+
+def open_chat(model: str | None = None, *, system: str | None = None, sampling: SamplingParams | None = None,
+              load_options: LoadOptions | None = None, max_tokens: int | None = None, stop: tuple[str, ...] = (),
+              progress: ProgressReporter | None = None, lib: Library | None = None) -> ChatSession:
+    """A chat session on a loaded model (pulled first if missing); close it with `session.model.close()`."""
+    lib = lib or Library.open()
+    path = locate(lib, model, pull_missing=True, progress=progress)
+    loaded = load(path, load_options or LoadOptions(), lib.store.inspect_cache)
+    conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
+    return ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop)

@@ -260,6 +260,36 @@ def run(
         raise typer.Exit(130)
 
 
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = 0.8,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    stop: StopOpt = None,
+    ctx_size: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Hold a conversation in the terminal (/help lists the commands)."""
+    from edgeinfer import chatui, config
+    from edgeinfer.api import open_chat
+    from edgeinfer.render import transfer_progress
+
+    with transfer_progress(stderr) as progress:
+        session = open_chat(model, system=system, sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
+                            load_options=_load_options(ctx_size, threads, gpu_layers, verbose), max_tokens=max_tokens,
+                            stop=tuple(stop or ()), progress=progress)
+    with session.model:
+        chatui.loop(session, stderr, config.history_file(), _stats_line)
+
+
 def _stream_to_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()

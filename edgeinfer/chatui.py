@@ -1,0 +1,139 @@
+"""The terminal side of `edgeinfer chat`: prompt_toolkit for input, plain streaming for answers.
+
+Input: arrow-key history kept across sessions, Esc-Enter (or Alt-Enter) for a new
+line, pasted blocks arrive whole (bracketed paste), and a block between two lines
+of three quotes (\"\"\") is one message. Ctrl-C clears the line, or exits at an
+empty prompt; Ctrl-D exits. Ctrl-C while the model answers stops the answer only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from edgeinfer.chat import ChatSession, Conversation
+from edgeinfer.errors import EdgeinferError
+
+HELP = """\
+/help           this help
+/system TEXT    set the system message (empty: remove it)
+/reset          forget the conversation (the system message stays)
+/save FILE      save the conversation as JSON
+/load FILE      continue a saved conversation
+/stats          figures of the last answer
+/exit, /bye     leave (Ctrl-D too)
+Esc-Enter inserts a new line; a block between two lines of \"\"\" is one message."""
+
+PROMPT = ">>> "
+
+
+def loop(session: ChatSession, console: Console, history_file: Path, stats_line: Callable[[object], str]) -> None:
+    read = _terminal_reader(history_file) if sys.stdin.isatty() else _plain_reader()
+    console.print(f"[dim]chatting with {session.conversation.model}; /help for commands, Ctrl-D to leave[/]")
+    while True:
+        try:
+            text = read()
+        except EOFError:
+            break
+        if text is None or not text.strip():
+            continue
+        if text.strip().startswith("/"):
+            if _command(text.strip(), session, console, stats_line) == "exit":
+                break
+            continue
+        _answer(session, text, console)
+
+
+def _answer(session: ChatSession, text: str, console: Console) -> None:
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        reply = session.ask(text, on_text=write)
+    except EdgeinferError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return
+    sys.stdout.write("\n")
+    if reply.result.finish_reason == "interrupted":
+        console.print("[dim]\\[answer stopped][/]")
+    if reply.dropped_turns:
+        console.print(f"[yellow]the conversation outgrew the context: the {reply.dropped_turns} oldest messages were dropped[/]")
+
+
+def _command(line: str, session: ChatSession, console: Console, stats_line: Callable[[object], str]) -> str | None:
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/exit", "/bye", "/quit"):
+            return "exit"
+        if name == "/help":
+            console.print(HELP, highlight=False, markup=False)
+        elif name == "/system":
+            session.set_system(arg)
+            console.print("system message " + ("set" if arg else "removed"))
+        elif name == "/reset":
+            session.reset()
+            console.print("conversation cleared")
+        elif name == "/save" and arg:
+            session.conversation.save(Path(arg).expanduser())
+            console.print(f"saved to {arg}")
+        elif name == "/load" and arg:
+            session.replace(Conversation.load(Path(arg).expanduser()))
+            console.print(f"loaded {len(session.conversation.turns)} messages from {arg}")
+        elif name == "/stats":
+            console.print(stats_line(session.last) if session.last else "no answer yet", highlight=False)
+        else:
+            console.print(f"unknown command {name}; /help lists them", highlight=False)
+    except EdgeinferError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+    return None
+
+
+def _terminal_reader(history_file: Path) -> Callable[[], str | None]:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("c-c")
+    def _(event):
+        buffer = event.app.current_buffer
+        if buffer.text:
+            buffer.reset()
+        else:
+            event.app.exit(exception=EOFError)
+
+    @bindings.add("escape", "enter")
+    def _(event):
+        event.app.current_buffer.insert_text("\n")
+
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    prompt = PromptSession(history=FileHistory(str(history_file)), key_bindings=bindings)
+
+    def read() -> str | None:
+        text = prompt.prompt(PROMPT)
+        if text.strip() == '"""':
+            lines = []
+            while (line := prompt.prompt("... ")).strip() != '"""':
+                lines.append(line)
+            return "\n".join(lines)
+        return text
+
+    return read
+
+
+def _plain_reader() -> Callable[[], str | None]:
+    """Piped input: one message per line, so a script can hold a conversation."""
+
+    def read() -> str | None:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    return read
