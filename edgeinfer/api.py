@@ -15,6 +15,7 @@ from edgeinfer.errors import UsageError
 from edgeinfer.models import Library, locate
 from edgeinfer.progress import ProgressReporter
 from edgeinfer.sampling import SamplingParams
+from edgeinfer.speculative import DraftOptions, check_pair, resolve_draft, speculation
 from edgeinfer.template import Message, chat_tokens, raw_tokens
 
 
@@ -28,6 +29,7 @@ class RunRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     load: LoadOptions = field(default_factory=LoadOptions)
+    draft: DraftOptions | None = None  # speculative decoding: a draft model, or "ngram" (prompt lookup)
 
     def messages(self) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -43,9 +45,16 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
         raise UsageError("--max-tokens must be at least 1")
     lib = lib or Library.open()
     path = locate(lib, request.model, pull_missing=True, progress=progress)
-    with load(path, request.load, lib.store.inspect_cache) as model:
+    cache, draft_path = lib.store.inspect_cache, None
+    if request.draft is not None:
+        draft_path = resolve_draft(lib, request.model, request.draft, progress)
+        if draft_path is not None:
+            check_pair(path, draft_path, cache)  # before any weights load
+    with load(path, request.load, cache) as model, \
+            speculation(model, draft_path, request.draft, request.load, request.max_tokens, cache) as stepper_factory:
         tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
-        return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop, on_text=on_text)
+        return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop,
+                        on_text=on_text, stepper_factory=stepper_factory)
 
 
 def open_chat(model: str | None = None, *, system: str | None = None, sampling: SamplingParams | None = None,

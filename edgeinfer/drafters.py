@@ -1,0 +1,121 @@
+"""Where speculative tokens come from: a small draft model, or the context itself (prompt lookup).
+
+A drafter proposes up to `n` tokens that continue `history`. Each proposed token
+comes with the distribution it was drawn from (`q` in Leviathan et al.), or None
+when the drafter was certain (a point mass: greedy drafting, or a copy out of the
+context), so the verifier can accept it with probability min(1, p(x)/q(x)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from edgeinfer.engine import Model
+from edgeinfer.sampling import Sampler
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    dists: list[np.ndarray | None] = field(default_factory=list)  # q for each token; None: a point mass
+
+
+class Drafter(Protocol):
+    name: str
+    step_cost_hint: float  # one draft step relative to one target step, before anything is measured
+
+    def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
+        """Up to n tokens after history (whose last token is not yet in any cache)."""
+
+
+class ModelDrafter:
+    """A small model with its own KV cache, kept in step with the target's accepted tokens.
+
+    `Model.prefill` keeps the cached prefix the draft shares with the history, so
+    after a verification only the bonus token (and the last accepted draft token,
+    which the draft sampled but never evaluated) are evaluated again: the prefix
+    is never re-processed, across rounds as across chat turns.
+    """
+
+    def __init__(self, model: Model, target_vocab: int, target_size: int) -> None:
+        self.model, self.name = model, model.path.name
+        self.n_vocab = target_vocab
+        self.step_cost_hint = model.info.file_size / max(target_size, 1)
+
+    def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
+        draft, context = Draft(), list(history)
+        logits = self.model.prefill(history)
+        greedy = sampler.params.greedy
+        for i in range(n):
+            row = self._fit(logits)
+            if greedy:
+                token, q = sampler.sample(row, context), None
+                confidence = _softmax_at(row, token)
+            else:
+                q = sampler.distribution(row, context)
+                token = sampler.draw(q)
+                confidence = float(q[token])
+            if confidence < p_min:  # the draft is unsure: stop before wasting a verification slot
+                break
+            draft.tokens.append(token)
+            draft.dists.append(q)
+            context.append(token)
+            if i == n - 1 or self.model.is_eog(token):
+                break
+            logits = self.model.decode([token])[0]
+        return draft
+
+    def _fit(self, logits: np.ndarray) -> np.ndarray:
+        """The draft's logits over the target's vocabulary (the two may differ by a few padding tokens)."""
+        if len(logits) == self.n_vocab:
+            return logits
+        if len(logits) > self.n_vocab:
+            return logits[: self.n_vocab]
+        return np.concatenate([logits, np.full(self.n_vocab - len(logits), -np.inf, dtype=logits.dtype)])
+
+
+class NgramDrafter:
+    """Prompt-lookup decoding: copy what followed the last occurrence of the context's final n-gram.
+
+    Code edits, summaries and quotes repeat long spans of their prompt; then this
+    drafter is nearly free and nearly always right. The index of n-grams grows
+    with the history, one position per token, so a lookup costs O(1).
+    """
+
+    name = "ngram"
+    step_cost_hint = 0.0
+
+    def __init__(self, n_max: int = 4, n_min: int = 2) -> None:
+        self.sizes = range(n_max, n_min - 1, -1)
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # positions of history whose n-grams are in the index
+
+    def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
+        self._extend(history)
+        for size in self.sizes:
+            if len(history) <= size:
+                continue
+            end = self._index.get(tuple(history[-size:]))
+            if end is not None:
+                tokens = list(history[end + 1 : end + 1 + n])
+                return Draft(tokens, [None] * len(tokens))
+        return Draft()
+
+    def _extend(self, history: Sequence[int]) -> None:
+        # Index n-grams ending before the last position: the lookup key itself must not match itself.
+        for end in range(self._indexed, len(history) - 1):
+            for size in self.sizes:
+                if end + 1 >= size:
+                    self._index[tuple(history[end + 1 - size : end + 1])] = end
+        self._indexed = max(self._indexed, len(history) - 1)
+
+
+def _softmax_at(logits: np.ndarray, token: int) -> float:
+    """The probability of one token under the plain softmax of the logits."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = x.max()
+    return float(np.exp(x[token] - top) / np.exp(x - top).sum())
