@@ -233,6 +233,12 @@ def run(
     ctx_size: CtxOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")] = None,
+    draft_max: Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per round (the length in use adapts below it).")] = 8,
+    draft_min: Annotated[int, typer.Option("--draft-min", help="Fewest drafted tokens worth a verification.")] = 0,
+    draft_p_min: Annotated[float, typer.Option("--draft-p-min", help="Stop drafting when the draft's probability for its token is below this.")] = 0.75,
+    draft_threads: Annotated[Optional[int], typer.Option("--draft-threads", help="CPU threads for the draft model (default: as --threads).")] = None,
+    draft_gpu_layers: Annotated[Optional[int], typer.Option("--draft-gpu-layers", help="Draft layers to offload (default: as --gpu-layers).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr after the answer.")] = False,
     verbose: VerboseOpt = False,
@@ -240,11 +246,16 @@ def run(
     """Answer one prompt, streaming the text to stdout."""
     from edgeinfer.api import RunRequest, run as run_prompt
     from edgeinfer.render import transfer_progress
+    from edgeinfer.speculative import DraftOptions, describe_stats
 
+    speculate = None if draft is None else DraftOptions(
+        ref=draft, draft_max=draft_max, draft_min=draft_min, p_min=draft_p_min,
+        n_threads=draft_threads, n_gpu_layers=draft_gpu_layers)
     request = RunRequest(
         prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw,
         sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
         max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose),
+        draft=speculate,
     )
     write = None if as_json else _stream_to_stdout
     with transfer_progress(stderr) as progress:
@@ -256,6 +267,8 @@ def run(
         sys.stdout.flush()
     if stats:
         stderr.print(_stats_line(result))
+        if result.stats:
+            stderr.print(describe_stats(result.stats))
     if result.finish_reason == "interrupted":
         raise typer.Exit(130)
 
