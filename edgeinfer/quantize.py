@@ -1,0 +1,472 @@
+"""`edgeinfer quantize`: a Hugging Face model or a GGUF in, a 4- or 8-bit GGUF out, with a quality report.
+
+    source (HF folder | hub repository | GGUF)
+      -> unquantized GGUF (convert_hf_to_gguf, skipped for a GGUF source)
+      -> llama.cpp's quantizer, in a child process
+      -> Name-Q4_K_M.gguf, registered in the store
+      -> quality report against the unquantized GGUF (edgeinfer.quality)
+
+Why a child process: `llama_model_quantize` is one blocking C call. Python only
+runs its SIGINT handler between bytecodes, so in-process Ctrl-C would wait for
+the whole quantization; a thread cannot be stopped at all. In a child, the
+parent stays responsive: on Ctrl-C it kills the child and deletes the partial
+file. If the parent itself is killed, the child sees its stdin (its lifeline)
+close, deletes the partial file and exits. Either way nothing ever appears under
+the final name, which is reached only by a rename once the quantizer succeeded.
+The child is a plain `python -c` subprocess rather than multiprocessing's spawn,
+which would re-run the caller's main script. The price is the child's start
+(about 0.3 s, mostly importing llama_cpp).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeinfer import config
+from edgeinfer.errors import ConversionError, EdgeinferError, Interrupted, UsageError
+from edgeinfer.progress import ProgressReporter, SilentProgress
+from edgeinfer.quality import QualityReport
+from edgeinfer.store import Store, check_free_space, sha256_file
+
+DEFAULT_TYPE = "Q4_K_M"
+TYPE_FOR_BITS = {4: "Q4_K_M", 8: "Q8_0"}
+_ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
+# llama.cpp refuses these without an importance matrix.
+_NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
+# Rough bits per weight, only to check free disk space before starting.
+_BITS_ESTIMATE = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.6, "Q5_0": 5.5,
+                  "Q5_1": 6, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5}
+_HF_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+_PRECISION_SUFFIX = re.compile(r"[-_.](f32|f16|bf16|fp16|fp32|q\d\w*|iq\d\w*)$", re.IGNORECASE)
+_HUB_REPO = re.compile(r"^(?:https://huggingface\.co/|hf\.co/)?(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    name: str  # the store name: `edgeinfer run NAME`
+    path: Path
+    qtype: str
+    source: str
+    input_size: int  # bytes of the source weights
+    output_size: int
+    parameters: int
+    bits_per_weight: float  # of the quantized tensors' data
+    seconds_convert: float
+    seconds_quantize: float
+    seconds_eval: float
+    quality: QualityReport | None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def seconds_total(self) -> float:
+        return self.seconds_convert + self.seconds_quantize + self.seconds_eval
+
+    def to_json(self) -> dict:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["path"] = str(self.path)
+        data["seconds_total"] = self.seconds_total
+        data["quality"] = self.quality.to_json() if self.quality else None
+        data["warnings"] = list(self.warnings)
+        return data
+
+
+@dataclass(frozen=True)
+class _Unquantized:
+    path: Path  # the GGUF the quantizer reads
+    parameters: int
+    seconds: float  # spent converting
+    requantize: bool  # the source is already quantized
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # "hf" or "gguf"
+    path: Path  # the model folder, or the .gguf file
+    label: str  # recorded in the store: where it came from
+    name: str  # the model's name, for the output's
+    size: int
+
+
+def quantize(
+    source: str | Path,
+    *,
+    qtype: str = DEFAULT_TYPE,
+    output: Path | None = None,
+    imatrix: Path | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    evaluate: bool = True,
+    store: Store | None = None,
+    progress: ProgressReporter | None = None,
+) -> QuantizeResult:
+    """Quantize a model with llama.cpp's own quantizer and register the result in the store.
+
+    source: a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+    a hub repository ("owner/name" or "owner/name@revision"), or a GGUF file.
+    qtype: any llama.cpp type (Q4_K_M, Q8_0, Q5_K_M, Q6_K, ...).
+    output: the file (or folder) to write; by default Name-QTYPE.gguf in the store.
+    imatrix: an importance matrix from llama-imatrix (GGUF or legacy .dat).
+    force: replace an existing output. evaluate: compute the quality report.
+    """
+    progress = progress or SilentProgress()
+    store = store or Store(config.edgeinfer_home())
+    qtype, ftype = resolve_type(qtype)
+    if qtype in _NEEDS_IMATRIX and imatrix is None:
+        raise UsageError(f"llama.cpp quantizes to {qtype} only with an importance matrix; pass --imatrix FILE")
+    if imatrix is not None:
+        read_imatrix(Path(imatrix))  # refuse a bad file now, before a long conversion
+    src = _locate_source(source, progress)
+    name = f"{src.name}-{qtype}"
+    final = _output_path(output, store, name)
+    if final.exists() and not force:
+        raise UsageError(f"{final} already exists; pass --force to replace it")
+    work = final.parent / f".{final.name}.work"
+    try:
+        prepared = _unquantized_gguf(src, work, final, qtype, progress)
+        started = time.perf_counter()
+        _run_quantizer(prepared.path, final, ftype, threads, imatrix, prepared.requantize, progress)
+        seconds_quantize = time.perf_counter() - started
+        model = store.register(name, final, sha256=sha256_file(final), source=f"quantize:{src.label}", quantization=qtype)
+        started = time.perf_counter()
+        quality = _evaluate(prepared.path, final, threads, progress) if evaluate else None
+        seconds_eval = time.perf_counter() - started
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return QuantizeResult(
+        name=model.name, path=final, qtype=qtype, source=src.label, input_size=src.size, output_size=model.size,
+        parameters=prepared.parameters, bits_per_weight=_bits_per_weight(final), seconds_convert=prepared.seconds,
+        seconds_quantize=seconds_quantize, seconds_eval=seconds_eval, quality=quality, warnings=prepared.warnings,
+    )
+
+
+def resolve_type(qtype: str) -> tuple[str, int]:
+    """A llama.cpp quantization type's canonical name and its llama_ftype number."""
+    import llama_cpp
+
+    name = _ALIASES.get(qtype.upper(), qtype.upper())
+    ftype = llama_cpp.LLAMA_FTYPE_ALL_F32 if name == "F32" else getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
+    if ftype is None or name.endswith("_MOE"):
+        raise UsageError(f"unknown quantization type {qtype!r}; choose one of {', '.join(known_types())}")
+    return name, int(ftype)
+
+
+def known_types() -> list[str]:
+    import llama_cpp
+
+    names = [n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")]
+    return sorted(n for n in names if not n.endswith("_MOE")) + ["F32"]
+
+
+def type_for(bits: int | None, qtype: str | None) -> str:
+    """What `--bits` and `--type` ask for together (the CLI's rule: --type wins, --bits picks a default)."""
+    if qtype is not None:
+        return qtype
+    if bits is None:
+        return DEFAULT_TYPE
+    if bits not in TYPE_FOR_BITS:
+        raise UsageError(f"--bits must be 4 or 8 (got {bits}); use --type for other llama.cpp types")
+    return TYPE_FOR_BITS[bits]
+
+
+# --- the source ---------------------------------------------------------------------
+
+
+def _locate_source(source: str | Path, progress: ProgressReporter) -> _Source:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _hf_folder(path, label=str(path.resolve()))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UsageError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
+        return _Source("gguf", path, str(path.resolve()), _PRECISION_SUFFIX.sub("", path.stem), path.stat().st_size)
+    match = _HUB_REPO.match(str(source))
+    if match is None or str(source).startswith((".", "/", "~")):
+        raise UsageError(f"{source} is not a folder, a .gguf file or a hub repository (owner/name)")
+    folder = _download_hub_model(match["repo"], match["rev"] or "main", progress)
+    return _hf_folder(folder, label=f"hf:{match['repo']}@{match['rev'] or 'main'}", name=match["repo"].split("/")[1])
+
+
+def _hf_folder(folder: Path, label: str, name: str | None = None) -> _Source:
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return _Source("hf", folder, label, name or folder.resolve().name, size)
+
+
+def _download_hub_model(repo: str, revision: str, progress: ProgressReporter) -> Path:
+    """The files a conversion needs (never pickles, never other formats), into the Hugging Face cache."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from edgeinfer.sources import _hub_errors, _refuse_if_offline
+
+    _refuse_if_offline(repo)
+    with _hub_errors(repo):
+        files = [f for f in HfApi().list_repo_files(repo, revision=revision) if "/" not in f]
+        wanted = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in _HF_FILES)]
+        if not any(f.endswith(".safetensors") for f in wanted):
+            pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
+            why = " (only pickle checkpoints, which edgeinfer refuses to load)" if pickles else ""
+            raise ConversionError(f"{repo} has no .safetensors weights{why}")
+        progress.start(f"downloading {repo}", len(wanted))
+        local = None
+        for file in wanted:
+            local = Path(hf_hub_download(repo, file, revision=revision))
+            progress.advance(1)
+    return local.parent
+
+
+def _output_path(output: Path | None, store: Store, name: str) -> Path:
+    if output is None:
+        return store.model_path(name, f"{name}.gguf")
+    output = Path(output).expanduser()
+    if output.is_dir():
+        return (output / f"{name}.gguf").resolve()
+    if output.suffix.lower() != ".gguf":
+        raise UsageError(f"--output {output} should end in .gguf (or name an existing folder)")
+    return output.resolve()
+
+
+# --- converting --------------------------------------------------------------------------
+
+
+def _unquantized_gguf(src: _Source, work: Path, final: Path, qtype: str, progress: ProgressReporter) -> _Unquantized:
+    """The GGUF the quantizer reads: the source itself, or a lossless conversion of it into `work`."""
+    from edgeinfer.ggufinfo import read_info
+
+    if src.kind == "gguf":
+        info = read_info(src.path)
+        check_free_space(final.parent, _estimate_size(info.parameters, qtype))
+        if info.quantization in ("F32", "ALL_F32", "F16", "BF16"):
+            return _Unquantized(src.path, info.parameters, 0.0, False, ())
+        warning = (f"{src.path.name} is already quantized ({info.quantization}); requantizing loses more quality "
+                   "than quantizing from F16/BF16")
+        progress.note(warning)
+        return _Unquantized(src.path, info.parameters, 0.0, True, (warning,))
+    from edgeinfer.convert import convert_hf_to_gguf
+
+    parameters = _count_parameters(src.path)
+    check_free_space(final.parent, src.size + _estimate_size(parameters, qtype))
+    work.mkdir(parents=True, exist_ok=True)
+    result = convert_hf_to_gguf(src.path, work / f"{src.name}.gguf", name=src.name, progress=progress)
+    return _Unquantized(result.path, result.parameters, result.seconds, False, result.warnings)
+
+
+def _evaluate(unquantized: Path, final: Path, threads: int | None, progress: ProgressReporter) -> QualityReport:
+    from edgeinfer.quality import compare
+
+    try:
+        return compare(unquantized, final, threads=threads, progress=progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"quality evaluation interrupted; the quantized model is complete at {final}") from None
+
+
+def _count_parameters(folder: Path) -> int:
+    from edgeinfer.convert.weights import index_weights
+
+    return sum(entry.n_elements for entry in index_weights(folder).values())
+
+
+def _estimate_size(parameters: int, qtype: str) -> int:
+    return int(parameters * _BITS_ESTIMATE.get(qtype, 8.5) / 8 * 1.05) + (16 << 20)
+
+
+def _bits_per_weight(path: Path) -> float:
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r")
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    return 8 * sum(int(t.n_bytes) for t in reader.tensors) / max(elements, 1)
+
+
+# --- quantizing, in a child process -------------------------------------------------------
+
+
+def _run_quantizer(source: Path, final: Path, ftype: int, threads: int | None, imatrix: Path | None,
+                   requantize: bool, progress: ProgressReporter) -> None:
+    """Quantize `source` to `final`: through a temporary name in the same folder, renamed once whole."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f".{final.name}.incomplete")
+    job = {"source": str(source), "partial": str(partial), "ftype": ftype, "threads": threads or 0,
+           "imatrix": str(imatrix) if imatrix else None, "requantize": requantize}
+    # The child's stdin is its lifeline (it closes when this process ends, however it ends); its
+    # stdout carries progress as JSON lines. Its own session keeps a terminal's Ctrl-C for us alone.
+    with tempfile.TemporaryFile() as child_stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "from edgeinfer.quantize import _child_main; _child_main()", json.dumps(job)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=child_stderr, start_new_session=True,
+        )
+        try:
+            failure = _follow_child(child.stdout, progress)
+            if child.wait() != 0 or failure:
+                child_stderr.seek(0)
+                last_words = child_stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+                why = failure or (last_words[0] if last_words else f"it exited with code {child.returncode}")
+                raise EdgeinferError(f"llama.cpp's quantizer failed: {why}")
+            os.replace(partial, final)
+        except KeyboardInterrupt:
+            raise Interrupted("quantization interrupted; no output was written") from None
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdin.close()
+            child.stdout.close()
+            partial.unlink(missing_ok=True)
+
+
+def _follow_child(lines, progress: ProgressReporter) -> str | None:
+    """Relay the child's progress until it finishes; returns the quantizer's error text, if any."""
+    import json
+
+    started = False
+    for line in lines:
+        message = json.loads(line)
+        if "tensor" in message:
+            if not started:
+                progress.start("quantizing", message["of"], completed=message["tensor"] - 1)
+                started = True
+            progress.advance(1)
+        elif "error" in message:
+            return message["error"]
+    return None
+
+
+def _child_main() -> None:
+    """The quantizer's process: one llama_model_quantize call, progress on stdout, watching its parent."""
+    import ctypes
+    import json
+    import sys
+    import threading
+
+    import llama_cpp
+
+    job = json.loads(sys.argv[1])
+    partial = Path(job["partial"])
+
+    def watch_parent() -> None:
+        sys.stdin.buffer.read()  # returns at EOF: the parent is gone (or done)
+        partial.unlink(missing_ok=True)  # a partial file must not outlive it
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    errors: list[str] = []
+
+    def send(message: dict) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data) -> None:
+        line = text.decode("utf-8", "replace")
+        if (m := re.match(r"\[\s*(\d+)/\s*(\d+)\]", line)) is not None:
+            send({"tensor": int(m[1]), "of": int(m[2])})
+        elif level == 3:  # GGML_LOG_LEVEL_ERROR
+            errors.append(line.strip())
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = job["ftype"]
+    params.nthread = job["threads"]
+    params.allow_requantize = job["requantize"]
+    if job["imatrix"]:
+        params.imatrix, keep_alive = _imatrix_array(read_imatrix(Path(job["imatrix"])))  # noqa: F841 - outlives the call
+    status = llama_cpp.llama_model_quantize(job["source"].encode(), str(partial).encode(), ctypes.byref(params))
+    if status != 0:
+        send({"error": "; ".join(e for e in errors if e) or f"status {status}"})
+    os._exit(0 if status == 0 else 1)  # no interpreter teardown: the watcher must not fire
+
+
+def _imatrix_array(importance: dict):
+    """A NULL-terminated C array of llama_model_imatrix_data, and the objects that must outlive it."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+    keep = []
+    for i, (name, values) in enumerate(importance.items()):
+        array = np.ascontiguousarray(values, dtype=np.float32)
+        encoded = name.encode()
+        keep += [array, encoded]
+        entries[i].name = encoded
+        entries[i].data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = array.size
+    return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), (entries, keep)
+
+
+# --- importance matrices -------------------------------------------------------------------
+
+
+def read_imatrix(path: Path) -> dict:
+    """Per-tensor importance (mean squared activation of each input column) from llama-imatrix's output.
+
+    Both of its formats: GGUF (`NAME.in_sum2` sums and `NAME.counts`, divided here,
+    per expert), and the legacy .dat (values already averaged over `ncall` chunks).
+    """
+    if not path.is_file():
+        raise UsageError(f"no importance matrix at {path}")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    try:
+        entries = _read_gguf_imatrix(path) if magic == b"GGUF" else _read_legacy_imatrix(path)
+    except (ValueError, struct.error, UnicodeDecodeError, OSError) as exc:
+        raise UsageError(f"{path} is not an importance matrix llama.cpp wrote ({exc})") from None
+    if not entries:
+        raise UsageError(f"{path} holds no importance data")
+    return entries
+
+
+def _read_gguf_imatrix(path: Path) -> dict:
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path, "r")
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    entries = {}
+    for key, sums in tensors.items():
+        if not key.endswith(".in_sum2"):
+            continue
+        name = key.removesuffix(".in_sum2")
+        counts = tensors.get(f"{name}.counts")
+        if counts is None:
+            raise ValueError(f"{name} has sums but no counts")
+        counts = counts.reshape(-1)
+        sums = sums.reshape(len(counts), -1)
+        safe = np.where(counts > 0, counts, 1.0)[:, None]
+        entries[name] = np.where(counts[:, None] > 0, sums / safe, 1.0).reshape(-1).astype(np.float32)
+    return entries
+
+
+def _read_legacy_imatrix(path: Path) -> dict:
+    import numpy as np
+
+    data = path.read_bytes()
+    (n_entries,), offset = struct.unpack_from("<i", data, 0), 4
+    if not 0 < n_entries < 1_000_000:
+        raise ValueError("implausible entry count")
+    entries = {}
+    for _ in range(n_entries):
+        (length,) = struct.unpack_from("<i", data, offset)
+        name = data[offset + 4 : offset + 4 + length].decode()
+        offset += 4 + length
+        ncall, nval = struct.unpack_from("<ii", data, offset)
+        offset += 8
+        values = np.frombuffer(data, dtype="<f4", count=nval, offset=offset).astype(np.float32)
+        offset += 4 * nval
+        entries[name] = values / ncall if ncall > 0 else values
+    return entries
