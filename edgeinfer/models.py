@@ -122,6 +122,8 @@ def remove(lib: Library, ref: str) -> StoredModel:
     if isinstance(parsed, LocalRef):
         raise EdgeinferError(f"{parsed.path} is not in the store; edgeinfer only removes what it pulled")
     entry = _stored_entry(lib, parsed)
+    if entry is None and isinstance(parsed, NameRef):
+        raise ModelNotFoundError(unknown_name_message(parsed.name, _known_names(lib)))
     if entry is None:
         raise ModelNotFoundError(f"{ref} is not in the store")
     lib.store.remove(entry.name)
