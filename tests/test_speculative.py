@@ -1,0 +1,295 @@
+"""Speculative decoding on real llama.cpp with tiny models: exact, adaptive, and refused for strangers.
+
+The pairs: the tiny target with its own Q8_0 quantization as draft (agrees nearly
+always), with an unrelated model of the same vocabulary (agrees almost never),
+and with prompt lookup (no draft model at all).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgeinfer import engine
+from edgeinfer.drafters import Draft, ModelDrafter, NgramDrafter
+from edgeinfer.engine import LoadOptions, generate, load
+from edgeinfer.errors import IncompatibleModelsError
+from edgeinfer.sampling import Sampler, SamplingParams
+from edgeinfer.speculative import CostModel, DraftOptions, SpeculativeStepper, check_pair, stepper_factory
+from tinymodel import make_tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = [
+    "Once upon a time there was a small model",
+    "Hello world! Hello there, how are you today?",
+    "def hello(name): return",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "for i in range(10): print(i * i)",
+    "Numbers like 123, 2024, 3.14 and 42",
+]
+
+
+def quantize(source: Path, dest: Path, ftype_name: str) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype_name)
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), params) == 0
+    return dest
+
+
+@pytest.fixture(scope="module")
+def models(tiny_family, tmp_path_factory):
+    """The target loaded once, and its drafts: its own Q8_0 (close) and an unrelated seed (far)."""
+    folder = tmp_path_factory.mktemp("speculative")
+    q8 = quantize(tiny_family.target, folder / "tiny-target-q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0")
+    options = LoadOptions(n_ctx=512, n_threads=2)
+    with load(tiny_family.target, options) as target, load(q8, options) as close, \
+            load(tiny_family.unrelated, options) as far:
+        yield SimpleNamespace(target=target, close=close, far=far, q8=q8, options=options, folder=folder)
+
+
+def drafter_for(models, which: str):
+    if which == "ngram":
+        return NgramDrafter()
+    model = getattr(models, which)
+    return ModelDrafter(model, models.target.n_vocab, models.target.info.file_size)
+
+
+def run_pair(target, drafter, prompt, sampling=GREEDY, *, draft_max=4, p_min=0.0, adaptive=False, **kwargs):
+    options = DraftOptions(ref=drafter.name, draft_max=draft_max, p_min=p_min, adaptive=adaptive)
+    return generate(target, prompt, sampling, stepper_factory=stepper_factory(lambda: drafter, options, kwargs.get("max_tokens")),
+                    **kwargs)
+
+
+# --- greedy: token for token the target's own ----------------------------------------
+
+
+@pytest.mark.parametrize("which", ["close", "far", "ngram"])
+def test_greedy_speculation_gives_exactly_the_targets_tokens(models, which):
+    target = models.target
+    drafter = drafter_for(models, which)
+    for prompt_text in PROMPTS:
+        prompt = target.tokenize(prompt_text, add_special=False)
+        plain = generate(target, prompt, GREEDY, max_tokens=60)
+        for draft_max in (1, 3, 8):
+            fast = run_pair(target, drafter, prompt, draft_max=draft_max, max_tokens=60)
+            assert fast.tokens == plain.tokens, (which, prompt_text, draft_max)
+            assert (fast.text, fast.finish_reason) == (plain.text, plain.finish_reason)
+    if which == "close":
+        assert fast.stats["acceptance_rate"] > 0.5 and fast.stats["tokens_per_pass"] > 1.5
+    if which == "far":
+        assert fast.stats["acceptance_rate"] < 0.3
+
+
+def test_the_adaptive_length_keeps_the_output_exact(models):
+    target = models.target
+    for which in ("close", "far", "ngram"):
+        drafter = drafter_for(models, which)
+        for prompt_text in PROMPTS[:3]:
+            prompt = target.tokenize(prompt_text, add_special=False)
+            plain = generate(target, prompt, GREEDY, max_tokens=50)
+            fast = run_pair(target, drafter, prompt, adaptive=True, draft_max=8, max_tokens=50)
+            assert fast.tokens == plain.tokens
+            assert {"acceptance_rate", "tokens_per_pass", "draft_length", "tokens_per_second"} <= fast.stats.keys()
+
+
+def test_end_of_generation_and_stop_strings_inside_an_accepted_block(tiny_family, models):
+    # special_logit 7 makes <|im_end|> win after a few tokens on some prompts.
+    stopper = make_tiny_model(models.folder / "tiny-stopper.gguf", special_logit=7.0)
+    stopper_q8 = quantize(stopper, models.folder / "tiny-stopper-q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0")
+    ended = 0
+    with load(stopper, models.options) as target, load(stopper_q8, models.options) as draft:
+        drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size)
+        for prompt_text in PROMPTS:
+            prompt = target.tokenize(prompt_text, add_special=False)
+            plain = generate(target, prompt, GREEDY, max_tokens=40)
+            fast = run_pair(target, drafter, prompt, draft_max=8, max_tokens=40)
+            assert (fast.tokens, fast.finish_reason) == (plain.tokens, plain.finish_reason)
+            ended += plain.finish_reason == "stop" and len(plain.tokens) >= 2
+        assert ended >= 2
+    # A stop string that ends in the middle of what a round accepts: the text stops where the target's would.
+    target = models.target
+    for prompt_text in PROMPTS[:4]:
+        prompt = target.tokenize(prompt_text, add_special=False)
+        plain = generate(target, prompt, GREEDY, max_tokens=40)
+        stop = plain.text[17:21]
+        want = generate(target, prompt, GREEDY, max_tokens=40, stop=[stop])
+        for which in ("close", "ngram"):
+            got = run_pair(target, drafter_for(models, which), prompt, draft_max=8, max_tokens=40, stop=[stop])
+            assert (got.text, got.finish_reason) == (want.text, "stop")
+
+
+def test_max_tokens_and_a_full_context_end_as_in_plain_decoding(tiny_family, models):
+    target = models.target
+    prompt = target.tokenize(PROMPTS[0], add_special=False)
+    for max_tokens in (1, 2, 5, 9):
+        plain = generate(target, prompt, GREEDY, max_tokens=max_tokens)
+        fast = run_pair(target, drafter_for(models, "close"), prompt, draft_max=8, max_tokens=max_tokens)
+        assert fast.tokens == plain.tokens and fast.finish_reason == "length"
+    small = LoadOptions(n_ctx=48, n_threads=2)
+    with load(tiny_family.target, small) as target, load(models.q8, small) as draft:
+        prompt = target.tokenize(PROMPTS[3], add_special=False)
+        plain = generate(target, prompt, GREEDY)
+        fast = run_pair(target, ModelDrafter(draft, target.n_vocab, 1), prompt, draft_max=8)
+        assert plain.finish_reason == fast.finish_reason == "context"
+        assert fast.tokens == plain.tokens
+
+
+def test_the_next_turn_reuses_both_caches(models):
+    target, draft = models.target, models.close
+    drafter = drafter_for(models, "close")
+    first = target.tokenize(PROMPTS[0], add_special=False)
+    answer = run_pair(target, drafter, first, draft_max=4, max_tokens=20)
+    second = first + list(answer.tokens) + target.tokenize(" And then", add_special=False)
+    kept = len(draft.cached)
+    assert kept > len(first)
+    evaluated = []
+    original = draft.decode
+    draft.decode = lambda tokens, **kw: evaluated.append(len(tokens)) or original(tokens, **kw)
+    try:
+        fast = run_pair(target, drafter, second, draft_max=4, max_tokens=20)
+    finally:
+        del draft.decode
+    assert evaluated[0] < len(second) - len(first)  # only the new turn's tokens, not the whole prompt again
+    assert fast.tokens == generate(target, second, GREEDY, max_tokens=20).tokens
+
+
+# --- sampling: the target's distribution, exactly ----------------------------------
+
+
+def chi_square_threshold(df: int, z: float = 3.09) -> float:
+    """The chi-square critical value at the 0.1% level (z = 3.09), by Wilson and Hilferty's cube-root
+    approximation, which is within a percent of the exact value for df >= 3. A correct sampler fails a
+    given seed with probability 0.001; a wrong one (drafts accepted unchecked, no residual) lands far above."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray, n: int) -> tuple[float, int]:
+    """Pearson's statistic, with every token expected fewer than 5 times pooled into one bin."""
+    expected = probs * n
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expect = np.append(expected[big], expected[~big].sum())
+    keep = expect > 0
+    stat = float((((observed - expect) ** 2)[keep] / expect[keep]).sum())
+    if (observed[~keep] > 0).any():
+        stat = math.inf  # a token the target never gives
+    return stat, int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("which, params", [
+    ("far", SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11)),
+    ("close", SamplingParams(temperature=0.7, top_k=8, top_p=1.0, min_p=0.0, seed=12)),
+    ("far", SamplingParams(temperature=1.5, top_k=0, top_p=0.8, min_p=0.0, seed=13)),
+    ("ngram", SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.05, seed=14)),
+])
+def test_speculative_sampling_follows_the_targets_distribution(models, which, params):
+    target, n = models.target, 1500
+    history = target.tokenize("A cat saw the dog, and the dog", add_special=False)  # ngram finds " the dog,"
+    sampler = Sampler(params)
+    target.prefill(history[:-1])
+    p = sampler.distribution(target.decode(history[-1:])[0].copy(), history)
+    drafter = drafter_for(models, which)
+    stepper = SpeculativeStepper(target, sampler, drafter, DraftOptions(ref=which, draft_max=3, p_min=0.0, adaptive=False),
+                                 CostModel())
+    counts = np.zeros(target.n_vocab)
+    for _ in range(n):
+        target.truncate(len(history) - 1)
+        counts[stepper.advance(list(history))[0]] += 1
+    stat, df = chi_square(counts, p, n)
+    assert stat < chi_square_threshold(df), (stat, df)
+    assert stepper.stats()["drafted"] > 0  # the drafts really were verified, not skipped
+    if which == "far":  # the test has power here: the draft's own distribution is far outside it
+        q = sampler.distribution(models.far.prefill(history), history)
+        assert chi_square(counts, q, n)[0] > 10 * chi_square_threshold(df)
+
+
+def test_the_chi_square_test_tells_a_wrong_distribution_apart():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(30))
+    q = rng.dirichlet(np.ones(30))
+    right = np.bincount(rng.choice(30, 1500, p=p), minlength=30)
+    wrong = np.bincount(rng.choice(30, 1500, p=0.7 * p + 0.3 * q), minlength=30)
+    assert chi_square(right, p, 1500)[0] < chi_square_threshold(chi_square(right, p, 1500)[1])
+    assert chi_square(wrong, p, 1500)[0] > chi_square_threshold(chi_square(wrong, p, 1500)[1])
+
+
+# --- adaptivity ----------------------------------------------------------------------
+
+
+class ScriptedDrafter:
+    name, step_cost_hint = "scripted", 0.0
+
+    def propose(self, history, n, sampler, p_min):
+        return Draft()
+
+
+def policy(pass_costs: dict[int, float], accepted: float, rejected: float, draft_max=8):
+    costs = CostModel()
+    for n, seconds in pass_costs.items():
+        for _ in range(3):
+            costs.observe_pass(n, seconds)
+    target = SimpleNamespace(n_ctx=512, n_batch=512)
+    stepper = SpeculativeStepper(target, None, ScriptedDrafter(), DraftOptions(ref="x", draft_max=draft_max), costs)
+    stepper.prompt_len, stepper.successes, stepper.failures = 10, accepted, rejected
+    return stepper
+
+
+def test_the_draft_length_follows_the_measured_costs_and_the_acceptance():
+    history = list(range(20))
+    cheap = {n: 0.05 * (1 + 0.1 * (n - 1)) for n in range(1, 10)}
+    assert policy(cheap, accepted=9, rejected=1)._choose(history) >= 4
+    # Verification of 4 tokens happens to be cheaper than of 3 or 5 (as measured on real CPUs): pick it.
+    bumpy = {1: 0.05, 2: 0.09, 3: 0.13, 4: 0.07, 5: 0.2, 6: 0.25, 7: 0.3, 8: 0.35, 9: 0.4}
+    assert policy(bumpy, accepted=7, rejected=3)._choose(history) == 3
+    # Verification as dear as decoding every token: plain decoding, with a probe now and then.
+    dear = {n: 0.05 * n for n in range(1, 10)}
+    stepper = policy(dear, accepted=5, rejected=5)
+    choices = [stepper._choose(history) for _ in range(40)]
+    assert choices.count(0) >= 36 and 1 <= sum(1 for k in choices if k) <= 4
+    # Nothing measured yet: the first step is plain, which measures v(1).
+    assert policy({}, accepted=1, rejected=1)._choose(history) == 0
+
+
+# --- pairing -------------------------------------------------------------------------
+
+
+def test_a_draft_with_another_vocabulary_is_refused_before_any_weights_load(tiny_family, edgeinfer_home, monkeypatch):
+    from edgeinfer.api import RunRequest, run
+
+    with pytest.raises(IncompatibleModelsError, match="tiny-other-vocab.gguf cannot pair with tiny-target.gguf"):
+        check_pair(tiny_family.target, tiny_family.other_vocab)
+    check_pair(tiny_family.target, tiny_family.unrelated)  # same vocabulary, other weights: fine
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the pair was checked")
+
+    monkeypatch.setattr(engine, "Model", no_weights)
+    request = RunRequest(prompt="hi", model=str(tiny_family.target), draft=DraftOptions(ref=str(tiny_family.other_vocab)))
+    with pytest.raises(IncompatibleModelsError, match="token"):
+        run(request)
+
+
+def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(tiny_family, models, edgeinfer_home, cli):
+    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "30", "--json", "Once upon a time"]
+    plain = json.loads(cli(*args).stdout)
+    code, out, err = cli(*args, "--draft", models.q8, "--draft-max", "5", "--draft-p-min", "0")
+    fast = json.loads(out)
+    assert code == 0 and fast["text"] == plain["text"]
+    assert fast["speculative"]["accepted"] > 0 and fast["speculative"]["tokens_per_pass"] > 1
+    code, out, err = cli(*args[:-2], "--draft", "ngram", "--stats", "The dog and the dog and the dog and the")
+    assert code == 0 and "speculative (ngram)" in err and "tokens per target pass" in err
+
+
+def test_run_refuses_an_incompatible_draft_in_one_line(tiny_family, edgeinfer_home, cli):
+    result = cli("run", "--raw", "-m", tiny_family.target, "--draft", tiny_family.other_vocab, "-n", "5", "hi")
+    assert result.exit_code == 8
+    assert "cannot pair" in result.error_line
