@@ -308,5 +308,42 @@ def _stream_to_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+@app.command()
+def quantize(
+    source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a hub repository (OWNER/NAME[@REVISION]) or a .gguf file.")],
+    bits: Annotated[Optional[int], typer.Option("--bits", help="4 (Q4_K_M, the default) or 8 (Q8_0).")] = None,
+    qtype: Annotated[Optional[str], typer.Option("--type", help="Any llama.cpp type: Q4_0, Q4_K_S, Q5_K_M, Q6_K, ... (overrides --bits).")] = None,
+    imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File or folder to write (default: the store).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the quality report (perplexity, KL divergence).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Quantize a model to 4 or 8 bits with llama.cpp, and report the quality lost."""
+    from edgeinfer.quantize import quantize as quantize_model
+    from edgeinfer.quantize import type_for
+    from edgeinfer.render import count_progress
+
+    with count_progress(stderr) as progress:
+        result = quantize_model(source, qtype=type_for(bits, qtype), output=output, imatrix=imatrix, threads=threads,
+                                force=force, evaluate=not no_eval, progress=progress)
+    for warning in result.warnings:
+        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if as_json:
+        _print_json(result.to_json())
+        return
+    table = Table(show_header=False, box=None)
+    table.add_row("model", f"{result.name} ({result.path})")
+    table.add_row("size", f"{_size(result.input_size)} -> {_size(result.output_size)}, {result.bits_per_weight:.2f} bits per weight")
+    table.add_row("time", f"{result.seconds_total:.1f} s (convert {result.seconds_convert:.1f}, quantize {result.seconds_quantize:.1f}, "
+                          f"evaluate {result.seconds_eval:.1f})")
+    if (q := result.quality) is not None:
+        table.add_row("perplexity", f"{q.ppl_source:.3f} -> {q.ppl_quantized:.3f} (delta {q.delta_ppl:+.3f}) over {q.tokens} tokens")
+        table.add_row("KL divergence", f"{q.mean_kld:.5f} (mean, from the unquantized model)")
+        table.add_row("top-1 agreement", f"{q.top1_agreement:.1%}")
+    stdout.print(table)
+
+
 def main() -> None:
     app()

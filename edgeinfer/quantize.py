@@ -130,10 +130,11 @@ def quantize(
     if final.exists() and not force:
         raise UsageError(f"{final} already exists; pass --force to replace it")
     work = final.parent / f".{final.name}.work"
+    shutil.rmtree(work, ignore_errors=True)  # left by a run that was killed while converting
     try:
         prepared = _unquantized_gguf(src, work, final, qtype, progress)
         started = time.perf_counter()
-        _run_quantizer(prepared.path, final, ftype, threads, imatrix, prepared.requantize, progress)
+        _run_quantizer(prepared.path, final, ftype, threads, imatrix, prepared.requantize, progress, orphaned=work)
         seconds_quantize = time.perf_counter() - started
         model = store.register(name, final, sha256=sha256_file(final), source=f"quantize:{src.label}", quantization=qtype)
         started = time.perf_counter()
@@ -249,7 +250,6 @@ def _unquantized_gguf(src: _Source, work: Path, final: Path, qtype: str, progres
             return _Unquantized(src.path, info.parameters, 0.0, False, ())
         warning = (f"{src.path.name} is already quantized ({info.quantization}); requantizing loses more quality "
                    "than quantizing from F16/BF16")
-        progress.note(warning)
         return _Unquantized(src.path, info.parameters, 0.0, True, (warning,))
     from edgeinfer.convert import convert_hf_to_gguf
 
@@ -291,8 +291,11 @@ def _bits_per_weight(path: Path) -> float:
 
 
 def _run_quantizer(source: Path, final: Path, ftype: int, threads: int | None, imatrix: Path | None,
-                   requantize: bool, progress: ProgressReporter) -> None:
-    """Quantize `source` to `final`: through a temporary name in the same folder, renamed once whole."""
+                   requantize: bool, progress: ProgressReporter, orphaned: Path | None = None) -> None:
+    """Quantize `source` to `final`: through a temporary name in the same folder, renamed once whole.
+
+    orphaned: a working folder the child deletes too if this process dies before it.
+    """
     import json
     import subprocess
     import sys
@@ -301,7 +304,8 @@ def _run_quantizer(source: Path, final: Path, ftype: int, threads: int | None, i
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(f".{final.name}.incomplete")
     job = {"source": str(source), "partial": str(partial), "ftype": ftype, "threads": threads or 0,
-           "imatrix": str(imatrix) if imatrix else None, "requantize": requantize}
+           "imatrix": str(imatrix) if imatrix else None, "requantize": requantize,
+           "orphaned": str(orphaned) if orphaned else None}
     # The child's stdin is its lifeline (it closes when this process ends, however it ends); its
     # stdout carries progress as JSON lines. Its own session keeps a terminal's Ctrl-C for us alone.
     with tempfile.TemporaryFile() as child_stderr:
@@ -360,6 +364,8 @@ def _child_main() -> None:
     def watch_parent() -> None:
         sys.stdin.buffer.read()  # returns at EOF: the parent is gone (or done)
         partial.unlink(missing_ok=True)  # a partial file must not outlive it
+        if job["orphaned"]:
+            shutil.rmtree(job["orphaned"], ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch_parent, daemon=True).start()

@@ -138,7 +138,8 @@ def convert_hf_to_gguf(
     outtype: the type of the 2-D weights: "auto" keeps the checkpoint's (BF16, F16 or
     F32, so nothing is lost), or "f32", "f16", "bf16". Norms and other 1-D tensors are
     always F32, as llama.cpp expects. name: general.name (default: the folder's name).
-    The file appears at `output` only when complete.
+    The file appears at `output` only when complete. Oddities worth telling the user
+    (from the gguf package: a missing merges list, say) come back in `warnings`.
     """
     progress = progress or SilentProgress()
     started = time.perf_counter()
@@ -148,7 +149,7 @@ def convert_hf_to_gguf(
     cfg = read_config(folder)
     family = _family(cfg)
     notes: list[str] = []
-    plan = _plan(cfg, family, st.index_weights(folder), outtype, notes)
+    plan = _plan(cfg, family, st.index_weights(folder), outtype)
     from edgeinfer.convert.vocab import read_vocabulary
 
     vocab = read_vocabulary(folder, cfg.vocab_size)
@@ -168,8 +169,6 @@ def convert_hf_to_gguf(
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    for note in notes:
-        progress.note(note)
     return ConversionResult(
         path=output,
         architecture=family.GGUF_ARCH,
@@ -288,7 +287,7 @@ def _family(cfg: HFConfig) -> ModuleType:
     return importlib.import_module(f"edgeinfer.convert.{FAMILIES[cfg.architecture]}")
 
 
-def _plan(cfg: HFConfig, family: ModuleType, tensors: dict[str, st.TensorEntry], outtype: str, notes: list[str]) -> list[_Planned]:
+def _plan(cfg: HFConfig, family: ModuleType, tensors: dict[str, st.TensorEntry], outtype: str) -> list[_Planned]:
     """Check the checkpoint against what config.json promises; name and type every tensor."""
     import gguf
 
