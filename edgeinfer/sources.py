@@ -146,7 +146,10 @@ class _hub_errors:
         self.what = what
 
     def __enter__(self) -> None:
-        return None
+        # huggingface_hub logs each retry as a warning on stderr; the user gets our one line instead.
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
 
     def __exit__(self, kind, exc, tb) -> bool:
         if exc is None or isinstance(exc, (EdgeinferError, KeyboardInterrupt)) or not isinstance(exc, Exception):
