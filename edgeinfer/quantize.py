@@ -14,17 +14,17 @@ file. If the parent itself is killed, the child sees its stdin (its lifeline)
 close, deletes the partial file and exits. Either way nothing ever appears under
 the final name, which is reached only by a rename once the quantizer succeeded.
 The child is a plain `python -c` subprocess rather than multiprocessing's spawn,
-which would re-run the caller's main script. The price is the child's start
-(about 0.3 s, mostly importing llama_cpp).
+which would re-run the caller's main script. It starts first thing, so that its
+start (about 0.3 s, mostly importing llama_cpp) overlaps the conversion.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 import shutil
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +79,12 @@ class QuantizeResult:
 
 
 @dataclass(frozen=True)
-class _Unquantized:
-    path: Path  # the GGUF the quantizer reads
+class _QuantizerReport:
+    """What llama.cpp's quantizer said about its work (read from its log)."""
+
     parameters: int
-    seconds: float  # spent converting
-    requantize: bool  # the source is already quantized
-    warnings: tuple[str, ...]
+    bits_per_weight: float | None  # of the tensor data, as llama.cpp counts it
+    requantized: tuple[str, ...]  # the quantized types the input already had
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ def quantize(
     if qtype in _NEEDS_IMATRIX and imatrix is None:
         raise UsageError(f"llama.cpp quantizes to {qtype} only with an importance matrix; pass --imatrix FILE")
     if imatrix is not None:
+        from edgeinfer.imatrix import read_imatrix
+
         read_imatrix(Path(imatrix))  # refuse a bad file now, before a long conversion
     src = _locate_source(source, progress)
     name = f"{src.name}-{qtype}"
@@ -132,20 +134,25 @@ def quantize(
     work = final.parent / f".{final.name}.work"
     shutil.rmtree(work, ignore_errors=True)  # left by a run that was killed while converting
     try:
-        prepared = _unquantized_gguf(src, work, final, qtype, progress)
-        started = time.perf_counter()
-        _run_quantizer(prepared.path, final, ftype, threads, imatrix, prepared.requantize, progress, orphaned=work)
-        seconds_quantize = time.perf_counter() - started
+        with _Quantizer(orphaned=work) as quantizer:  # llama.cpp loads in the child while the input is prepared
+            unquantized, seconds_convert, warnings = _unquantized_gguf(src, work, final, qtype, progress)
+            started = time.perf_counter()
+            report = quantizer.run(unquantized, final, ftype, threads, imatrix, progress)
+            seconds_quantize = time.perf_counter() - started
         model = store.register(name, final, sha256=sha256_file(final), source=f"quantize:{src.label}", quantization=qtype)
         started = time.perf_counter()
-        quality = _evaluate(prepared.path, final, threads, progress) if evaluate else None
+        quality = _evaluate(unquantized, final, threads, progress) if evaluate else None
         seconds_eval = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if report.requantized:
+        warnings += (f"{src.path.name} was already quantized ({', '.join(report.requantized)}); requantizing loses more "
+                     "quality than quantizing from F16/BF16",)
     return QuantizeResult(
         name=model.name, path=final, qtype=qtype, source=src.label, input_size=src.size, output_size=model.size,
-        parameters=prepared.parameters, bits_per_weight=_bits_per_weight(final), seconds_convert=prepared.seconds,
-        seconds_quantize=seconds_quantize, seconds_eval=seconds_eval, quality=quality, warnings=prepared.warnings,
+        parameters=report.parameters, bits_per_weight=report.bits_per_weight or 8 * model.size / report.parameters,
+        seconds_convert=seconds_convert, seconds_quantize=seconds_quantize, seconds_eval=seconds_eval, quality=quality,
+        warnings=warnings,
     )
 
 
@@ -239,25 +246,24 @@ def _output_path(output: Path | None, store: Store, name: str) -> Path:
 # --- converting --------------------------------------------------------------------------
 
 
-def _unquantized_gguf(src: _Source, work: Path, final: Path, qtype: str, progress: ProgressReporter) -> _Unquantized:
-    """The GGUF the quantizer reads: the source itself, or a lossless conversion of it into `work`."""
-    from edgeinfer.ggufinfo import read_info
+def _unquantized_gguf(src: _Source, work: Path, final: Path, qtype: str,
+                      progress: ProgressReporter) -> tuple[Path, float, tuple[str, ...]]:
+    """The GGUF the quantizer reads: the source itself, or a lossless conversion of it into `work`.
 
+    A GGUF source is not parsed here: reading a large vocabulary with the gguf
+    package takes seconds, and the quantizer, in its own process, reports the
+    tensor types itself. A file that crashes it is examined afterwards.
+    """
     if src.kind == "gguf":
-        info = read_info(src.path)
-        check_free_space(final.parent, _estimate_size(info.parameters, qtype))
-        if info.quantization in ("F32", "ALL_F32", "F16", "BF16"):
-            return _Unquantized(src.path, info.parameters, 0.0, False, ())
-        warning = (f"{src.path.name} is already quantized ({info.quantization}); requantizing loses more quality "
-                   "than quantizing from F16/BF16")
-        return _Unquantized(src.path, info.parameters, 0.0, True, (warning,))
+        check_free_space(final.parent, int(src.size * min(1.0, _BITS_ESTIMATE.get(qtype, 8.5) / 16)) + (16 << 20))
+        return src.path, 0.0, ()
     from edgeinfer.convert import convert_hf_to_gguf
 
     parameters = _count_parameters(src.path)
     check_free_space(final.parent, src.size + _estimate_size(parameters, qtype))
     work.mkdir(parents=True, exist_ok=True)
     result = convert_hf_to_gguf(src.path, work / f"{src.name}.gguf", name=src.name, progress=progress)
-    return _Unquantized(result.path, result.parameters, result.seconds, False, result.warnings)
+    return result.path, result.seconds, result.warnings
 
 
 def _evaluate(unquantized: Path, final: Path, threads: int | None, progress: ProgressReporter) -> QualityReport:
@@ -279,74 +285,101 @@ def _estimate_size(parameters: int, qtype: str) -> int:
     return int(parameters * _BITS_ESTIMATE.get(qtype, 8.5) / 8 * 1.05) + (16 << 20)
 
 
-def _bits_per_weight(path: Path) -> float:
-    import gguf
-
-    reader = gguf.GGUFReader(path, "r")
-    elements = sum(int(t.n_elements) for t in reader.tensors)
-    return 8 * sum(int(t.n_bytes) for t in reader.tensors) / max(elements, 1)
-
-
 # --- quantizing, in a child process -------------------------------------------------------
 
+_TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+\S+\s+- \[([\d,\s]+)\], type =\s*(\w+)")
+_SIZE_LINE = re.compile(r"quant size\s*=.*\(([\d.]+) BPW\)")
+_UNQUANTIZED = {"f32", "f16", "bf16"}
 
-def _run_quantizer(source: Path, final: Path, ftype: int, threads: int | None, imatrix: Path | None,
-                   requantize: bool, progress: ProgressReporter, orphaned: Path | None = None) -> None:
-    """Quantize `source` to `final`: through a temporary name in the same folder, renamed once whole.
 
-    orphaned: a working folder the child deletes too if this process dies before it.
+class _Quantizer:
+    """llama.cpp's quantizer in a child process, started early so that importing llama.cpp overlaps other work.
+
+    The child's stdin carries one job (a JSON line) and then stays open as its
+    lifeline: it closes when this process ends, however it ends. Its stdout carries
+    progress and its report as JSON lines. It runs in its own session, so a
+    terminal's Ctrl-C reaches only this process, which then kills it.
     """
-    import json
-    import subprocess
-    import sys
-    import tempfile
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(f".{final.name}.incomplete")
-    job = {"source": str(source), "partial": str(partial), "ftype": ftype, "threads": threads or 0,
-           "imatrix": str(imatrix) if imatrix else None, "requantize": requantize,
-           "orphaned": str(orphaned) if orphaned else None}
-    # The child's stdin is its lifeline (it closes when this process ends, however it ends); its
-    # stdout carries progress as JSON lines. Its own session keeps a terminal's Ctrl-C for us alone.
-    with tempfile.TemporaryFile() as child_stderr:
-        child = subprocess.Popen(
-            [sys.executable, "-c", "from edgeinfer.quantize import _child_main; _child_main()", json.dumps(job)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=child_stderr, start_new_session=True,
+    def __init__(self, orphaned: Path | None = None) -> None:
+        self.orphaned = orphaned  # a working folder the child deletes too if this process dies before it
+        self.error: str | None = None  # what llama.cpp logged as an error, if it failed
+
+    def __enter__(self) -> "_Quantizer":
+        import subprocess
+        import sys
+        import tempfile
+
+        self.stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from edgeinfer.quantize import _child_main; _child_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True,
         )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+        self.stderr.close()
+
+    def run(self, source: Path, final: Path, ftype: int, threads: int | None, imatrix: Path | None,
+            progress: ProgressReporter) -> _QuantizerReport:
+        """Quantize `source` to `final`: through a temporary name in the same folder, renamed once whole."""
+        import json
+
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(f".{final.name}.incomplete")
+        job = {"source": str(source), "partial": str(partial), "ftype": ftype, "threads": threads or 0,
+               "imatrix": str(imatrix) if imatrix else None, "orphaned": str(self.orphaned) if self.orphaned else None}
         try:
-            failure = _follow_child(child.stdout, progress)
-            if child.wait() != 0 or failure:
-                child_stderr.seek(0)
-                last_words = child_stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
-                why = failure or (last_words[0] if last_words else f"it exited with code {child.returncode}")
-                raise EdgeinferError(f"llama.cpp's quantizer failed: {why}")
+            try:
+                self.process.stdin.write(json.dumps(job).encode() + b"\n")
+                self.process.stdin.flush()
+            except BrokenPipeError:
+                pass  # the child died at start; its stderr says why
+            report = self._follow(progress)
+            if self.process.wait() != 0 or report is None:
+                raise self._failure(source, report)
             os.replace(partial, final)
+            return report
         except KeyboardInterrupt:
             raise Interrupted("quantization interrupted; no output was written") from None
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            child.stdin.close()
-            child.stdout.close()
+            if self.process.poll() is None:
+                self.process.kill()
             partial.unlink(missing_ok=True)
 
+    def _follow(self, progress: ProgressReporter) -> _QuantizerReport | None:
+        """Relay the child's progress; returns its report, or None if it failed."""
+        import json
 
-def _follow_child(lines, progress: ProgressReporter) -> str | None:
-    """Relay the child's progress until it finishes; returns the quantizer's error text, if any."""
-    import json
+        started = False
+        for line in self.process.stdout:
+            message = json.loads(line)
+            if "tensor" in message:
+                if not started:
+                    progress.start("quantizing", message["of"], completed=message["tensor"] - 1)
+                    started = True
+                progress.advance(1)
+            elif "error" in message:
+                self.error = message["error"]
+                return None
+            elif "report" in message:
+                return _QuantizerReport(**message["report"])
+        return None
 
-    started = False
-    for line in lines:
-        message = json.loads(line)
-        if "tensor" in message:
-            if not started:
-                progress.start("quantizing", message["of"], completed=message["tensor"] - 1)
-                started = True
-            progress.advance(1)
-        elif "error" in message:
-            return message["error"]
-    return None
+    def _failure(self, source: Path, report: _QuantizerReport | None) -> EdgeinferError:
+        from edgeinfer.ggufinfo import validate
+
+        if self.error:
+            return EdgeinferError(f"llama.cpp's quantizer failed: {self.error}")
+        validate(source)  # a crash on a broken file: say what is wrong with the file
+        self.stderr.seek(0)
+        last = self.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+        return EdgeinferError(f"llama.cpp's quantizer failed: {last[0] if last else f'exit code {self.process.returncode}'}")
 
 
 def _child_main() -> None:
@@ -358,7 +391,10 @@ def _child_main() -> None:
 
     import llama_cpp
 
-    job = json.loads(sys.argv[1])
+    line = sys.stdin.buffer.readline()
+    if not line:
+        os._exit(0)  # the parent gave up before sending a job
+    job = json.loads(line)
     partial = Path(job["partial"])
 
     def watch_parent() -> None:
@@ -370,6 +406,7 @@ def _child_main() -> None:
 
     threading.Thread(target=watch_parent, daemon=True).start()
     errors: list[str] = []
+    parameters, input_types, bits_per_weight = 0, set(), None
 
     def send(message: dict) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
@@ -377,9 +414,14 @@ def _child_main() -> None:
 
     @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, user_data) -> None:
+        nonlocal parameters, bits_per_weight
         line = text.decode("utf-8", "replace")
-        if (m := re.match(r"\[\s*(\d+)/\s*(\d+)\]", line)) is not None:
+        if (m := _TENSOR_LINE.match(line)) is not None:
+            parameters += math.prod(int(d) for d in m[3].split(","))
+            input_types.add(m[4])
             send({"tensor": int(m[1]), "of": int(m[2])})
+        elif (m := _SIZE_LINE.search(line)) is not None:
+            bits_per_weight = float(m[1])
         elif level == 3:  # GGML_LOG_LEVEL_ERROR
             errors.append(line.strip())
 
@@ -387,12 +429,17 @@ def _child_main() -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = job["ftype"]
     params.nthread = job["threads"]
-    params.allow_requantize = job["requantize"]
+    params.allow_requantize = True  # reported back, and turned into a warning by the parent
     if job["imatrix"]:
+        from edgeinfer.imatrix import read_imatrix
+
         params.imatrix, keep_alive = _imatrix_array(read_imatrix(Path(job["imatrix"])))  # noqa: F841 - outlives the call
     status = llama_cpp.llama_model_quantize(job["source"].encode(), str(partial).encode(), ctypes.byref(params))
     if status != 0:
         send({"error": "; ".join(e for e in errors if e) or f"status {status}"})
+    else:
+        requantized = sorted(t.upper() for t in input_types - _UNQUANTIZED)
+        send({"report": {"parameters": parameters, "bits_per_weight": bits_per_weight, "requantized": requantized}})
     os._exit(0 if status == 0 else 1)  # no interpreter teardown: the watcher must not fire
 
 
@@ -413,66 +460,3 @@ def _imatrix_array(importance: dict):
         entries[i].data = array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         entries[i].size = array.size
     return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), (entries, keep)
-
-
-# --- importance matrices -------------------------------------------------------------------
-
-
-def read_imatrix(path: Path) -> dict:
-    """Per-tensor importance (mean squared activation of each input column) from llama-imatrix's output.
-
-    Both of its formats: GGUF (`NAME.in_sum2` sums and `NAME.counts`, divided here,
-    per expert), and the legacy .dat (values already averaged over `ncall` chunks).
-    """
-    if not path.is_file():
-        raise UsageError(f"no importance matrix at {path}")
-    with path.open("rb") as handle:
-        magic = handle.read(4)
-    try:
-        entries = _read_gguf_imatrix(path) if magic == b"GGUF" else _read_legacy_imatrix(path)
-    except (ValueError, struct.error, UnicodeDecodeError, OSError) as exc:
-        raise UsageError(f"{path} is not an importance matrix llama.cpp wrote ({exc})") from None
-    if not entries:
-        raise UsageError(f"{path} holds no importance data")
-    return entries
-
-
-def _read_gguf_imatrix(path: Path) -> dict:
-    import gguf
-    import numpy as np
-
-    reader = gguf.GGUFReader(path, "r")
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-    entries = {}
-    for key, sums in tensors.items():
-        if not key.endswith(".in_sum2"):
-            continue
-        name = key.removesuffix(".in_sum2")
-        counts = tensors.get(f"{name}.counts")
-        if counts is None:
-            raise ValueError(f"{name} has sums but no counts")
-        counts = counts.reshape(-1)
-        sums = sums.reshape(len(counts), -1)
-        safe = np.where(counts > 0, counts, 1.0)[:, None]
-        entries[name] = np.where(counts[:, None] > 0, sums / safe, 1.0).reshape(-1).astype(np.float32)
-    return entries
-
-
-def _read_legacy_imatrix(path: Path) -> dict:
-    import numpy as np
-
-    data = path.read_bytes()
-    (n_entries,), offset = struct.unpack_from("<i", data, 0), 4
-    if not 0 < n_entries < 1_000_000:
-        raise ValueError("implausible entry count")
-    entries = {}
-    for _ in range(n_entries):
-        (length,) = struct.unpack_from("<i", data, offset)
-        name = data[offset + 4 : offset + 4 + length].decode()
-        offset += 4 + length
-        ncall, nval = struct.unpack_from("<ii", data, offset)
-        offset += 8
-        values = np.frombuffer(data, dtype="<f4", count=nval, offset=offset).astype(np.float32)
-        offset += 4 * nval
-        entries[name] = values / ncall if ncall > 0 else values
-    return entries

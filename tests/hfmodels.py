@@ -77,13 +77,16 @@ TOKENIZATION_PROBES = [
 def make_hf_model(folder: Path, arch: str = "llama", *, seed: int = 0, dtype: str = "float32", tied: bool = False,
                   transformers5: bool = False, rope_scaling: dict | None = None, pre: str | None = None,
                   hidden: int = HIDDEN, ff: int = FF, layers: int = LAYERS, heads: int = HEADS,
-                  kv_heads: int = KV_HEADS, vocab_merges: int = 600) -> Path:
-    """Write a tiny model folder: arch "llama" (Llama 3 style), "qwen2" or "qwen3"; dtype "float32" or "bfloat16"."""
+                  kv_heads: int = KV_HEADS, vocab_merges: int = 600, vocab_size: int | None = None) -> Path:
+    """Write a tiny model folder: arch "llama" (Llama 3 style), "qwen2" or "qwen3"; dtype "float32" or "bfloat16".
+
+    vocab_size: rows of the embedding (default: the tokenizer's size, padded as Qwen's configs are).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     specials = LLAMA3_SPECIALS if arch == "llama" else CHATML_SPECIALS
     tokenizer = build_tokenizer(pre or ("llama3" if arch == "llama" else "qwen2"), specials, vocab_merges)
     n_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
-    vocab_size = -(-n_tokens // 64) * 64 + 64  # padded past the tokenizer, as Qwen's configs are
+    vocab_size = vocab_size or -(-n_tokens // 64) * 64 + 64
     tokenizer.save(str(folder / "tokenizer.json"))
     config = _config(arch, vocab_size, tied, dtype, transformers5, rope_scaling, specials, tokenizer,
                      hidden, ff, layers, heads, kv_heads)

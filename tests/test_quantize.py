@@ -21,7 +21,8 @@ import pytest
 from conftest import REPO_ROOT, run_edgeinfer, subprocess_env
 from hfmodels import make_hf_model
 
-from edgeinfer.quantize import quantize, read_imatrix
+from edgeinfer.imatrix import read_imatrix
+from edgeinfer.quantize import quantize
 from edgeinfer.store import Store
 
 
