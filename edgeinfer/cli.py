@@ -245,7 +245,6 @@ def run(
 ) -> None:
     """Answer one prompt, streaming the text to stdout."""
     from edgeinfer.api import RunRequest, run as run_prompt
-    from edgeinfer.render import transfer_progress
     from edgeinfer.speculative import DraftOptions, describe_stats
 
     speculate = None if draft is None else DraftOptions(
@@ -257,9 +256,8 @@ def run(
         max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose),
         draft=speculate,
     )
-    write = None if as_json else _stream_to_stdout
-    with transfer_progress(stderr) as progress:
-        result = run_prompt(request, on_text=write, progress=progress)
+    _pull_with_progress(model)
+    result = run_prompt(request, on_text=None if as_json else _stream_to_stdout)
     if as_json:
         _print_json({"model": model or _library().catalog.default, **result.to_json()})
     else:
@@ -293,14 +291,22 @@ def chat(
     """Hold a conversation in the terminal (/help lists the commands)."""
     from edgeinfer import chatui, config
     from edgeinfer.api import open_chat
+
+    _pull_with_progress(model)
+    session = open_chat(model, system=system, sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
+                        load_options=_load_options(ctx_size, threads, gpu_layers, verbose), max_tokens=max_tokens,
+                        stop=tuple(stop or ()))
+    with session.model:
+        chatui.loop(session, stderr, config.history_file(), _stats_line)
+
+
+def _pull_with_progress(model: str | None) -> None:
+    """Bring a missing model in with a progress bar, before any text streams (the bar must be gone by then)."""
+    from edgeinfer.models import locate
     from edgeinfer.render import transfer_progress
 
     with transfer_progress(stderr) as progress:
-        session = open_chat(model, system=system, sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
-                            load_options=_load_options(ctx_size, threads, gpu_layers, verbose), max_tokens=max_tokens,
-                            stop=tuple(stop or ()), progress=progress)
-    with session.model:
-        chatui.loop(session, stderr, config.history_file(), _stats_line)
+        locate(_library(), model, pull_missing=True, progress=progress)
 
 
 def _stream_to_stdout(text: str) -> None:
