@@ -1,17 +1,19 @@
 """Tiny Hugging Face model folders for the conversion tests, and a numpy forward pass to check them.
 
 `make_hf_model(folder, "llama")` writes what a hub repository holds: config.json,
-model.safetensors (seeded random weights), tokenizer.json (a byte-level BPE
-trained by the `tokenizers` library on a fixed text, with the pre-tokenizer of
-the family it imitates), tokenizer_config.json with a chat template. Everything is
+model.safetensors (seeded random weights), tokenizer.json (a BPE trained by the
+`tokenizers` library on a fixed text: byte-level with the pre-tokenizer of the
+family it imitates, or SentencePiece-style with byte fallback for "mistral" and
+"gemma3"), tokenizer_config.json with a chat template. Everything is
 deterministic: the same arguments write the same bytes.
 
 Sizes are multiples of 256 (hidden 256, feed-forward 512, 4 heads of 64, 2 KV
 heads, 2 layers) so that llama.cpp's K-quants apply to every weight matrix.
 
 `reference_logits(folder, tokens)` runs the model the way transformers does
-(rotate_half RoPE, GQA by repetition, RMSNorm, SwiGLU), in float64 numpy, straight
-from the files. A converted GGUF that llama.cpp runs must give the same logits:
+(rotate_half RoPE, GQA by repetition, RMSNorm, SwiGLU; for Gemma 3 its (1 + w)
+norms, sandwich norms, GELU, sliding windows and scaled embedding), in float64
+numpy, straight from the files. A converted GGUF that llama.cpp runs must give the same logits:
 that is what proves the Q/K permutation, the RoPE mode and the norms right.
 """
 
@@ -33,11 +35,24 @@ QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>"]  # SentencePiece's first ids, in this order
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+SPECIALS = {"llama": LLAMA3_SPECIALS, "qwen2": CHATML_SPECIALS, "qwen3": CHATML_SPECIALS, "mistral": MISTRAL_SPECIALS,
+            "gemma3": GEMMA_SPECIALS}
+GEMMA_SLIDING_WINDOW = 8
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
     "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -83,8 +98,11 @@ def make_hf_model(folder: Path, arch: str = "llama", *, seed: int = 0, dtype: st
     vocab_size: rows of the embedding (default: the tokenizer's size, padded as Qwen's configs are).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    specials = LLAMA3_SPECIALS if arch == "llama" else CHATML_SPECIALS
-    tokenizer = build_tokenizer(pre or ("llama3" if arch == "llama" else "qwen2"), specials, vocab_merges)
+    specials = SPECIALS[arch]
+    if arch in ("mistral", "gemma3"):
+        tokenizer = build_sentencepiece_style_tokenizer(specials, vocab_merges, dummy_prefix=arch == "mistral")
+    else:
+        tokenizer = build_tokenizer(pre or ("llama3" if arch == "llama" else "qwen2"), specials, vocab_merges)
     n_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
     vocab_size = vocab_size or -(-n_tokens // 64) * 64 + 64
     tokenizer.save(str(folder / "tokenizer.json"))
@@ -126,6 +144,38 @@ def build_tokenizer(pre: str, specials: list[str], merges: int):
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
     else:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def build_sentencepiece_style_tokenizer(specials: list[str], merges: int, *, dummy_prefix: bool):
+    """What transformers makes of a SentencePiece model: BPE over "▁"-joined text, bytes as <0xXX> fallback tokens.
+
+    Mistral/Llama 2 style (dummy_prefix: a "▁" before the text) or Gemma style (none).
+    Special tokens come first, then the 256 byte tokens, then the learned pieces.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizers.Replace(" ", "\u2581")
+    learner.train_from_iterator([_TRAINING_TEXT.replace("😀", "").replace("🚀", "")], trainer=trainers.BpeTrainer(
+        vocab_size=200 + merges, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {token: i for i, token in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for token, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    merge_pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    unk = "<unk>"
+    tokenizer = Tokenizer(models.BPE(vocab, merge_pairs, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Prepend("\u2581")] if dummy_prefix else []
+    tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                          + ([decoders.Strip(" ", 1, 0)] if dummy_prefix else []))
+    tokenizer.add_special_tokens([t for t in specials if t != unk])
+    bos = "<s>" if dummy_prefix else "<bos>"
+    from tokenizers import processors
+
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                             special_tokens=[(bos, vocab[bos])])
     return tokenizer
 
 
@@ -172,27 +222,42 @@ def reference_logits(folder: Path, tokens: list[int]) -> np.ndarray:
     """The transformers forward pass of the folder's model over `tokens`, in float64: (len(tokens), vocab)."""
     cfg = json.loads((folder / "config.json").read_text())
     w = read_weights(folder)
-    n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    n, n_heads, n_kv = len(tokens), cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    gemma = cfg["model_type"] == "gemma3_text"
     eps = cfg["rms_norm_eps"]
-    cos, sin = _rope_tables(cfg, head_dim, len(tokens))
-    x = w["model.embed_tokens.weight"][tokens]
+
+    def norm(x, name):  # Gemma's RMS norm scales by (1 + w)
+        return _rms_norm(x, w[name] + 1 if gemma else w[name], eps)
+
+    rope = _rope_tables(cfg, head_dim, n)
+    x = w["model.embed_tokens.weight"][tokens] * (np.sqrt(cfg["hidden_size"]) if gemma else 1)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        h = _rms_norm(x, w[p + "input_layernorm.weight"], eps)
-        q = _linear(h, w, p + "self_attn.q_proj").reshape(len(tokens), n_heads, head_dim)
-        k = _linear(h, w, p + "self_attn.k_proj").reshape(len(tokens), n_kv, head_dim)
-        v = _linear(h, w, p + "self_attn.v_proj").reshape(len(tokens), n_kv, head_dim)
-        if p + "self_attn.q_norm.weight" in w:  # Qwen3: RMS norm over each head before RoPE
-            q = _rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
-            k = _rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
+        sliding = gemma and (i + 1) % 6 != 0  # Gemma 3: five sliding-window layers, then a global one
+        cos, sin = _rope_tables(cfg, head_dim, n, theta=cfg["rope_local_base_freq"], scaled=False) if sliding else rope
+        h = norm(x, p + "input_layernorm.weight")
+        q = _linear(h, w, p + "self_attn.q_proj").reshape(n, n_heads, head_dim)
+        k = _linear(h, w, p + "self_attn.k_proj").reshape(n, n_kv, head_dim)
+        v = _linear(h, w, p + "self_attn.v_proj").reshape(n, n_kv, head_dim)
+        if p + "self_attn.q_norm.weight" in w:  # Qwen3, Gemma 3: RMS norm over each head before RoPE
+            q, k = norm(q, p + "self_attn.q_norm.weight"), norm(k, p + "self_attn.k_norm.weight")
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        attention = _attention(q, k, v, n_heads // n_kv).reshape(len(tokens), n_heads * head_dim)
-        x = x + _linear(attention, w, p + "self_attn.o_proj")
-        h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+        scale = cfg.get("query_pre_attn_scalar", head_dim) ** -0.5
+        window = cfg["sliding_window"] if sliding else None
+        attention = _attention(q, k, v, n_heads // n_kv, scale, window).reshape(n, n_heads * head_dim)
+        out = _linear(attention, w, p + "self_attn.o_proj")
+        if gemma:  # sandwich norms around attention and MLP
+            x = x + norm(out, p + "post_attention_layernorm.weight")
+            h = norm(x, p + "pre_feedforward_layernorm.weight")
+        else:
+            x = x + out
+            h = norm(x, p + "post_attention_layernorm.weight")
         gate, up = _linear(h, w, p + "mlp.gate_proj"), _linear(h, w, p + "mlp.up_proj")
-        x = x + _linear(gate / (1 + np.exp(-gate)) * up, w, p + "mlp.down_proj")
-    x = _rms_norm(x, w["model.norm.weight"], eps)
+        act = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3))) if gemma else gate / (1 + np.exp(-gate))
+        out = _linear(act * up, w, p + "mlp.down_proj")
+        x = x + (norm(out, p + "post_feedforward_layernorm.weight") if gemma else out)
+    x = norm(x, "model.norm.weight")
     return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
 
 
@@ -201,9 +266,11 @@ def reference_logits(folder: Path, tokens: list[int]) -> np.ndarray:
 
 def _config(arch, vocab_size, tied, dtype, transformers5, rope_scaling, specials, tokenizer,
             hidden, ff, layers, heads, kv_heads) -> dict:
+    classes = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "mistral": "MistralForCausalLM", "gemma3": "Gemma3ForCausalLM"}
     config = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
-        "model_type": arch,
+        "architectures": [classes[arch]],
+        "model_type": "gemma3_text" if arch == "gemma3" else arch,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": ff,
@@ -211,15 +278,20 @@ def _config(arch, vocab_size, tied, dtype, transformers5, rope_scaling, specials
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "max_position_embeddings": CONTEXT,
-        "rms_norm_eps": 1e-5 if arch == "llama" else 1e-6,
+        "rms_norm_eps": 1e-5 if arch in ("llama", "mistral") else 1e-6,
         "hidden_act": "silu",
         "tie_word_embeddings": tied,
-        "bos_token_id": tokenizer.token_to_id(specials[0]),
-        "eos_token_id": tokenizer.token_to_id(specials[-1]),
+        "bos_token_id": tokenizer.token_to_id({"mistral": "<s>", "gemma3": "<bos>"}.get(arch, specials[0])),
+        "eos_token_id": tokenizer.token_to_id({"mistral": "</s>", "gemma3": "<eos>"}.get(arch, specials[-1])),
     }
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma3"):
         config["head_dim"] = hidden // heads
-    theta = 500000.0 if arch == "llama" else 1000000.0
+    if arch == "gemma3":
+        del config["hidden_act"]
+        config.update(hidden_activation="gelu_pytorch_tanh", sliding_window=GEMMA_SLIDING_WINDOW, sliding_window_pattern=6,
+                      rope_local_base_freq=10000.0, query_pre_attn_scalar=hidden // heads, final_logit_softcapping=None,
+                      attn_logit_softcapping=None, pad_token_id=0)
+    theta = 500000.0 if arch == "llama" else 10000.0 if arch == "mistral" else 1000000.0
     if transformers5:  # transformers 5 moved these under rope_parameters and renamed torch_dtype
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, **(rope_scaling or {})}
         config["dtype"] = dtype
@@ -234,6 +306,13 @@ def _tokenizer_config(arch: str) -> dict:
     if arch == "llama":
         return {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE,
                 "model_max_length": CONTEXT, "tokenizer_class": "PreTrainedTokenizerFast"}
+    if arch == "mistral":
+        return {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                "chat_template": MISTRAL_TEMPLATE, "model_max_length": CONTEXT, "tokenizer_class": "LlamaTokenizer"}
+    if arch == "gemma3":
+        return {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True,
+                "add_eos_token": False, "chat_template": GEMMA_TEMPLATE, "model_max_length": CONTEXT,
+                "tokenizer_class": "GemmaTokenizer"}
     return {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
             "chat_template": CHATML_TEMPLATE, "model_max_length": CONTEXT, "tokenizer_class": "Qwen2Tokenizer"}
 
@@ -247,8 +326,8 @@ def _weights(config: dict, arch: str, seed: int, tied: bool) -> dict[str, np.nda
     def matrix(rows, cols):  # scaled so activations stay O(1) and logits spread over a few units
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
-    def norm(n):
-        return (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+    def norm(n):  # Gemma stores w for a (1 + w) scale
+        return ((0.0 if arch == "gemma3" else 1.0) + 0.2 * rng.standard_normal(n)).astype(np.float32)
 
     def bias(n):
         return (0.2 * rng.standard_normal(n)).astype(np.float32)
@@ -264,11 +343,14 @@ def _weights(config: dict, arch: str, seed: int, tied: bool) -> dict[str, np.nda
             w[p + "self_attn.q_proj.bias"] = bias(n_heads * hd)
             w[p + "self_attn.k_proj.bias"] = bias(n_kv * hd)
             w[p + "self_attn.v_proj.bias"] = bias(n_kv * hd)
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             w[p + "self_attn.q_norm.weight"] = norm(hd)
             w[p + "self_attn.k_norm.weight"] = norm(hd)
         w[p + "self_attn.o_proj.weight"] = matrix(h, n_heads * hd)
         w[p + "post_attention_layernorm.weight"] = norm(h)
+        if arch == "gemma3":
+            w[p + "pre_feedforward_layernorm.weight"] = norm(h)
+            w[p + "post_feedforward_layernorm.weight"] = norm(h)
         w[p + "mlp.gate_proj.weight"] = matrix(ff, h)
         w[p + "mlp.up_proj.weight"] = matrix(ff, h)
         w[p + "mlp.down_proj.weight"] = matrix(h, ff)
@@ -278,11 +360,11 @@ def _weights(config: dict, arch: str, seed: int, tied: bool) -> dict[str, np.nda
     return w
 
 
-def _rope_tables(cfg: dict, head_dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _rope_tables(cfg: dict, head_dim: int, n: int, theta: float | None = None, scaled: bool = True) -> tuple[np.ndarray, np.ndarray]:
     rope = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta") or rope.get("rope_theta")
+    theta = theta or cfg.get("rope_theta") or rope.get("rope_theta")
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    scaling = (cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)) if scaled else None
     if scaling and scaling["rope_type"] == "llama3":  # transformers' _compute_llama3_parameters
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old = scaling["original_max_position_embeddings"]
@@ -305,11 +387,12 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos + rotated * sin
 
 
-def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, group: int) -> np.ndarray:
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, group: int, scale: float, window: int | None) -> np.ndarray:
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # head i reads KV head i // group
-    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
-    n = q.shape[0]
-    scores = np.where(np.tril(np.ones((n, n), dtype=bool)), scores, -np.inf)
+    scores = np.einsum("qhd,khd->hqk", q, k) * scale
+    distance = np.arange(q.shape[0])[:, None] - np.arange(q.shape[0])[None, :]
+    allowed = (distance >= 0) & (distance < window if window else True)
+    scores = np.where(allowed, scores, -np.inf)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     scores /= scores.sum(axis=-1, keepdims=True)
     return np.einsum("hqk,khd->qhd", scores, v)

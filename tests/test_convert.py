@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hfmodels import CHATML_SPECIALS, LLAMA3_SPECIALS, TOKENIZATION_PROBES, make_hf_model, reference_logits
+from hfmodels import SPECIALS, TOKENIZATION_PROBES, make_hf_model, reference_logits
 
 from edgeinfer.convert import convert_hf_to_gguf, supported_architectures
 from edgeinfer.errors import ConversionError
@@ -33,6 +33,8 @@ VARIANTS = {
     "qwen2": dict(arch="qwen2"),
     "qwen2-tied": dict(arch="qwen2", tied=True, transformers5=True),
     "qwen3": dict(arch="qwen3"),
+    "mistral": dict(arch="mistral", dtype="bfloat16"),
+    "gemma3": dict(arch="gemma3", tied=True, layers=6),  # five sliding-window layers, then a global one
 }
 
 
@@ -69,14 +71,14 @@ def test_llama_cpp_logits_match_the_transformers_forward_pass(variant, hf_models
     assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
 
 
-@pytest.mark.parametrize("variant", ["llama", "smollm", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "smollm", "qwen2", "qwen3", "mistral", "gemma3"])
 def test_llama_cpp_tokenizes_like_the_tokenizers_library(variant, hf_models, converted):
     from tokenizers import Tokenizer
 
     reference = Tokenizer.from_file(str(hf_models[variant] / "tokenizer.json"))
     model = llama(converted[variant], vocab_only=True)
-    specials = LLAMA3_SPECIALS if variant in ("llama", "smollm") else CHATML_SPECIALS
-    probes = TOKENIZATION_PROBES + [f"{specials[1]}user\nHi there{specials[-1]}\n", f"a{specials[-1]} b {specials[0]}"]
+    specials = SPECIALS[VARIANTS[variant]["arch"]]
+    probes = TOKENIZATION_PROBES + [f"{specials[-2]}user\nHi there{specials[-1]}\n", f"a{specials[-1]} b {specials[1]}"]
     for text in probes:
         expected = reference.encode(text, add_special_tokens=False).ids
         assert model.tokenize(text.encode(), add_bos=False, special=True) == expected, text
@@ -92,6 +94,9 @@ def test_the_metadata_carries_special_tokens_template_and_padding(hf_models, con
     assert (qwen.architecture, qwen.tokenizer_pre) == ("qwen2", "qwen2")
     assert llama3.add_bos_token is True and qwen.add_bos_token is False
     assert "start_header_id" in llama3.chat_template and "<|im_start|>" in qwen.chat_template
+    mistral, gemma = read_info(converted["mistral"]), read_info(converted["gemma3"])
+    assert (mistral.tokenizer_model, mistral.tokenizer_pre, mistral.add_bos_token) == ("llama", None, True)
+    assert (gemma.architecture, gemma.tokenizer_model, gemma.bos_token_id, gemma.eos_token_id) == ("gemma3", "llama", 2, 1)
     tokenizer = json.loads((hf_models["qwen2"] / "tokenizer.json").read_text())
     added = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
     assert qwen.eos_token_id == added["<|im_end|>"]
