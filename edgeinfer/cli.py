@@ -300,6 +300,72 @@ def chat(
         chatui.loop(session, stderr, config.history_file(), _stats_line)
 
 
+@app.command()
+def bench(
+    models: Annotated[Optional[list[str]], typer.Argument(help="Model references (default: the catalog's default model).")] = None,
+    n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", help="Prompt tokens for the pp test (0 skips it).")] = 512,
+    n_gen: Annotated[int, typer.Option("--n-gen", "-n", help="Generated tokens for the tg test (0 skips it).")] = 128,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 3,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Prompt and generation throughput, like llama-bench's pp and tg tests."""
+    from edgeinfer.bench import bench as bench_model
+    from edgeinfer.errors import UsageError
+    from edgeinfer.models import locate
+    from edgeinfer.render import count_progress
+
+    if repetitions < 1 or n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
+        raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
+    lib, results = _library(), []
+    for ref in models or [None]:
+        _pull_with_progress(ref)
+        path = locate(lib, ref, pull_missing=False)
+        with count_progress(stderr) as progress:
+            results += bench_model(ref or lib.catalog.default, path, _load_options(None, threads, gpu_layers, verbose),
+                                   n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                                   cache_file=lib.store.inspect_cache, progress=progress)
+    if as_json:
+        _print_json([r.to_json() for r in results])
+        return
+    table = Table(box=None)
+    table.add_column("model", overflow="fold")
+    table.add_column("test", no_wrap=True)
+    for column in ("tok/s (median)", "± stdev", "first token"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for r in results:
+        ttft = f"{r.to_json()['median_time_to_first_token_ms']:.0f} ms" if r.time_to_first_token_ms else ""
+        table.add_row(r.model, r.test, f"{r.median:.2f}", f"{r.spread:.2f}", ttft)
+    stdout.print(table)
+
+
+@app.command()
+def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """The llama.cpp build, its devices, memory and cores, the store, and which local models fit."""
+    from edgeinfer.doctor import diagnose
+
+    report = diagnose(_library())
+    if as_json:
+        _print_json(report.to_json())
+        return
+    table = Table(show_header=False, box=None)
+    table.add_row("edgeinfer", f"{report.edgeinfer_version} (llama-cpp-python {report.llama_cpp_python_version}, Python {report.python})")
+    table.add_row("llama.cpp", report.system_info)
+    table.add_row("GPU offload", "yes" if report.gpu_offload else "no (CPU build)")
+    table.add_row("backends", ", ".join(report.backends) or "CPU only")
+    for d in report.devices:
+        table.add_row(f"device {d.name}", f"{d.description} ({d.kind}), {_size(d.memory_free)} free of {_size(d.memory_total)}")
+    table.add_row("CPU", f"{report.cpu}; {report.physical_cores} physical cores; {' '.join(report.cpu_flags)}")
+    table.add_row("memory", f"{_size(report.memory_available)} available of {_size(report.memory_total)}")
+    table.add_row("store", f"{report.store} ({_size(report.store_size)})")
+    for m in report.models:
+        verdict = m.problem or (f"needs ~{_size(m.needs)}: " + ("fits" if m.fits else "does NOT fit in available memory"))
+        table.add_row(f"model {m.name}", f"{_size(m.size)}; {verdict}")
+    stdout.print(table)
+
+
 def _pull_with_progress(model: str | None) -> None:
     """Bring a missing model in with a progress bar, before any text streams (the bar must be gone by then)."""
     from edgeinfer.models import locate

@@ -1,0 +1,109 @@
+"""Throughput of a model on this machine, measured like llama-bench's pp and tg tests.
+
+pp: a prompt of n tokens evaluated in batches (prompt tokens/s), and the time to
+the first token it gives. tg: n tokens generated one at a time through the same
+decode-and-sample step as `edgeinfer run` (generation tokens/s). Each repetition
+starts from an empty KV cache; the figures are medians with their spread.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeinfer.engine import LoadOptions, Model, load
+from edgeinfer.progress import ProgressReporter, SilentProgress
+from edgeinfer.sampling import Sampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    test: str  # "pp512", "tg128"
+    tokens_per_second: tuple[float, ...]  # one per repetition
+    time_to_first_token_ms: tuple[float, ...] = ()  # pp only
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.tokens_per_second)
+
+    @property
+    def spread(self) -> float:
+        """Standard deviation over the repetitions (0 with one)."""
+        return statistics.stdev(self.tokens_per_second) if len(self.tokens_per_second) > 1 else 0.0
+
+    def to_json(self) -> dict:
+        data = {"model": self.model, "test": self.test, "median_tokens_per_second": round(self.median, 2),
+                "stdev_tokens_per_second": round(self.spread, 2), "repetitions": [round(x, 2) for x in self.tokens_per_second]}
+        if self.time_to_first_token_ms:
+            data["median_time_to_first_token_ms"] = round(statistics.median(self.time_to_first_token_ms), 1)
+        return data
+
+
+def bench(name: str, path: Path, options: LoadOptions, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
+          cache_file: Path | None = None, progress: ProgressReporter | None = None) -> list[BenchResult]:
+    """pp and tg figures for one model (a test is skipped when its size is 0)."""
+    progress = progress or SilentProgress()
+    need = max(n_prompt, n_gen) + 8
+    options = LoadOptions(n_ctx=max(options.n_ctx or 0, need), n_threads=options.n_threads,
+                          n_gpu_layers=options.n_gpu_layers, n_batch=options.n_batch, verbose=options.verbose)
+    with load(path, options, cache_file) as model:
+        prompt = _prompt_tokens(model, n_prompt)
+        _warm_up(model)
+        pp, ttft, tg = [], [], []
+        progress.start(f"{name}: pp{n_prompt} tg{n_gen}", repetitions)
+        for _ in range(repetitions):
+            if n_prompt:
+                seconds = _time_prompt(model, prompt)
+                pp.append(n_prompt / seconds)
+                ttft.append(seconds * 1000)
+            if n_gen:
+                tg.append(n_gen / _time_generation(model, n_gen))
+            progress.advance(1)
+    results = []
+    if n_prompt:
+        results.append(BenchResult(name, f"pp{n_prompt}", tuple(pp), tuple(ttft)))
+    if n_gen:
+        results.append(BenchResult(name, f"tg{n_gen}", tuple(tg)))
+    return results
+
+
+def _prompt_tokens(model: Model, n: int) -> list[int]:
+    """Deterministic ordinary tokens (llama-bench uses random ones too): content does not change the cost."""
+    rng = np.random.default_rng(0)
+    ordinary = [t for t in range(min(model.n_vocab, 32000)) if not model.is_eog(t)]
+    return [int(t) for t in rng.choice(ordinary, size=n)]
+
+
+def _warm_up(model: Model) -> None:
+    model.truncate(0)
+    model.decode([model.bos_token if model.bos_token >= 0 else 0])
+    model.truncate(0)
+
+
+def _time_prompt(model: Model, prompt: list[int]) -> float:
+    """Time to the first sampled token: the whole prompt evaluated, then one greedy pick."""
+    model.truncate(0)
+    sampler = Sampler(SamplingParams(temperature=0))
+    start = time.perf_counter()
+    logits = model.prefill(prompt)
+    sampler.sample(logits, prompt)
+    return time.perf_counter() - start
+
+
+def _time_generation(model: Model, n: int) -> float:
+    """n steps of the plain token loop's work: decode one token, sample the next greedily."""
+    model.truncate(0)
+    sampler = Sampler(SamplingParams(temperature=0))
+    token = model.bos_token if model.bos_token >= 0 else 0
+    history = [token]
+    start = time.perf_counter()
+    for _ in range(n):
+        logits = model.decode([token])[0]
+        token = sampler.sample(logits, history)
+        history.append(token)
+    return time.perf_counter() - start

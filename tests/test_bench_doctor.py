@@ -1,0 +1,56 @@
+"""`edgeinfer bench` and `edgeinfer doctor` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+
+def test_bench_reports_pp_and_tg_with_repetitions(tiny_model, cli, edgeinfer_home):
+    code, out, _ = cli("bench", tiny_model, "-p", "32", "-n", "16", "-r", "2", "-t", "2", "--json")
+    assert code == 0
+    results = json.loads(out)
+    assert [r["test"] for r in results] == ["pp32", "tg16"]
+    for r in results:
+        assert len(r["repetitions"]) == 2
+        assert r["median_tokens_per_second"] > 0
+    assert results[0]["median_time_to_first_token_ms"] > 0
+
+
+def test_bench_table_names_every_model(tiny_model, cli, edgeinfer_home, tmp_path):
+    other = tmp_path / "other.gguf"
+    shutil.copy(tiny_model, other)
+    code, out, _ = cli("bench", tiny_model, other, "-p", "8", "-n", "4", "-r", "1")
+    assert code == 0
+    assert out.count("pp8") == 2 and out.count("tg4") == 2  # one row per model and test
+
+
+def test_bench_refuses_nothing_to_measure(tiny_model, cli, edgeinfer_home):
+    result = cli("bench", tiny_model, "-p", "0", "-n", "0")
+    assert result.exit_code == 2
+    assert "--n-prompt" in result.error_line
+
+
+def test_doctor_describes_the_build_the_machine_and_the_store(tiny_model, cli, edgeinfer_home):
+    from edgeinfer.models import Library
+    from edgeinfer.store import sha256_file
+
+    lib = Library.open()
+    stored = lib.store.model_path("tiny", tiny_model.name)
+    stored.parent.mkdir(parents=True)
+    shutil.copy(tiny_model, stored)
+    lib.store.register("tiny", stored, sha256=sha256_file(stored), source="test")
+
+    code, out, _ = cli("doctor", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert "CPU" in report["system_info"]
+    assert report["physical_cores"] >= 1
+    assert report["memory_total"] >= report["memory_available"] > 0
+    assert report["devices"] and report["devices"][0]["kind"] == "cpu"
+    assert report["store"] == str(edgeinfer_home)
+    [model] = report["models"]
+    assert model["name"] == "tiny" and model["fits"] is True and model["needs"] > model["size"]
+
+    code, out, _ = cli("doctor")
+    assert code == 0 and "fits" in out and "physical cores" in out
