@@ -8,6 +8,7 @@ context), so the verifier can accept it with probability min(1, p(x)/q(x)).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,6 +23,7 @@ from edgeinfer.sampling import Sampler
 class Draft:
     tokens: list[int] = field(default_factory=list)
     dists: list[np.ndarray | None] = field(default_factory=list)  # q for each token; None: a point mass
+    catch_up_seconds: float = 0.0  # time spent evaluating a backlog (the prompt, plain rounds): not a draft step
 
 
 class Drafter(Protocol):
@@ -48,7 +50,10 @@ class ModelDrafter:
 
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         draft, context = Draft(), list(history)
+        start, backlog = time.perf_counter(), len(history) - len(self.model.cached)
         logits = self.model.prefill(history)
+        if backlog > 2:  # after a verification the draft is at most two tokens behind; more is a one-off
+            draft.catch_up_seconds = time.perf_counter() - start
         greedy = sampler.params.greedy
         for i in range(n):
             row = self._fit(logits)

@@ -240,7 +240,7 @@ class SpeculativeStepper:
         self.successes, self.failures = 1.2, 0.8  # a prior acceptance of 0.6, worth two tokens
         self.off_rounds, self.probe_gap = 0, 8
         self.k = 0
-        self.counts = dict(drafted=0, accepted=0, passes=0, speculative_passes=0, probes=0, tokens=0, k_sum=0)
+        self.counts = dict(drafted=0, accepted=0, rejections=0, passes=0, speculative_passes=0, probes=0, tokens=0, k_sum=0)
         self.seconds = 0.0
 
     def advance(self, history: list[int]) -> list[int]:
@@ -267,7 +267,7 @@ class SpeculativeStepper:
         draft = self.drafter.propose(history, k, self.sampler, self.options.p_min)
         t1 = time.perf_counter()
         if draft.tokens:
-            self.costs.observe_draft((t1 - t0) / len(draft.tokens))
+            self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds) / len(draft.tokens))
         if not draft.tokens or len(draft.tokens) < self.options.draft_min:
             return None
         # Logits at every position of the batch: each one verifies the draft token after it.
@@ -305,6 +305,7 @@ class SpeculativeStepper:
         c = self.counts
         c["drafted"] += drafted
         c["accepted"] += accepted
+        c["rejections"] += accepted < drafted
         c["speculative_passes"] += 1
         c["k_sum"] += k
 
@@ -354,6 +355,7 @@ class SpeculativeStepper:
             "drafter": self.drafter.name,
             "drafted": c["drafted"],
             "accepted": c["accepted"],
+            "rejections": c["rejections"],
             "acceptance_rate": round(c["accepted"] / c["drafted"], 3) if c["drafted"] else 0.0,
             "target_passes": c["passes"],
             "speculative_passes": rounds,

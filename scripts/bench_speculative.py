@@ -1,0 +1,358 @@
+"""Benchmark speculative decoding on real models (not a test): is it a win on this machine?
+
+For each target (the 1.5B Q4_K_M, and the same model requantized to Q8_0) and each
+drafter (the 0.5B model, prompt lookup), greedy, interleaved repetitions over
+coding and code-edit prompts: plain tok/s, speculative tok/s, speedup, acceptance,
+tokens per target pass, memory; llama-cpp-python's own `draft_model` hook
+(LlamaPromptLookupDecoding, and a LlamaDraftModel wrapping the 0.5B) as the
+naive baselines; the measured cost of a target pass of n tokens; and the ceiling,
+the best speedup a fixed draft length could give with those costs and the
+acceptance observed.
+
+    .venv/bin/python scripts/bench_speculative.py                      # the full run (~15 min on 2 cores)
+    .venv/bin/python scripts/bench_speculative.py --prompts 2 --reps 1 --max-tokens 48 --no-hooks   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edgeinfer import machine  # noqa: E402
+from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
+from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
+from edgeinfer.sampling import SamplingParams  # noqa: E402
+from edgeinfer.speculative import DraftOptions, check_pair, cost_model, expected_tokens, stepper_factory  # noqa: E402
+from edgeinfer.template import chat_tokens  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0)
+
+CODING = [
+    "Write a Python function that merges two sorted lists into one sorted list, with a docstring and type hints.",
+    "Write a Python class LRUCache with get and put methods, both O(1), using OrderedDict.",
+    "Write a Python function that parses a CSV file of (name, age) rows and returns the average age per name.",
+    "Implement binary search in Python, iteratively, returning the index or -1.",
+    "Write a JavaScript function that debounces another function by a given number of milliseconds.",
+    "Write a Python function that returns all prime numbers below n with the sieve of Eratosthenes.",
+    "Write a SQL query that returns the five customers with the highest total order value, and explain it briefly.",
+    "Write a Python async function that downloads a list of URLs concurrently with aiohttp, at most 5 at a time.",
+]
+
+_FUNCTION_A = '''def summarize_orders(orders, min_total=0.0):
+    totals = {}
+    counts = {}
+    for order in orders:
+        customer = order["customer"]
+        amount = float(order["amount"])
+        if amount < 0:
+            raise ValueError(f"negative amount in order {order['id']}")
+        totals[customer] = totals.get(customer, 0.0) + amount
+        counts[customer] = counts.get(customer, 0) + 1
+    result = []
+    for customer, total in totals.items():
+        if total < min_total:
+            continue
+        average = total / counts[customer]
+        result.append({
+            "customer": customer,
+            "total": round(total, 2),
+            "orders": counts[customer],
+            "average": round(average, 2),
+        })
+    result.sort(key=lambda row: row["total"], reverse=True)
+    return result
+'''
+
+_FUNCTION_B = '''def load_config(path, defaults=None):
+    import json
+    import os
+    settings = dict(defaults or {})
+    if not os.path.exists(path):
+        return settings
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    for key, value in data.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            merged = dict(settings[key])
+            merged.update(value)
+            settings[key] = merged
+        else:
+            settings[key] = value
+    port = settings.get("port", 8080)
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"bad port: {port}")
+    settings["port"] = int(port)
+    return settings
+'''
+
+EDITS = [
+    f"Rename the variable `totals` to `sums_by_customer` in this function. Return the whole function, nothing else.\n\n```python\n{_FUNCTION_A}```",
+    f"Add a docstring to this function. Return the whole function, nothing else.\n\n```python\n{_FUNCTION_B}```",
+    f"Rename the parameter `orders` to `order_rows` in this function. Return the whole function, nothing else.\n\n```python\n{_FUNCTION_A}```",
+    f"Rename the variable `settings` to `config` in this function. Return the whole function, nothing else.\n\n```python\n{_FUNCTION_B}```",
+]
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def pass_costs(model, upto: int = 9, reps: int = 3) -> dict[int, float]:
+    """Seconds for one pass of n tokens (logits at all n) after a 200-token context, min over reps."""
+    context = model.tokenize(_FUNCTION_A * 2, add_special=False)[:200]
+    model.prefill(context)
+    base = len(model.cached)
+    best: dict[int, float] = {}
+    for _ in range(reps):
+        for n in range(1, upto + 1):
+            start = time.perf_counter()
+            model.decode(context[:n], all_logits=True)
+            best[n] = min(best.get(n, 1e9), time.perf_counter() - start)
+            model.truncate(base)
+    return best
+
+
+def ceiling(costs: dict[int, float], step: float, alpha: float, max_k: int) -> tuple[float, int]:
+    """The best speedup over plain decoding any fixed draft length k could give: E(k) v(1) / (k t_d + v(k+1))."""
+    best = max(range(1, max_k + 1), key=lambda k: expected_tokens(alpha, k) / (k * step + costs[k + 1]))
+    return max(1.0, expected_tokens(alpha, best) * costs[1] / (best * step + costs[best + 1])), best
+
+
+def quantize_q8(source: Path, dest: Path) -> Path:
+    import llama_cpp
+
+    if dest.is_file():
+        return dest
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    params.nthread = machine.physical_cores()
+    tmp = dest.with_suffix(".incomplete")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+        raise SystemExit(f"could not quantize {source}")
+    tmp.rename(dest)
+    return dest
+
+
+# --- llama-cpp-python's own hook, the naive baselines ----------------------------------
+
+
+def hook_drafters(draft_path: Path, threads: int, n_ctx: int, num_pred: int):
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
+
+    class SmallModelDraft(LlamaDraftModel):
+        """Greedy drafts of num_pred tokens from a small Llama, reusing its cached prefix."""
+
+        def __init__(self) -> None:
+            self.llm = Llama(str(draft_path), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
+
+        def __call__(self, input_ids, /, **kwargs):
+            llm, ids = self.llm, [int(t) for t in input_ids]
+            cached = llm.input_ids[: llm.n_tokens].tolist()
+            keep = 0
+            while keep < min(len(cached), len(ids) - 1) and cached[keep] == ids[keep]:
+                keep += 1
+            llm.n_tokens = keep
+            llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+            llm.eval(ids[keep:])
+            out = []
+            for _ in range(num_pred):
+                # Without logits_all, Llama.eval keeps no scores: read llama.cpp's last row directly.
+                token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm._n_vocab,))))
+                out.append(token)
+                llm.eval([token])
+            return np.array(out, dtype=np.intc)
+
+    return {"hook-ngram": lambda: LlamaPromptLookupDecoding(num_pred_tokens=num_pred),
+            "hook-draft": SmallModelDraft}
+
+
+def run_hook(llm, prompt: list[int], max_tokens: int) -> tuple[float, int]:
+    llm.reset()
+    start, first, n = time.perf_counter(), None, 0
+    for _chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    seconds = time.perf_counter() - (first or start)
+    return ((n - 1) / seconds if n > 1 and seconds > 0 else 0.0), n
+
+
+# --- the benchmark -------------------------------------------------------------------------
+
+
+def bench_target(name: str, path: Path, draft, prompts, args) -> dict:
+    options = LoadOptions(n_ctx=args.ctx, n_threads=args.threads)
+    rows: dict[str, list[dict]] = {}
+    with load(path, options) as target:
+        tokens = [chat_tokens(target, [{"role": "user", "content": p}]) for _, p in prompts]
+        generate(target, tokens[0], GREEDY, max_tokens=8)  # warm the page cache and llama.cpp's buffers
+        rss_plain = rss_bytes()
+        costs = pass_costs(target)
+        drafters = {"draft": ModelDrafter(draft, target.n_vocab, target.info.file_size), "ngram": None}
+        spec = DraftOptions(ref="bench", draft_max=args.draft_max, p_min=args.p_min)
+        factories = {"draft": stepper_factory(lambda: drafters["draft"], spec, args.max_tokens),
+                     "ngram": stepper_factory(lambda: NgramDrafter(), spec, args.max_tokens)}
+        plain_tokens = {}
+        for rep in range(args.reps):
+            for i, (kind, _) in enumerate(prompts):
+                for method in ("plain", "draft", "ngram"):
+                    result = generate(target, tokens[i], GREEDY, max_tokens=args.max_tokens,
+                                      stepper_factory=factories.get(method))
+                    if method == "plain":
+                        plain_tokens.setdefault(i, result.tokens)
+                    row = {"prompt": i, "kind": kind, "rep": rep, "tok_s": result.generation_tokens_per_second,
+                           "tokens": result.completion_tokens, "exact": result.tokens == plain_tokens[i], **result.stats}
+                    rows.setdefault(method, []).append(row)
+                    print(f"  {name} prompt {i} ({kind}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
+                          + (f"  acc {row['acceptance_rate']:.2f} tpp {row['tokens_per_pass']:.2f} k {row['mean_draft_length']}"
+                             f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" else ""), flush=True)
+        rss_spec = rss_bytes()
+        learned = {m: cost_model(target, d or NgramDrafter()).ratios(args.draft_max + 1) for m, d in drafters.items()}
+        step = cost_model(target, drafters["draft"]).draft_step(0.0)
+        target_n_vocab, target_size = target.n_vocab, target.info.file_size
+    gc.collect()
+    hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
+    return summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec, args)
+
+
+def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
+    from llama_cpp import Llama
+
+    rows: dict[str, list[dict]] = {}
+    makers = hook_drafters(args.draft, args.threads, args.ctx, args.hook_pred)
+    count = min(len(prompts), args.hook_prompts)
+    for method, make in makers.items():
+        llm = Llama(str(path), n_ctx=args.ctx, n_threads=args.threads, n_batch=512, draft_model=make(), verbose=False)
+        for rep in range(args.reps):
+            for i in range(count):
+                tok_s, n = run_hook(llm, tokens[i], args.max_tokens)
+                rows.setdefault(method, []).append({"prompt": i, "kind": prompts[i][0], "rep": rep, "tok_s": tok_s})
+                print(f"  {path.name} prompt {i} rep {rep} {method} {tok_s:6.2f} tok/s", flush=True)
+        del llm
+        gc.collect()
+    return rows
+
+
+def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec, args) -> dict:
+    plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in rows["plain"]}
+    plain_by_prompt = {p: statistics.median(v for (q, _), v in plain.items() if q == p) for p, _ in plain}
+    out = {"target": name, "path": str(path), "plain_tok_s": statistics.median(plain.values()),
+           "pass_cost_ratios": {n: round(c / costs[1], 2) for n, c in costs.items()},
+           "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(step * 1000, 1),
+           "learned_ratios": learned, "rss_plain_mib": rss_plain >> 20, "rss_speculative_mib": rss_spec >> 20,
+           "methods": {}}
+    for method in ("draft", "ngram"):
+        rs = rows[method]
+        speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs if plain[(r["prompt"], r["rep"])]]
+        per_prompt = {p: statistics.median(r["tok_s"] for r in rs if r["prompt"] == p) / plain_by_prompt[p]
+                      for p in plain_by_prompt}
+        drafted, accepted = sum(r["drafted"] for r in rs), sum(r["accepted"] for r in rs)
+        rejections = sum(r["rejections"] for r in rs)
+        alpha = accepted / (accepted + rejections) if accepted + rejections else 0.0
+        ceil, best_k = ceiling(costs, step if method == "draft" else 0.0, alpha, args.draft_max)
+        edits = [s for r, s in zip(rs, speedups) if r["kind"] == "edit"]
+        out["methods"][method] = {
+            "tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
+            "speedup": round(statistics.median(speedups), 3),
+            "speedup_geomean": round(float(np.exp(np.mean(np.log(speedups)))), 3),
+            "speedup_code_edit": round(statistics.median(edits), 3) if edits else None,
+            "worst_prompt_speedup": round(min(per_prompt.values()), 3),
+            "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
+            "per_token_acceptance": round(alpha, 3),
+            "tokens_per_pass": round(statistics.mean(r["tokens_per_pass"] for r in rs), 3),
+            "mean_draft_length": round(statistics.mean(r["mean_draft_length"] for r in rs), 2),
+            "ceiling": round(ceil, 3), "ceiling_k": best_k,
+            "of_ceiling": round(statistics.median(speedups) / ceil, 3),
+            "exact": all(r["exact"] for r in rs),
+        }
+    for method, rs in hooks.items():
+        speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs]
+        out["methods"][method] = {"tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
+                                  "speedup": round(statistics.median(speedups), 3),
+                                  "speedup_code_edit": round(statistics.median(
+                                      [s for r, s in zip(rs, speedups) if r["kind"] == "edit"] or [0]), 3)}
+    return out
+
+
+def print_report(report: dict) -> None:
+    print(f"\nCPU: {report['cpu']}  flags: {' '.join(report['flags'])}  threads: {report['threads']}")
+    for t in report["targets"]:
+        ratios = "  ".join(f"{n}:{r:.2f}" for n, r in t["pass_cost_ratios"].items())
+        print(f"\n{t['target']}: plain {t['plain_tok_s']:.2f} tok/s; v(1) {t['pass_cost_ms'][1]} ms; "
+              f"v(n)/v(1) {ratios}; draft step {t['draft_step_ms']} ms; RSS plain {t['rss_plain_mib']} MiB, "
+              f"with draft {t['rss_speculative_mib']} MiB")
+        print(f"  {'method':11s} {'tok/s':>7s} {'speedup':>8s} {'edits':>6s} {'worst':>6s} {'accept':>7s} "
+              f"{'tok/pass':>8s} {'k':>5s} {'ceiling':>8s} {'of ceil':>8s} exact")
+        for name, m in t["methods"].items():
+            if "ceiling" in m:
+                print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit'] or 0:5.2f}x "
+                      f"{m['worst_prompt_speedup']:5.2f}x {m['acceptance_rate']:7.2f} {m['tokens_per_pass']:8.2f} "
+                      f"{m['mean_draft_length']:5.1f} {m['ceiling']:7.2f}x {m['of_ceiling']:7.0%}  {m['exact']}")
+            else:
+                print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit']:5.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=Path, default=Path("/tmp/models/qwen15.gguf"))
+    parser.add_argument("--target-q8", type=Path, default=None, help="default: TARGET requantized to Q8_0 beside it")
+    parser.add_argument("--draft", type=Path, default=Path("/tmp/models/qwen05.gguf"))
+    parser.add_argument("--prompts", type=int, default=8, help="coding prompts (at most 8)")
+    parser.add_argument("--edits", type=int, default=4, help="code-edit prompts (at most 4)")
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--draft-max", type=int, default=8)
+    parser.add_argument("--p-min", type=float, default=0.75)
+    parser.add_argument("--targets", default="q4,q8", help="which targets: q4, q8 or both")
+    parser.add_argument("--no-hooks", dest="hooks", action="store_false", help="skip llama-cpp-python's draft_model hook")
+    parser.add_argument("--hook-prompts", type=int, default=4, help="prompts run through the hooks (they are slow)")
+    parser.add_argument("--hook-pred", type=int, default=4, help="tokens the hooks draft per round")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args()
+
+    codes, edits = [("code", p) for p in CODING[: args.prompts]], [("edit", p) for p in EDITS[: args.edits]]
+    prompts = [p for i in range(max(len(codes), len(edits))) for p in (codes[i:i + 1] + edits[i:i + 1])]
+    q8 = args.target_q8 or args.target.with_name(args.target.stem + "-q8_0.gguf")
+    targets = {"q4": (f"{args.target.name}", args.target), "q8": (f"{q8.name}", q8)}
+    started = time.perf_counter()
+    check_pair(args.target, args.draft)
+    report = {"cpu": machine.cpu_name(), "flags": machine.cpu_flags(), "threads": args.threads,
+              "prompts": len(prompts), "reps": args.reps, "max_tokens": args.max_tokens, "targets": []}
+    with load(args.draft, LoadOptions(n_ctx=args.ctx, n_threads=args.threads)) as draft:
+        draft_costs = pass_costs(draft)
+        report["draft"] = {"path": str(args.draft), "pass_cost_ms": {n: round(c * 1000, 1) for n, c in draft_costs.items()}}
+        for key in args.targets.split(","):
+            name, path = targets[key]
+            if key == "q8":
+                quantize_q8(args.target, path)
+            print(f"{name}:", flush=True)
+            report["targets"].append(bench_target(name, path, draft, prompts, args))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print_report(report)
+    print(f"\n{report['seconds']} s")
+    text = json.dumps(report, indent=1)
+    if args.json:
+        args.json.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
