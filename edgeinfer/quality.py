@@ -16,7 +16,6 @@ per model, whatever the vocabulary size, and no text is tokenized twice.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -54,8 +53,10 @@ def evaluation_text() -> str:
 def compare(source: Path, quantized: Path, *, text: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
             threads: int | None = None, progress: ProgressReporter | None = None) -> QualityReport:
     """Score `quantized` against `source` (same vocabulary) on `text` (default: the shipped evaluation text)."""
+    from edgeinfer.machine import physical_cores
+
     progress = progress or SilentProgress()
-    threads = threads or os.cpu_count() or 4
+    threads = threads or physical_cores()
     with _Model(source, max_tokens, threads) as ref:
         tokens = ref.tokenize(text if text is not None else evaluation_text())[: min(max_tokens, ref.n_ctx_train)]
         if len(tokens) < 2:

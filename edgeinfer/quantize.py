@@ -28,12 +28,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeinfer import config
 from edgeinfer.errors import ConversionError, EdgeinferError, Interrupted, UsageError
 from edgeinfer.progress import ProgressReporter, SilentProgress
-from edgeinfer.quality import QualityReport
 from edgeinfer.store import Store, check_free_space, sha256_file
+
+if TYPE_CHECKING:
+    from edgeinfer.quality import QualityReport
 
 DEFAULT_TYPE = "Q4_K_M"
 TYPE_FOR_BITS = {4: "Q4_K_M", 8: "Q8_0"}

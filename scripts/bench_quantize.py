@@ -90,10 +90,10 @@ def main() -> None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    from edgeinfer.machine import cpu_name, physical_cores
+
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"CPU: {cpu} | {os.cpu_count()} logical cores | load {load}"
+    return f"CPU: {cpu_name()} | {physical_cores()} physical cores, {os.cpu_count()} logical | load {load}"
 
 
 def generate(folder: Path) -> Path:

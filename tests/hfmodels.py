@@ -115,6 +115,14 @@ def make_hf_model(folder: Path, arch: str = "llama", *, seed: int = 0, dtype: st
     return folder
 
 
+def copy_model(source: Path, target: Path) -> Path:
+    """A copy of a model folder, for a test to damage."""
+    target.mkdir()
+    for file in source.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
 def build_tokenizer(pre: str, specials: list[str], merges: int):
     """A byte-level BPE with the pre-tokenizer of Llama 3 ("llama3"), Qwen2 ("qwen2") or SmolLM ("smollm")."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hfmodels import SPECIALS, TOKENIZATION_PROBES, make_hf_model, reference_logits
+from hfmodels import SPECIALS, TOKENIZATION_PROBES, copy_model, make_hf_model, reference_logits
 
 from edgeinfer.convert import convert_hf_to_gguf, supported_architectures
 from edgeinfer.errors import ConversionError
@@ -149,13 +149,6 @@ def test_conversion_streams_tensors_instead_of_loading_the_model(tmp_path):
 # --- bad input ----------------------------------------------------------------------
 
 
-def broken_copy(source: Path, target: Path) -> Path:
-    target.mkdir()
-    for file in source.iterdir():
-        (target / file.name).write_bytes(file.read_bytes())
-    return target
-
-
 def edit_config(folder: Path, **changes) -> None:
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)
@@ -163,7 +156,7 @@ def edit_config(folder: Path, **changes) -> None:
 
 
 def test_missing_files_are_named(hf_models, tmp_path):
-    folder = broken_copy(hf_models["qwen3"], tmp_path / "m")
+    folder = copy_model(hf_models["qwen3"], tmp_path / "m")
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ConversionError, match="no tokenizer.json"):
         convert_hf_to_gguf(folder, tmp_path / "out.gguf")
@@ -174,7 +167,7 @@ def test_missing_files_are_named(hf_models, tmp_path):
 
 
 def test_an_unsupported_architecture_lists_the_supported_ones(hf_models, tmp_path):
-    folder = broken_copy(hf_models["qwen2"], tmp_path / "m")
+    folder = copy_model(hf_models["qwen2"], tmp_path / "m")
     edit_config(folder, architectures=["MambaForCausalLM"])
     with pytest.raises(ConversionError) as error:
         convert_hf_to_gguf(folder, tmp_path / "out.gguf")
@@ -185,13 +178,13 @@ def test_an_unsupported_architecture_lists_the_supported_ones(hf_models, tmp_pat
 def test_tensors_missing_or_of_the_wrong_shape_are_refused(hf_models, tmp_path):
     from hfmodels import read_weights, write_safetensors
 
-    folder = broken_copy(hf_models["llama"], tmp_path / "m")
+    folder = copy_model(hf_models["llama"], tmp_path / "m")
     weights = {k: v.astype(np.float32) for k, v in read_weights(folder).items()}
     del weights["model.layers.1.mlp.up_proj.weight"]
     write_safetensors(folder / "model.safetensors", weights)
     with pytest.raises(ConversionError, match=r"lacks 1 tensor.*layers\.1\.mlp\.up_proj"):
         convert_hf_to_gguf(folder, tmp_path / "out.gguf")
-    folder = broken_copy(hf_models["llama"], tmp_path / "n")
+    folder = copy_model(hf_models["llama"], tmp_path / "n")
     edit_config(folder, intermediate_size=768)
     with pytest.raises(ConversionError, match=r"has shape \[\d+, \d+\], but config.json implies \[.*768.*\]"):
         convert_hf_to_gguf(folder, tmp_path / "out.gguf")
@@ -199,7 +192,7 @@ def test_tensors_missing_or_of_the_wrong_shape_are_refused(hf_models, tmp_path):
 
 
 def test_a_corrupted_safetensors_header_is_refused(hf_models, tmp_path):
-    folder = broken_copy(hf_models["llama"], tmp_path / "m")
+    folder = copy_model(hf_models["llama"], tmp_path / "m")
     data = bytearray((folder / "model.safetensors").read_bytes())
     data[12:20] = b"\x00garbage"
     (folder / "model.safetensors").write_bytes(data)
@@ -211,7 +204,7 @@ def test_a_corrupted_safetensors_header_is_refused(hf_models, tmp_path):
 
 
 def test_a_truncated_safetensors_file_is_refused(hf_models, tmp_path):
-    folder = broken_copy(hf_models["llama"], tmp_path / "m")
+    folder = copy_model(hf_models["llama"], tmp_path / "m")
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match="past the end of the file"):
@@ -219,7 +212,7 @@ def test_a_truncated_safetensors_file_is_refused(hf_models, tmp_path):
 
 
 def test_pickle_checkpoints_are_refused(hf_models, tmp_path):
-    folder = broken_copy(hf_models["llama"], tmp_path / "m")
+    folder = copy_model(hf_models["llama"], tmp_path / "m")
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ConversionError, match="pickle"):

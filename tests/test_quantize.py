@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_edgeinfer, subprocess_env
-from hfmodels import make_hf_model
+from hfmodels import copy_model, make_hf_model
 
 from edgeinfer.imatrix import read_imatrix
 from edgeinfer.quantize import quantize
@@ -142,13 +142,6 @@ def test_an_existing_output_is_kept_unless_forced(cli, edgeinfer_home, hf_model,
     assert target.read_bytes() == b"precious"
     assert cli("quantize", hf_model, "--bits", "8", "-o", tmp_path, "--no-eval", "--force").exit_code == 0
     assert target.read_bytes()[:4] == b"GGUF"
-
-
-def copy_model(source: Path, target: Path) -> Path:
-    target.mkdir()
-    for file in source.iterdir():
-        (target / file.name).write_bytes(file.read_bytes())
-    return target
 
 
 @pytest.mark.parametrize("damage, code, message", [
