@@ -160,14 +160,12 @@ def convert_hf_to_gguf(
         with _gguf_warnings_to(notes):
             _write(partial, cfg, family, plan, vocab, folder, name or folder.resolve().name, progress)
         os.replace(partial, output)
-    except KeyboardInterrupt:
-        partial.unlink(missing_ok=True)
-        raise Interrupted("conversion interrupted; nothing was written") from None
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise disk_full_error(exc, output.parent) or ConversionError(f"cannot write {output}: {exc}") from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)  # a file appears whole or not at all
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted("conversion interrupted; nothing was written") from None
+        if isinstance(exc, OSError):
+            raise disk_full_error(exc, output.parent) or ConversionError(f"cannot write {output}: {exc}") from None
         raise
     return ConversionResult(
         path=output,
