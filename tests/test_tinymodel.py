@@ -87,3 +87,10 @@ def test_every_tensor_quantizes_and_the_result_generates(tiny_model, tmp_path, f
     assert llama_cpp.llama_model_quantize(str(tiny_model).encode(), str(out).encode(), ctypes.byref(params)) == 0
     result = llama_cpp.Llama(model_path=str(out), verbose=False)("The quick brown fox", max_tokens=20, temperature=0.0)
     assert result["usage"]["completion_tokens"] == 20
+
+
+@pytest.mark.parametrize("prompt", ["tell me everything", "Hello", "x"])
+def test_greedy_text_comes_out_as_words_not_one_loop(llm, prompt):
+    text = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=60, temperature=0.0)["choices"][0]["message"]["content"]
+
+    assert len(text.split()) >= 15, text

@@ -25,7 +25,9 @@ offset, `special_logit`, times a positive factor, while ordinary tokens get
 random logits with a spread of a few units. The default offset keeps
 <|im_end|> and friends far below the best ordinary token, so greedy generation
 runs to max_tokens; a large positive offset (`eos_first=True`) makes a model
-that stops at once.
+that stops at once. A second constant channel, lit only by tokens that end a
+word, raises the tokens that begin with a space or newline: random weights
+otherwise settle into loops like "ombombomb", and the text comes out as words.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ N_EMBD = 256
 N_HEAD = 4
 HEAD_DIM = N_EMBD // N_HEAD
 N_FF = 512
+WORD_BONUS = 3.0
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -250,9 +253,15 @@ def _weights(vocab: TinyVocab, *, seed: int, n_layers: int, n_kv_heads: int, per
             base += perturb * np.random.default_rng([seed, 1_000_003, zlib.crc32(name.encode())]).standard_normal(shape)
         return (base * std).astype(np.float32)
 
+    # Tokens that end a word: they, and only they, light the word channel (dimension 1).
+    space_chars = ("\u0120", "\u010a")  # how byte-level BPE writes a space and a newline
+    word_end = np.array([t == 1 and not vocab.tokens[i].startswith(space_chars) for i, t in enumerate(vocab.token_types)])
+    starts_word = np.array([t == 1 and vocab.tokens[i].startswith(space_chars) for i, t in enumerate(vocab.token_types)])
+
     out: dict[str, np.ndarray] = {}
     embd = normal("token_embd.weight", (n_vocab, N_EMBD), 1.0)
     embd[:, 0] = 1.0  # the bias channel
+    embd[:, 1] = np.where(word_end, 1.0, 0.0)  # the word channel
     out["token_embd.weight"] = embd
     for i in range(n_layers):
         p = f"blk.{i}."
@@ -261,13 +270,13 @@ def _weights(vocab: TinyVocab, *, seed: int, n_layers: int, n_kv_heads: int, per
         out[p + "attn_k.weight"] = normal(p + "attn_k.weight", (kv, N_EMBD), 1.0 / np.sqrt(N_EMBD))
         out[p + "attn_v.weight"] = normal(p + "attn_v.weight", (kv, N_EMBD), 1.0 / np.sqrt(N_EMBD))
         wo = normal(p + "attn_output.weight", (N_EMBD, N_EMBD), 0.5 / np.sqrt(N_EMBD))
-        wo[0, :] = 0.0  # no block writes to the bias channel
+        wo[:2, :] = 0.0  # no block writes to the bias or word channel
         out[p + "attn_output.weight"] = wo
         out[p + "ffn_norm.weight"] = np.ones(N_EMBD, dtype=np.float32)
         out[p + "ffn_gate.weight"] = normal(p + "ffn_gate.weight", (N_FF, N_EMBD), 1.0 / np.sqrt(N_EMBD))
         out[p + "ffn_up.weight"] = normal(p + "ffn_up.weight", (N_FF, N_EMBD), 1.0 / np.sqrt(N_EMBD))
         down = normal(p + "ffn_down.weight", (N_EMBD, N_FF), 0.5 / np.sqrt(N_FF))
-        down[0, :] = 0.0
+        down[:2, :] = 0.0
         out[p + "ffn_down.weight"] = down
     out["output_norm.weight"] = np.ones(N_EMBD, dtype=np.float32)
     head = normal("output.weight", (n_vocab, N_EMBD), 3.0 / np.sqrt(N_EMBD))
@@ -275,6 +284,7 @@ def _weights(vocab: TinyVocab, *, seed: int, n_layers: int, n_kv_heads: int, per
     head[specials, :] = 0.0  # ...and the special tokens read nothing else
     head[specials, 0] = special_logit
     head[vocab.eos_id, 0] += 1.0  # so that with a positive offset the end of turn wins
+    head[:, 1] = np.where(starts_word, WORD_BONUS, 0.0)  # after a word's end, a space is likelier
     if ascii_only:
         head[unprintable, :] = 0.0
         head[unprintable, 0] = -abs(special_logit) - 30.0
@@ -288,7 +298,7 @@ class TinyFamily:
 
     target: Path  # 2 layers, the seed's weights
     close_draft: Path  # the target plus a little noise: same vocabulary, same greedy token ~85% of the time
-    small_draft: Path  # 1 layer of the target's weights: same vocabulary, agrees ~55% of the time
+    small_draft: Path  # 1 layer of the target's weights: same vocabulary, agrees ~65% of the time
     unrelated: Path  # 2 layers, the next seed: same vocabulary, (almost) never agrees
     other_vocab: Path  # a different vocabulary (more merges): not a valid draft for the target
 
