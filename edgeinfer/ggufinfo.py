@@ -87,11 +87,13 @@ def inspect(path: Path, cache_file: Path | None = None) -> GGUFInfo:
 
 
 def _cache_key(path: Path) -> tuple[str, list[int]]:
+    # Keyed by the file itself (device, inode), not its name: a download checked in the
+    # staging folder keeps its entry when it is renamed into the store.
     try:
         st = path.stat()
     except OSError as exc:
         raise InvalidModelError(f"cannot read {path}: {exc.strerror}") from None
-    return str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+    return f"{st.st_dev}:{st.st_ino}", [st.st_size, st.st_mtime_ns]
 
 
 def _load_cache(cache_file: Path | None) -> dict:

