@@ -10,8 +10,11 @@ speculative decoding), and streams their text.
 from __future__ import annotations
 
 import ctypes
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -174,10 +177,14 @@ class Model:
         return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
 
     def truncate(self, n: int) -> None:
-        """Forget every cached position from `n` on."""
-        if n < len(self.cached):
-            self._ll.llama_memory_seq_rm(self._memory, 0, n, -1)
-            del self.cached[n:]
+        """Forget every cached position from `n` on.
+
+        Asked of llama.cpp even when `cached` holds no more than n tokens: the cache
+        is the truth, and a decode whose bookkeeping was cut short must not leave a
+        stray position behind.
+        """
+        self._ll.llama_memory_seq_rm(self._memory, 0, n, -1)
+        del self.cached[n:]
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
@@ -266,7 +273,8 @@ def generate(
 ) -> GenerationResult:
     """Generate from a prompt until end of generation, a stop string, max_tokens or a full context.
 
-    Ctrl-C ends generation cleanly (finish_reason "interrupted"); the text so far is kept.
+    Ctrl-C ends generation cleanly after the step under way (finish_reason "interrupted");
+    the text so far is kept.
     """
     start = time.perf_counter()
     emit = on_text or (lambda _text: None)
@@ -275,18 +283,18 @@ def generate(
     history, produced = list(prompt), []
     stream, reason, first = TextStream(stop), None, 0.0
     limit = max_tokens if max_tokens is not None else model.n_ctx
-    try:
+    with _ctrl_c_sets_flag() as interrupted:
         logits = model.prefill(prompt)
         pending = [sampler.sample(logits, history)]
         first = time.perf_counter() - start
         while reason is None:
             reason = _consume(model, pending, history, produced, stream, emit, limit)
-            if reason is None and len(model.cached) + 1 > model.n_ctx:
+            if reason is None and interrupted.is_set():
+                reason = "interrupted"
+            elif reason is None and len(model.cached) + 1 > model.n_ctx:
                 reason = "context"
             elif reason is None:
                 pending = stepper.advance(history)
-    except KeyboardInterrupt:
-        reason = "interrupted"
     emit(stream.flush())
     stats = getattr(stepper, "stats", None)
     return GenerationResult(
@@ -299,6 +307,24 @@ def generate(
         tokens=tuple(produced),
         stats=stats() if callable(stats) else {},
     )
+
+
+@contextmanager
+def _ctrl_c_sets_flag() -> Iterator[threading.Event]:
+    """Ctrl-C during generation ends it between two steps, never inside one.
+
+    A KeyboardInterrupt raised in the middle of a decode could leave the KV cache
+    and our record of it disagreeing; a flag checked by the loop cannot.
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _consume(model: Model, tokens: list[int], history: list[int], produced: list[int],

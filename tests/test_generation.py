@@ -162,3 +162,18 @@ def test_python_api_streams_the_same_text(tiny_model, edgeinfer_home):
                             sampling=SamplingParams(temperature=0)), on_text=pieces.append)
     assert "".join(pieces) == result.text
     assert result.completion_tokens == 25
+
+
+def test_ctrl_c_ends_run_with_the_text_so_far_and_exit_130(tiny_model, edgeinfer_home):
+    import pexpect
+
+    from conftest import subprocess_env
+
+    child = pexpect.spawn(sys.executable, ["-m", "edgeinfer", "run", "-m", str(tiny_model), "-c", "4096", "--raw", "go on"],
+                          env=subprocess_env(), encoding="utf-8", timeout=60)
+    child.expect(r"\w+\W+\w+\W+\w+")  # text is streaming
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130
+    assert "Traceback" not in child.before
