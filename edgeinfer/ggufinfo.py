@@ -219,7 +219,7 @@ def _quantization_name(reader: "gguf.GGUFReader") -> str:  # noqa: F821
     file_type = field_value(reader, "general.file_type")
     if file_type is not None:
         try:
-            return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+            return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             pass
     # No file type recorded: name the type most of the weights are stored in.

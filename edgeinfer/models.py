@@ -139,7 +139,9 @@ def model_path_for_info(lib: Library, ref: str | None) -> Path:
 
 
 def _pull_spec(store: Store, spec: ModelSpec, progress: ProgressReporter) -> PullResult:
-    final = store.model_path(spec.name, spec.file)
+    # A hub file's name already ends with its file name: its folder is the part before.
+    folder = spec.name.removesuffix("/" + spec.file)
+    final = store.model_path(folder, spec.file)
     entry = store.get(spec.name)
     if entry is not None and entry.path == final and entry.sha256 in _known_checksums(spec, entry):
         return PullResult(entry, already_present=True)

@@ -4,7 +4,7 @@ Layout under the store's root:
 
     manifest.json                 what is here, written atomically under a lock
     models/<name>/<file>.gguf     catalog models and models registered by `quantize`
-    models/hf/<owner>/<repo>/...  files pulled by hub reference
+    models/hf.co/<owner>/<repo>/... files pulled by hub reference
     .partial/<key>/               downloads in progress (resumable); never a final name
 
 A file reaches its final name only by `os.replace` after its checksum matched,
