@@ -15,7 +15,7 @@ close, deletes the partial file and exits. Either way nothing ever appears under
 the final name, which is reached only by a rename once the quantizer succeeded.
 The child is a plain `python -c` subprocess rather than multiprocessing's spawn,
 which would re-run the caller's main script. It starts first thing, so that its
-start (about 0.3 s, mostly importing llama_cpp) overlaps the conversion.
+start (about 0.1 s: Python and llama.cpp's C bindings) overlaps the conversion.
 """
 
 from __future__ import annotations
@@ -39,6 +39,15 @@ if TYPE_CHECKING:
     from edgeinfer.quality import QualityReport
 
 DEFAULT_TYPE = "Q4_K_M"
+# llama.h's enum llama_ftype, written out so that choosing a type needs no llama_cpp import (a quarter
+# second); tests check it against llama_cpp's constants. MXFP4_MOE is left out: it is for MoE models only.
+LLAMA_FTYPES = {
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q2_K": 10, "Q2_K_S": 21, "Q3_K_S": 11, "Q3_K_M": 12,
+    "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ1_S": 24, "IQ1_M": 31,
+    "IQ2_XXS": 19, "IQ2_XS": 20, "IQ2_S": 28, "IQ2_M": 29, "IQ3_XXS": 23, "IQ3_XS": 22, "IQ3_S": 26, "IQ3_M": 27,
+    "IQ4_NL": 25, "IQ4_XS": 30, "TQ1_0": 36, "TQ2_0": 37, "NVFP4": 39, "Q1_0": 40, "Q2_0": 41,
+    "F16": 1, "BF16": 32, "F32": 0,
+}
 TYPE_FOR_BITS = {4: "Q4_K_M", 8: "Q8_0"}
 _ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
 # llama.cpp refuses these without an importance matrix.
@@ -161,20 +170,14 @@ def quantize(
 
 def resolve_type(qtype: str) -> tuple[str, int]:
     """A llama.cpp quantization type's canonical name and its llama_ftype number."""
-    import llama_cpp
-
     name = _ALIASES.get(qtype.upper(), qtype.upper())
-    ftype = llama_cpp.LLAMA_FTYPE_ALL_F32 if name == "F32" else getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
-    if ftype is None or name.endswith("_MOE"):
+    if name not in LLAMA_FTYPES:
         raise UsageError(f"unknown quantization type {qtype!r}; choose one of {', '.join(known_types())}")
-    return name, int(ftype)
+    return name, LLAMA_FTYPES[name]
 
 
 def known_types() -> list[str]:
-    import llama_cpp
-
-    names = [n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")]
-    return sorted(n for n in names if not n.endswith("_MOE")) + ["F32"]
+    return list(LLAMA_FTYPES)
 
 
 def type_for(bits: int | None, qtype: str | None) -> str:
@@ -392,8 +395,7 @@ def _child_main() -> None:
     import sys
     import threading
 
-    import llama_cpp
-
+    llama_cpp = _llama_bindings()
     line = sys.stdin.buffer.readline()
     if not line:
         os._exit(0)  # the parent gave up before sending a job
@@ -436,7 +438,7 @@ def _child_main() -> None:
     if job["imatrix"]:
         from edgeinfer.imatrix import read_imatrix
 
-        params.imatrix, keep_alive = _imatrix_array(read_imatrix(Path(job["imatrix"])))  # noqa: F841 - outlives the call
+        params.imatrix, keep_alive = _imatrix_array(llama_cpp, read_imatrix(Path(job["imatrix"])))  # noqa: F841
     status = llama_cpp.llama_model_quantize(job["source"].encode(), str(partial).encode(), ctypes.byref(params))
     if status != 0:
         send({"error": "; ".join(e for e in errors if e) or f"status {status}"})
@@ -446,11 +448,38 @@ def _child_main() -> None:
     os._exit(0 if status == 0 else 1)  # no interpreter teardown: the watcher must not fire
 
 
-def _imatrix_array(importance: dict):
+def _llama_bindings():
+    """llama.cpp's C API (llama_cpp.llama_cpp) without the rest of the llama_cpp package.
+
+    `import llama_cpp` also loads its high-level Llama class, jinja2 and the chat
+    formats: a quarter of a second, several percent of quantizing a small model. The
+    child needs only the ctypes bindings, so it loads them under an empty package
+    module; should that ever fail (a new package layout), it imports the whole package.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        spec = importlib.util.find_spec("llama_cpp")
+        package = types.ModuleType("llama_cpp")
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules["llama_cpp"] = package
+        import llama_cpp.llama_cpp as bindings
+
+        return bindings
+    except Exception:
+        for name in [n for n in sys.modules if n == "llama_cpp" or n.startswith("llama_cpp.")]:
+            del sys.modules[name]
+        import llama_cpp
+
+        return llama_cpp
+
+
+def _imatrix_array(llama_cpp, importance: dict):
     """A NULL-terminated C array of llama_model_imatrix_data, and the objects that must outlive it."""
     import ctypes
 
-    import llama_cpp
     import numpy as np
 
     entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()

@@ -105,6 +105,17 @@ def test_a_legacy_importance_matrix_is_read(tmp_path):
     np.testing.assert_array_equal(read_imatrix(tmp_path / "imatrix.dat")["blk.0.attn_q.weight"], values / 3)
 
 
+def test_the_type_table_is_llama_cpps():
+    import llama_cpp
+
+    from edgeinfer.quantize import LLAMA_FTYPES
+
+    theirs = {n.removeprefix("LLAMA_FTYPE_MOSTLY_"): getattr(llama_cpp, n) for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")}
+    theirs["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
+    del theirs["MXFP4_MOE"]
+    assert LLAMA_FTYPES == theirs
+
+
 # --- the command line ---------------------------------------------------------------------
 
 
