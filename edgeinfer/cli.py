@@ -382,11 +382,11 @@ def _stream_to_stdout(text: str) -> None:
 
 @app.command()
 def quantize(
-    source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a hub repository (OWNER/NAME[@REVISION]) or a .gguf file.")],
+    source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a hub repository (OWNER/NAME or OWNER/NAME@REVISION) or a .gguf file.")],
     bits: Annotated[Optional[int], typer.Option("--bits", help="4 (Q4_K_M, the default) or 8 (Q8_0).")] = None,
     qtype: Annotated[Optional[str], typer.Option("--type", help="Any llama.cpp type: Q4_0, Q4_K_S, Q5_K_M, Q6_K, ... (overrides --bits).")] = None,
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all cores to quantize, physical cores to evaluate).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File or folder to write (default: the store).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the quality report (perplexity, KL divergence).")] = False,

@@ -317,9 +317,11 @@ class _Quantizer:
         import tempfile
 
         self.stderr = tempfile.TemporaryFile()
+        here = str(Path(__file__).resolve().parent.parent)  # this edgeinfer, wherever it was imported from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from edgeinfer.quantize import _child_main; _child_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True, env=env,
         )
         return self
 
