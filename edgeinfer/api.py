@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from edgeinfer.chat import ChatSession, Conversation
@@ -45,11 +47,8 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
         raise UsageError("--max-tokens must be at least 1")
     lib = lib or Library.open()
     path = locate(lib, request.model, pull_missing=True, progress=progress)
-    cache, draft_path = lib.store.inspect_cache, None
-    if request.draft is not None:
-        draft_path = resolve_draft(lib, request.model, request.draft, progress)
-        if draft_path is not None:
-            check_pair(path, draft_path, cache)  # before any weights load
+    cache = lib.store.inspect_cache
+    draft_path = _checked_draft(lib, request.model, path, request.draft, progress)
     with load(path, request.load, cache) as model, \
             speculation(model, draft_path, request.draft, request.load, request.max_tokens, cache) as stepper_factory:
         tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
@@ -57,12 +56,28 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
                         on_text=on_text, stepper_factory=stepper_factory)
 
 
+@contextmanager
 def open_chat(model: str | None = None, *, system: str | None = None, sampling: SamplingParams | None = None,
               load_options: LoadOptions | None = None, max_tokens: int | None = None, stop: tuple[str, ...] = (),
-              progress: ProgressReporter | None = None, lib: Library | None = None) -> ChatSession:
-    """A chat session on a loaded model (pulled first if missing); close it with `session.model.close()`."""
+              draft: DraftOptions | None = None, progress: ProgressReporter | None = None,
+              lib: Library | None = None) -> Iterator[ChatSession]:
+    """A chat session on a loaded model (pulled first if missing), with its draft if asked; both closed on exit."""
     lib = lib or Library.open()
+    load_options = load_options or LoadOptions()
     path = locate(lib, model, pull_missing=True, progress=progress)
-    loaded = load(path, load_options or LoadOptions(), lib.store.inspect_cache)
-    conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
-    return ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop)
+    draft_path = _checked_draft(lib, model, path, draft, progress)
+    with load(path, load_options, lib.store.inspect_cache) as loaded, \
+            speculation(loaded, draft_path, draft, load_options, max_tokens, lib.store.inspect_cache) as factory:
+        conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
+        yield ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop, stepper_factory=factory)
+
+
+def _checked_draft(lib: Library, target_ref: str | None, target: Path, draft: DraftOptions | None,
+                   progress: ProgressReporter | None) -> Path | None:
+    """The draft model's file, proven to pair with the target before any weights load (None: no draft model)."""
+    if draft is None:
+        return None
+    draft_path = resolve_draft(lib, target_ref, draft, progress)
+    if draft_path is not None:
+        check_pair(target, draft_path, lib.store.inspect_cache)
+    return draft_path

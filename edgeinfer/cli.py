@@ -168,6 +168,12 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU 
 GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload (default: all on a GPU build, 0 on CPU).")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")]
+DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")]
+DraftMaxOpt = Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per round (the length in use adapts below it).")]
+DraftMinOpt = Annotated[int, typer.Option("--draft-min", help="Fewest drafted tokens worth a verification.")]
+DraftPMinOpt = Annotated[float, typer.Option("--draft-p-min", help="Stop drafting when the draft's probability for its token is below this.")]
+DraftThreadsOpt = Annotated[Optional[int], typer.Option("--draft-threads", help="CPU threads for the draft model (default: as --threads).")]
+DraftGpuLayersOpt = Annotated[Optional[int], typer.Option("--draft-gpu-layers", help="Draft layers to offload (default: as --gpu-layers).")]
 
 
 def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int | None):
@@ -186,6 +192,16 @@ def _load_options(ctx_size: int | None, threads: int | None, gpu_layers: int | N
     if threads is not None and threads < 1:
         raise UsageError("--threads must be at least 1")
     return LoadOptions(n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, verbose=verbose)
+
+
+def _draft_options(draft: str | None, draft_max: int, draft_min: int, p_min: float, threads: int | None,
+                   gpu_layers: int | None):
+    if draft is None:
+        return None
+    from edgeinfer.speculative import DraftOptions
+
+    return DraftOptions(ref=draft, draft_max=draft_max, draft_min=draft_min, p_min=p_min,
+                        n_threads=threads, n_gpu_layers=gpu_layers)
 
 
 def _read_prompt(prompt: str | None, files: list[Path] | None) -> str:
@@ -233,30 +249,28 @@ def run(
     ctx_size: CtxOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
-    draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")] = None,
-    draft_max: Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per round (the length in use adapts below it).")] = 8,
-    draft_min: Annotated[int, typer.Option("--draft-min", help="Fewest drafted tokens worth a verification.")] = 0,
-    draft_p_min: Annotated[float, typer.Option("--draft-p-min", help="Stop drafting when the draft's probability for its token is below this.")] = 0.75,
-    draft_threads: Annotated[Optional[int], typer.Option("--draft-threads", help="CPU threads for the draft model (default: as --threads).")] = None,
-    draft_gpu_layers: Annotated[Optional[int], typer.Option("--draft-gpu-layers", help="Draft layers to offload (default: as --gpu-layers).")] = None,
+    draft: DraftOpt = None,
+    draft_max: DraftMaxOpt = 8,
+    draft_min: DraftMinOpt = 0,
+    draft_p_min: DraftPMinOpt = 0.75,
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr after the answer.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Answer one prompt, streaming the text to stdout."""
     from edgeinfer.api import RunRequest, run as run_prompt
-    from edgeinfer.speculative import DraftOptions, describe_stats
+    from edgeinfer.speculative import describe_stats
 
-    speculate = None if draft is None else DraftOptions(
-        ref=draft, draft_max=draft_max, draft_min=draft_min, p_min=draft_p_min,
-        n_threads=draft_threads, n_gpu_layers=draft_gpu_layers)
+    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers)
     request = RunRequest(
         prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw,
         sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
         max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose),
         draft=speculate,
     )
-    _pull_with_progress(model)
+    _pull_with_progress(model, speculate)
     result = run_prompt(request, on_text=None if as_json else _stream_to_stdout)
     if as_json:
         _print_json({"model": model or _library().catalog.default, **result.to_json()})
@@ -287,17 +301,29 @@ def chat(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     verbose: VerboseOpt = False,
+    draft: DraftOpt = None,
+    draft_max: DraftMaxOpt = 8,
+    draft_min: DraftMinOpt = 0,
+    draft_p_min: DraftPMinOpt = 0.75,
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
 ) -> None:
     """Hold a conversation in the terminal (/help lists the commands)."""
     from edgeinfer import chatui, config
     from edgeinfer.api import open_chat
 
-    _pull_with_progress(model)
-    session = open_chat(model, system=system, sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
-                        load_options=_load_options(ctx_size, threads, gpu_layers, verbose), max_tokens=max_tokens,
-                        stop=tuple(stop or ()))
-    with session.model:
-        chatui.loop(session, stderr, config.history_file(), _stats_line)
+    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers)
+    _pull_with_progress(model, speculate)
+    with open_chat(model, system=system, sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
+                   load_options=_load_options(ctx_size, threads, gpu_layers, verbose), max_tokens=max_tokens,
+                   stop=tuple(stop or ()), draft=speculate) as session:
+        chatui.loop(session, stderr, config.history_file(), _chat_stats)
+
+
+def _chat_stats(result) -> str:
+    from edgeinfer.speculative import describe_stats
+
+    return _stats_line(result) + (("\n" + describe_stats(result.stats)) if result.stats else "")
 
 
 @app.command()
@@ -366,13 +392,18 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     stdout.print(table)
 
 
-def _pull_with_progress(model: str | None) -> None:
-    """Bring a missing model in with a progress bar, before any text streams (the bar must be gone by then)."""
+def _pull_with_progress(model: str | None, draft=None) -> None:
+    """Bring missing models in with a progress bar, before any text streams (the bar must be gone by then)."""
     from edgeinfer.models import locate
     from edgeinfer.render import transfer_progress
 
+    lib = _library()
     with transfer_progress(stderr) as progress:
-        locate(_library(), model, pull_missing=True, progress=progress)
+        locate(lib, model, pull_missing=True, progress=progress)
+        if draft is not None:
+            from edgeinfer.speculative import resolve_draft
+
+            resolve_draft(lib, model, draft, progress)
 
 
 def _stream_to_stdout(text: str) -> None:
