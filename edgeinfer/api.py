@@ -48,7 +48,7 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
     lib = lib or Library.open()
     path = locate(lib, request.model, pull_missing=True, progress=progress)
     cache = lib.store.inspect_cache
-    draft_path = _checked_draft(lib, request.model, path, request.draft, progress)
+    draft_path = checked_draft(lib, request.model, path, request.draft, progress)
     with load(path, request.load, cache) as model, \
             speculation(model, draft_path, request.draft, request.load, request.max_tokens, cache) as stepper_factory:
         tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
@@ -65,15 +65,15 @@ def open_chat(model: str | None = None, *, system: str | None = None, sampling: 
     lib = lib or Library.open()
     load_options = load_options or LoadOptions()
     path = locate(lib, model, pull_missing=True, progress=progress)
-    draft_path = _checked_draft(lib, model, path, draft, progress)
+    draft_path = checked_draft(lib, model, path, draft, progress)
     with load(path, load_options, lib.store.inspect_cache) as loaded, \
             speculation(loaded, draft_path, draft, load_options, max_tokens, lib.store.inspect_cache) as factory:
         conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
         yield ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop, stepper_factory=factory)
 
 
-def _checked_draft(lib: Library, target_ref: str | None, target: Path, draft: DraftOptions | None,
-                   progress: ProgressReporter | None) -> Path | None:
+def checked_draft(lib: Library, target_ref: str | None, target: Path, draft: DraftOptions | None,
+                  progress: ProgressReporter | None = None) -> Path | None:
     """The draft model's file, proven to pair with the target before any weights load (None: no draft model)."""
     if draft is None:
         return None

@@ -72,6 +72,50 @@ def bench(name: str, path: Path, options: LoadOptions, *, n_prompt: int = 512, n
     return results
 
 
+SPECULATION_PROMPT = """Add a docstring to this function and return the whole function.
+
+def moving_average(values, window):
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    total = 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            result.append(total / window)
+    return result
+"""
+
+
+def bench_speculative(name: str, path: Path, options: LoadOptions, draft, draft_path: Path | None, *, n_gen: int = 128,
+                      repetitions: int = 3, cache_file: Path | None = None,
+                      progress: ProgressReporter | None = None) -> list[BenchResult]:
+    """Greedy generation on a code-edit prompt, plain and speculative, interleaved: tg tok/s of each."""
+    from edgeinfer.engine import generate
+    from edgeinfer.speculative import speculation
+    from edgeinfer.template import chat_tokens
+
+    progress = progress or SilentProgress()
+    greedy = SamplingParams(temperature=0)
+    with load(path, options, cache_file) as model, \
+            speculation(model, draft_path, draft, options, n_gen, cache_file) as factory:
+        prompt = chat_tokens(model, [{"role": "user", "content": SPECULATION_PROMPT}])
+        runs = {"plain": None, "draft": factory}
+        speeds: dict[str, list[float]] = {k: [] for k in runs}
+        progress.start(f"{name}: tg{n_gen} plain and with --draft {draft.ref}", repetitions)
+        for rep in range(repetitions + 1):  # the first round warms both paths up and is not counted
+            for key in (list(runs) if rep % 2 else list(runs)[::-1]):
+                model.truncate(0)
+                result = generate(model, prompt, greedy, max_tokens=n_gen, stepper_factory=runs[key])
+                if rep:
+                    speeds[key].append(result.completion_tokens / (result.total_seconds - result.time_to_first_token + 1e-9))
+            progress.advance(1 if rep else 0)
+    return [BenchResult(name, f"tg{n_gen} code-edit", tuple(speeds["plain"])),
+            BenchResult(name, f"tg{n_gen} code-edit --draft {draft.ref}", tuple(speeds["draft"]))]
+
+
 def _prompt_tokens(model: Model, n: int) -> list[int]:
     """Deterministic ordinary tokens (llama-bench uses random ones too): content does not change the cost."""
     rng = np.random.default_rng(0)

@@ -336,23 +336,35 @@ def bench(
     gpu_layers: GpuLayersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     verbose: VerboseOpt = False,
+    draft: DraftOpt = None,
+    draft_max: DraftMaxOpt = 8,
+    draft_min: DraftMinOpt = 0,
+    draft_p_min: DraftPMinOpt = 0.75,
+    draft_threads: DraftThreadsOpt = None,
+    draft_gpu_layers: DraftGpuLayersOpt = None,
 ) -> None:
-    """Prompt and generation throughput, like llama-bench's pp and tg tests."""
-    from edgeinfer.bench import bench as bench_model
+    """Prompt and generation throughput, like llama-bench's pp and tg tests (with --draft: plain against speculative)."""
+    from edgeinfer.api import checked_draft
+    from edgeinfer.bench import bench as bench_model, bench_speculative
     from edgeinfer.errors import UsageError
     from edgeinfer.models import locate
     from edgeinfer.render import count_progress
 
     if repetitions < 1 or n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
         raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
+    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers)
     lib, results = _library(), []
     for ref in models or [None]:
-        _pull_with_progress(ref)
+        _pull_with_progress(ref, speculate)
         path = locate(lib, ref, pull_missing=False)
+        name, load_options = ref or lib.catalog.default, _load_options(None, threads, gpu_layers, verbose)
         with count_progress(stderr) as progress:
-            results += bench_model(ref or lib.catalog.default, path, _load_options(None, threads, gpu_layers, verbose),
-                                   n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+            results += bench_model(name, path, load_options, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                                    cache_file=lib.store.inspect_cache, progress=progress)
+            if speculate is not None and n_gen:
+                draft_path = checked_draft(lib, ref, path, speculate)
+                results += bench_speculative(name, path, load_options, speculate, draft_path, n_gen=n_gen,
+                                             repetitions=repetitions, cache_file=lib.store.inspect_cache, progress=progress)
     if as_json:
         _print_json([r.to_json() for r in results])
         return

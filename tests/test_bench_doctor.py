@@ -54,3 +54,11 @@ def test_doctor_describes_the_build_the_machine_and_the_store(tiny_model, cli, e
 
     code, out, _ = cli("doctor")
     assert code == 0 and "fits" in out and "physical cores" in out
+
+
+def test_bench_with_a_draft_compares_plain_and_speculative(tiny_model, cli, edgeinfer_home):
+    code, out, _ = cli("bench", tiny_model, "-p", "8", "-n", "16", "-r", "1", "--draft", "ngram", "--json")
+    assert code == 0
+    tests = {r["test"]: r for r in json.loads(out)}
+    assert set(tests) == {"pp8", "tg16", "tg16 code-edit", "tg16 code-edit --draft ngram"}
+    assert all(r["median_tokens_per_second"] > 0 for r in tests.values())
