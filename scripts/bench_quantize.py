@@ -10,7 +10,9 @@ the child's own):
 - quantization of that GGUF: edgeinfer's `quantize()` (child process, store
   registration and sha256 included) against one direct `llama_model_quantize`
   call timed around the C call alone, interleaved (the order alternates each
-  repetition), medians and their ratio.
+  repetition), medians and their ratio, in wall time and in CPU time;
+- the same on a 1.5M-parameter model, where the difference is edgeinfer's fixed
+  cost alone.
 The CPU model and the load average are printed beside the figures: on a shared
 machine the load says how much to trust them.
 """
@@ -93,6 +95,7 @@ def main() -> None:
         gguf_path = work / "Bench100M-BF16.gguf"
         conversion(folder, gguf_path, args.reps)
         quantization(gguf_path, work, args)
+        fixed_cost(work, args.reps)
     print(machine().split(" | ")[-1].replace("load", "load at the end"))
 
 
@@ -146,6 +149,22 @@ def quantization(source: Path, work: Path, args) -> None:
         ratio = median(ours, key) / median(direct, key)
         print(f"edgeinfer / direct ({what}): {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%, "
               f"{median(ours, key) - median(direct, key):+.2f} s)")
+
+
+def fixed_cost(work: Path, reps: int) -> None:
+    """The same comparison on a 1.5M-parameter model, where quantizing costs almost nothing: edgeinfer's fixed cost."""
+    from hfmodels import make_hf_model
+    from edgeinfer.convert import convert_hf_to_gguf
+
+    tiny = convert_hf_to_gguf(make_hf_model(work / "Tiny", "llama"), work / "Tiny-F32.gguf").path
+    direct, ours = [], []
+    for rep in range(reps * 2):
+        for results, code in ((direct, _DIRECT), (ours, _EDGEINFER))[:: 1 if rep % 2 == 0 else -1]:
+            (work / "tiny-out.gguf").unlink(missing_ok=True)
+            results.append(child(code, tiny, work / "tiny-out.gguf", "Q4_K_M", 1, work / "home"))
+    print(f"fixed cost (1.5M-parameter model, 1 thread, {reps * 2} runs each): edgeinfer "
+          f"{median(ours, 'seconds') - median(direct, 'seconds'):+.2f} s wall, "
+          f"{median(ours, 'cpu') - median(direct, 'cpu'):+.2f} s CPU over the direct call")
 
 
 def median(results: list[dict], key: str) -> float:
