@@ -127,8 +127,10 @@ class Store:
             entry = entries.pop(name, None)
             if entry is None:
                 return None
-            entry.path.unlink(missing_ok=True)
-            _remove_empty_parents(entry.path.parent, stop=self.models_dir)
+            if entry.path.resolve().is_relative_to(self.models_dir.resolve()):
+                entry.path.unlink(missing_ok=True)
+                _remove_empty_parents(entry.path.parent, stop=self.models_dir)
+            # A file registered where the user put it (quantize --output) is theirs: only forgotten.
             self._write_manifest(entries)
         shutil.rmtree(self.partial_dir / name.replace("/", "--"), ignore_errors=True)
         return entry

@@ -223,3 +223,19 @@ def test_a_single_file_is_preferred_to_a_split_one():
 
     assert matching_quant_files(files, "q4_k_m")[0] == "m-Q4_K_M.gguf"
     assert matching_quant_files(files, "Q2_K") == []
+
+
+def test_rm_of_a_model_registered_outside_the_store_forgets_it_but_keeps_the_file(tmp_path, edgeinfer_home, cli):
+    from edgeinfer.models import Library
+    from edgeinfer.store import sha256_file
+
+    mine = tmp_path / "elsewhere" / "Mine-Q8_0.gguf"
+    mine.parent.mkdir()
+    mine.write_bytes(b"GGUF-ish bytes the user keeps")
+    Library.open().store.register("Mine-Q8_0", mine, sha256=sha256_file(mine), source="quantize")
+
+    result = cli("rm", "Mine-Q8_0")
+
+    assert result.exit_code == 0
+    assert mine.exists()
+    assert "Mine-Q8_0" not in Library.open().store.entries()
