@@ -231,6 +231,7 @@ class SpeculativeStepper:
 
     HYSTERESIS = 1.03  # speculate only when it promises to be this much faster than plain decoding
     DECAY = 0.9  # the acceptance rate forgets old rounds at this rate per round
+    REALIZED_DECAY = 0.8  # the measured speed of each kind of round forgets at this rate per round
 
     def __init__(self, target: Model, sampler: Sampler, drafter: Drafter, options: DraftOptions,
                  costs: CostModel, max_tokens: int | None = None) -> None:
@@ -242,6 +243,9 @@ class SpeculativeStepper:
         self.k = 0
         self.counts = dict(drafted=0, accepted=0, rejections=0, passes=0, speculative_passes=0, probes=0, tokens=0, k_sum=0)
         self.seconds = 0.0
+        # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed.
+        self.realized = {"plain": [0.0, 0.0], "speculative": [0.0, 0.0]}
+        self._catch_up = 0.0
 
     def advance(self, history: list[int]) -> list[int]:
         start = time.perf_counter()
@@ -249,12 +253,30 @@ class SpeculativeStepper:
             self.prompt_len = len(history) - 1
         k = self._choose(history)
         out = self._speculate(history, k) if k else None
+        kind = "plain" if out is None else "speculative"
         if out is None:
             out = self._plain(history)
+        elapsed = time.perf_counter() - start
+        # A catch-up (the draft reading the prompt, or what plain rounds produced) is paid once and
+        # then sunk: it says nothing about what speculating from here on will deliver.
+        self._realize(kind, len(out), elapsed - (self._catch_up if kind == "speculative" else 0.0))
         self.counts["tokens"] += len(out)
         self.counts["passes"] += 1
-        self.seconds += time.perf_counter() - start
+        self.seconds += elapsed
         return out
+
+    def _realize(self, kind: str, tokens: int, seconds: float) -> None:
+        tally = self.realized[kind]
+        tally[0] = tally[0] * self.REALIZED_DECAY + tokens
+        tally[1] = tally[1] * self.REALIZED_DECAY + seconds
+
+    def _losing(self) -> bool:
+        """Have recent speculative rounds, everything included, delivered fewer tokens per second than
+        plain steps? The cost model predicts; this checks the prediction against the clock."""
+        (spec_tokens, spec_seconds), (plain_tokens, plain_seconds) = self.realized["speculative"], self.realized["plain"]
+        if spec_tokens < 6 or plain_tokens < 3 or spec_seconds <= 0 or plain_seconds <= 0:
+            return False
+        return spec_tokens / spec_seconds < plain_tokens / plain_seconds
 
     def _plain(self, history: list[int]) -> list[int]:
         t0 = time.perf_counter()
@@ -266,6 +288,7 @@ class SpeculativeStepper:
         t0 = time.perf_counter()
         draft = self.drafter.propose(history, k, self.sampler, self.options.p_min)
         t1 = time.perf_counter()
+        self._catch_up = draft.catch_up_seconds
         if draft.tokens:
             self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds) / len(draft.tokens))
         if not draft.tokens or len(draft.tokens) < self.options.draft_min:
@@ -330,13 +353,14 @@ class SpeculativeStepper:
             return 0
         best = max(rates, key=rates.get)
         plain = self.HYSTERESIS / self.costs.measured(1)
-        if rates[best] > plain:
+        if rates[best] > plain and not self._losing():
             self.off_rounds, self.probe_gap, self.k = 0, 8, best
             return best
         self.k, self.off_rounds = 0, self.off_rounds + 1
         if self.off_rounds >= self.probe_gap:  # has the text become predictable? ask the drafter again
             self.off_rounds, self.probe_gap = 0, min(self.probe_gap * 2, 64)
             self.counts["probes"] += 1
+            self.realized["speculative"] = [0.0, 0.0]  # judge the probe on its own result
             return best
         return 0
 
