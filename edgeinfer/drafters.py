@@ -48,6 +48,9 @@ class ModelDrafter:
         self.n_vocab = target_vocab
         self.step_cost_hint = model.info.file_size / max(target_size, 1)
 
+    def prepare(self, prompt: Sequence[int]) -> None:
+        self.model.prefill(prompt)
+
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         draft, context = Draft(), list(history)
         start, backlog = time.perf_counter(), len(history) - len(self.model.cached)

@@ -216,6 +216,17 @@ class Stepper(Protocol):
         """Evaluate history[-1] (sampled, not yet in the cache) and return the next token(s)."""
 
 
+def _prepare(stepper: Stepper, prompt: Sequence[int]) -> None:
+    """Let a stepper read the prompt during prompt processing (a draft model's own prefill).
+
+    Reading the prompt is prompt processing whoever does it: counted in the time to
+    first token, as llama.cpp's speculative example counts it, not in generation.
+    """
+    prepare = getattr(stepper, "prepare", None)
+    if callable(prepare):
+        prepare(prompt)
+
+
 class PlainStepper:
     """One token per model call: the baseline every other stepper must equal."""
 
@@ -285,6 +296,7 @@ def generate(
     limit = max_tokens if max_tokens is not None else model.n_ctx
     with _ctrl_c_sets_flag() as interrupted:
         logits = model.prefill(prompt)
+        _prepare(stepper, prompt)
         pending = [sampler.sample(logits, history)]
         first = time.perf_counter() - start
         while reason is None:

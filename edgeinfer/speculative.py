@@ -247,6 +247,12 @@ class SpeculativeStepper:
         self.realized = {"plain": [0.0, 0.0], "speculative": [0.0, 0.0]}
         self._catch_up = 0.0
 
+    def prepare(self, prompt: Sequence[int]) -> None:
+        """The draft reads the prompt now, with the target, rather than in the first round."""
+        prepare = getattr(self.drafter, "prepare", None)
+        if callable(prepare):
+            prepare(prompt)
+
     def advance(self, history: list[int]) -> list[int]:
         start = time.perf_counter()
         if self.prompt_len is None:

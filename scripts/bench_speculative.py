@@ -9,8 +9,14 @@ naive baselines; the measured cost of a target pass of n tokens; and the ceiling
 the best speedup a fixed draft length could give with those costs and the
 acceptance observed.
 
-    .venv/bin/python scripts/bench_speculative.py                      # the full run (~15 min on 2 cores)
-    .venv/bin/python scripts/bench_speculative.py --prompts 2 --reps 1 --max-tokens 48 --no-hooks   # a quick look
+    .venv/bin/python scripts/bench_speculative.py                      # the full run (~30 min on 2 cores)
+    .venv/bin/python scripts/bench_speculative.py --prompts 2 --edits 1 --max-tokens 48 --no-hooks   # a quick look
+
+Models are references as everywhere in edgeinfer (catalog names by default, pulled
+when missing); the Q8_0 target is made with edgeinfer's own quantizer, once, into
+the store. Speed is generation tok/s (after the first token: the draft model reads
+the prompt during prompt processing, as llama.cpp's speculative example counts it);
+the end-to-end column compares whole requests, prompt processing included.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgeinfer import machine  # noqa: E402
+from edgeinfer.models import Library, locate  # noqa: E402
 from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
@@ -132,20 +139,15 @@ def ceiling(costs: dict[int, float], step: float, alpha: float, max_k: int) -> t
     return max(1.0, expected_tokens(alpha, best) * costs[1] / (best * step + costs[best + 1])), best
 
 
-def quantize_q8(source: Path, dest: Path) -> Path:
-    import llama_cpp
+def requantized_q8(lib: Library, source: Path) -> Path:
+    """The target requantized to Q8_0 by `edgeinfer quantize --type Q8_0`, made once and kept in the store."""
+    from edgeinfer.quantize import quantize
 
-    if dest.is_file():
-        return dest
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    params.allow_requantize = True
-    params.nthread = machine.physical_cores()
-    tmp = dest.with_suffix(".incomplete")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
-        raise SystemExit(f"could not quantize {source}")
-    tmp.rename(dest)
-    return dest
+    label = f"quantize:{source.resolve()}"
+    for entry in lib.store.entries().values():
+        if entry.source == label and entry.quantization == "Q8_0" and entry.path.is_file():
+            return entry.path
+    return quantize(source, qtype="Q8_0", evaluate=False, store=lib.store).path
 
 
 # --- llama-cpp-python's own hook, the naive baselines ----------------------------------
@@ -212,11 +214,14 @@ def bench_target(name: str, path: Path, draft, prompts, args) -> dict:
         for rep in range(args.reps):
             for i, (kind, _) in enumerate(prompts):
                 for method in ("plain", "draft", "ngram"):
+                    target.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
+                    draft.truncate(0)
                     result = generate(target, tokens[i], GREEDY, max_tokens=args.max_tokens,
                                       stepper_factory=factories.get(method))
                     if method == "plain":
                         plain_tokens.setdefault(i, result.tokens)
                     row = {"prompt": i, "kind": kind, "rep": rep, "tok_s": result.generation_tokens_per_second,
+                           "total_s": result.total_seconds, "ttft_s": result.time_to_first_token,
                            "tokens": result.completion_tokens, "exact": result.tokens == plain_tokens[i], **result.stats}
                     rows.setdefault(method, []).append(row)
                     print(f"  {name} prompt {i} ({kind}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
@@ -251,6 +256,8 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
 
 def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec, args) -> dict:
     plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in rows["plain"]}
+    plain_total = {(r["prompt"], r["rep"]): r["total_s"] for r in rows["plain"]}
+    plain_ttft = {(r["prompt"], r["rep"]): r["ttft_s"] for r in rows["plain"]}
     plain_by_prompt = {p: statistics.median(v for (q, _), v in plain.items() if q == p) for p, _ in plain}
     out = {"target": name, "path": str(path), "plain_tok_s": statistics.median(plain.values()),
            "pass_cost_ratios": {n: round(c / costs[1], 2) for n, c in costs.items()},
@@ -272,6 +279,10 @@ def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec
             "speedup": round(statistics.median(speedups), 3),
             "speedup_geomean": round(float(np.exp(np.mean(np.log(speedups)))), 3),
             "speedup_code_edit": round(statistics.median(edits), 3) if edits else None,
+            "speedup_end_to_end": round(statistics.median(
+                plain_total[(r["prompt"], r["rep"])] / r["total_s"] for r in rs), 3),
+            "first_token_vs_plain": round(statistics.median(
+                r["ttft_s"] / plain_ttft[(r["prompt"], r["rep"])] for r in rs), 3),
             "worst_prompt_speedup": round(min(per_prompt.values()), 3),
             "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
             "per_token_acceptance": round(alpha, 3),
@@ -298,21 +309,22 @@ def print_report(report: dict) -> None:
               f"v(n)/v(1) {ratios}; draft step {t['draft_step_ms']} ms; RSS plain {t['rss_plain_mib']} MiB, "
               f"with draft {t['rss_speculative_mib']} MiB")
         print(f"  {'method':11s} {'tok/s':>7s} {'speedup':>8s} {'edits':>6s} {'worst':>6s} {'accept':>7s} "
-              f"{'tok/pass':>8s} {'k':>5s} {'ceiling':>8s} {'of ceil':>8s} exact")
+              f"{'tok/pass':>8s} {'k':>5s} {'ceiling':>8s} {'of ceil':>8s} {'e2e':>6s} {'TTFT':>6s} exact")
         for name, m in t["methods"].items():
             if "ceiling" in m:
                 print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit'] or 0:5.2f}x "
                       f"{m['worst_prompt_speedup']:5.2f}x {m['acceptance_rate']:7.2f} {m['tokens_per_pass']:8.2f} "
-                      f"{m['mean_draft_length']:5.1f} {m['ceiling']:7.2f}x {m['of_ceiling']:7.0%}  {m['exact']}")
+                      f"{m['mean_draft_length']:5.1f} {m['ceiling']:7.2f}x {m['of_ceiling']:7.0%} "
+                      f"{m['speedup_end_to_end']:5.2f}x {m['first_token_vs_plain']:5.2f}x  {m['exact']}")
             else:
                 print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit']:5.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", type=Path, default=Path("/tmp/models/qwen15.gguf"))
-    parser.add_argument("--target-q8", type=Path, default=None, help="default: TARGET requantized to Q8_0 beside it")
-    parser.add_argument("--draft", type=Path, default=Path("/tmp/models/qwen05.gguf"))
+    parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct", help="model reference (Q4_K_M target)")
+    parser.add_argument("--target-q8", default=None, help="default: TARGET requantized to Q8_0 by edgeinfer quantize")
+    parser.add_argument("--draft", default=None, help="default: the catalog's draft for TARGET")
     parser.add_argument("--prompts", type=int, default=8, help="coding prompts (at most 8)")
     parser.add_argument("--edits", type=int, default=4, help="code-edit prompts (at most 4)")
     parser.add_argument("--reps", type=int, default=1)
@@ -330,19 +342,22 @@ def main() -> None:
 
     codes, edits = [("code", p) for p in CODING[: args.prompts]], [("edit", p) for p in EDITS[: args.edits]]
     prompts = [p for i in range(max(len(codes), len(edits))) for p in (codes[i:i + 1] + edits[i:i + 1])]
-    q8 = args.target_q8 or args.target.with_name(args.target.stem + "-q8_0.gguf")
-    targets = {"q4": (f"{args.target.name}", args.target), "q8": (f"{q8.name}", q8)}
+    lib = Library.open()
+    spec = lib.catalog.models.get(args.target)
+    draft_ref = args.draft or (spec.draft if spec and spec.draft else "qwen2.5-coder-0.5b-instruct")
+    target_path, args.draft = locate(lib, args.target), locate(lib, draft_ref)
+    keys = args.targets.split(",")
+    q8 = (locate(lib, args.target_q8) if args.target_q8 else requantized_q8(lib, target_path)) if "q8" in keys else None
+    targets = {"q4": (args.target, target_path), "q8": (q8.name if q8 else "", q8)}
     started = time.perf_counter()
-    check_pair(args.target, args.draft)
+    check_pair(target_path, args.draft)
     report = {"cpu": machine.cpu_name(), "flags": machine.cpu_flags(), "threads": args.threads,
               "prompts": len(prompts), "reps": args.reps, "max_tokens": args.max_tokens, "targets": []}
     with load(args.draft, LoadOptions(n_ctx=args.ctx, n_threads=args.threads)) as draft:
         draft_costs = pass_costs(draft)
         report["draft"] = {"path": str(args.draft), "pass_cost_ms": {n: round(c * 1000, 1) for n, c in draft_costs.items()}}
-        for key in args.targets.split(","):
+        for key in keys:
             name, path = targets[key]
-            if key == "q8":
-                quantize_q8(args.target, path)
             print(f"{name}:", flush=True)
             report["targets"].append(bench_target(name, path, draft, prompts, args))
     report["seconds"] = round(time.perf_counter() - started, 1)
