@@ -17,7 +17,7 @@ from edgeinfer.errors import UsageError
 from edgeinfer.models import Library, locate
 from edgeinfer.progress import ProgressReporter
 from edgeinfer.sampling import SamplingParams
-from edgeinfer.speculative import DraftOptions, check_pair, resolve_draft, speculation
+from edgeinfer.speculative import DraftOptions, check_pair, resolve_draft, speculation, target_load_options
 from edgeinfer.template import Message, chat_tokens, raw_tokens
 
 
@@ -49,7 +49,7 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
     path = locate(lib, request.model, pull_missing=True, progress=progress)
     cache = lib.store.inspect_cache
     draft_path = checked_draft(lib, request.model, path, request.draft, progress)
-    with load(path, request.load, cache) as model, \
+    with load(path, target_load_options(request.load, request.draft), cache) as model, \
             speculation(model, draft_path, request.draft, request.load, request.max_tokens, cache) as stepper_factory:
         tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
         return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop,
@@ -66,7 +66,7 @@ def open_chat(model: str | None = None, *, system: str | None = None, sampling: 
     load_options = load_options or LoadOptions()
     path = locate(lib, model, pull_missing=True, progress=progress)
     draft_path = checked_draft(lib, model, path, draft, progress)
-    with load(path, load_options, lib.store.inspect_cache) as loaded, \
+    with load(path, target_load_options(load_options, draft), lib.store.inspect_cache) as loaded, \
             speculation(loaded, draft_path, draft, load_options, max_tokens, lib.store.inspect_cache) as factory:
         conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
         yield ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop, stepper_factory=factory)

@@ -220,10 +220,9 @@ def _download_hub_model(repo: str, revision: str, progress: ProgressReporter) ->
     """The files a conversion needs (never pickles, never other formats), into the Hugging Face cache."""
     from huggingface_hub import HfApi, hf_hub_download
 
-    from edgeinfer.sources import _hub_errors, _refuse_if_offline
+    from edgeinfer.sources import hub_access
 
-    _refuse_if_offline(repo)
-    with _hub_errors(repo):
+    with hub_access(repo):
         files = [f for f in HfApi().list_repo_files(repo, revision=revision) if "/" not in f]
         wanted = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in _HF_FILES)]
         if not any(f.endswith(".safetensors") for f in wanted):

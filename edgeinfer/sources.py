@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +48,8 @@ def fetch_from_hub(source: HubSource, staging: Path, progress: ProgressReporter)
     """Download one hub file into `staging` (resuming a previous attempt) and verify it."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    _refuse_if_offline(source.repo)
     label = f"hf:{source.repo}/{source.file}@{source.revision}"
-    with _hub_errors(f"{source.repo}/{source.file}"):
+    with hub_access(f"{source.repo}/{source.file}"):
         url = hf_hub_url(source.repo, source.file, revision=source.revision)
         meta = get_hf_file_metadata(url)
         expected = source.sha256 or _lfs_sha256(meta.etag)
@@ -99,8 +100,7 @@ def resolve_hub_quant(ref: HubQuantRef) -> HubFileRef:
     """Pick the .gguf file of a repository whose name carries the quantization asked for."""
     from huggingface_hub import HfApi
 
-    _refuse_if_offline(ref.repo)
-    with _hub_errors(ref.repo):
+    with hub_access(ref.repo):
         files = HfApi().list_repo_files(ref.repo, revision=ref.revision)
     matches = matching_quant_files(files, ref.quant)
     if not matches:
@@ -134,27 +134,22 @@ def _lfs_sha256(etag: str | None) -> str | None:
     return None
 
 
-def _refuse_if_offline(what: str) -> None:
+@contextmanager
+def hub_access(what: str) -> Iterator[None]:
+    """Talk to the hub about `what`: refused at once under HF_HUB_OFFLINE, and whatever
+    huggingface_hub or the network raises comes out as our one-line SourceError."""
     if config.hub_offline():
         raise SourceError(f"HF_HUB_OFFLINE is set, so {what} cannot be fetched from the hub")
+    # huggingface_hub logs each retry as a warning on stderr; the user gets our one line instead.
+    from huggingface_hub.utils import logging as hub_logging
 
-
-class _hub_errors:
-    """Turn huggingface_hub's and the network's exceptions into our SourceError."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        # huggingface_hub logs each retry as a warning on stderr; the user gets our one line instead.
-        from huggingface_hub.utils import logging as hub_logging
-
-        hub_logging.set_verbosity_error()
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if exc is None or isinstance(exc, (EdgeinferError, KeyboardInterrupt)) or not isinstance(exc, Exception):
-            return False
-        raise SourceError(f"hub: {self.what}: {_describe_hub_error(exc)}") from exc
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    except EdgeinferError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"hub: {what}: {_describe_hub_error(exc)}") from exc
 
 
 def _describe_hub_error(exc: Exception) -> str:

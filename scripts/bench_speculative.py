@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import subprocess
 import statistics
 import sys
 import time
@@ -38,7 +40,8 @@ from edgeinfer.models import Library, locate  # noqa: E402
 from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
-from edgeinfer.speculative import DraftOptions, check_pair, cost_model, expected_tokens, stepper_factory  # noqa: E402
+from edgeinfer.speculative import (DraftOptions, check_pair, cost_model, expected_tokens,  # noqa: E402
+                                   stepper_factory, target_load_options)
 from edgeinfer.template import chat_tokens  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
@@ -111,11 +114,16 @@ EDITS = [
 ]
 
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def peak_rss_mib(target: Path, draft: str | None, threads: int) -> int:
+    """Peak memory of a real `edgeinfer run` (its own process), plain or with a draft; the figure the
+    kernel keeps for the child, so call it while this process is still small."""
+    command = [sys.executable, "-m", "edgeinfer", "run", "-m", str(target), "--temperature", "0",
+               "-n", "32", "-t", str(threads), *(["--draft", draft] if draft else []), EDITS[0]]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{' '.join(command)} failed")
+    return usage.ru_maxrss >> 10  # kilobytes on Linux
 
 
 def pass_costs(model, upto: int = 9, reps: int = 3) -> dict[int, float]:
@@ -200,12 +208,16 @@ def run_hook(llm, prompt: list[int], max_tokens: int) -> tuple[float, int]:
 
 def bench_target(name: str, path: Path, draft, prompts, args) -> dict:
     options = LoadOptions(n_ctx=args.ctx, n_threads=args.threads)
+    spec_options = target_load_options(options, DraftOptions(ref="bench"))
     rows: dict[str, list[dict]] = {}
-    with load(path, options) as target:
+    # Plain decoding on the target as `run` loads it; speculation on the target as `run --draft` loads it.
+    with load(path, options) as plain_target, load(path, spec_options) as target:
         tokens = [chat_tokens(target, [{"role": "user", "content": p}]) for _, p in prompts]
-        generate(target, tokens[0], GREEDY, max_tokens=8)  # warm the page cache and llama.cpp's buffers
-        rss_plain = rss_bytes()
+        for model in (plain_target, target):
+            generate(model, tokens[0], GREEDY, max_tokens=8)  # warm the page cache and llama.cpp's buffers
         costs = pass_costs(target)
+        # What exactness means: the verifying target's own greedy answer, decoded one token at a time.
+        reference = {i: generate(target, t, GREEDY, max_tokens=args.max_tokens).tokens for i, t in enumerate(tokens)}
         drafters = {"draft": ModelDrafter(draft, target.n_vocab, target.info.file_size), "ngram": None}
         spec = DraftOptions(ref="bench", draft_max=args.draft_max, p_min=args.p_min)
         factories = {"draft": stepper_factory(lambda: drafters["draft"], spec, args.max_tokens),
@@ -214,26 +226,27 @@ def bench_target(name: str, path: Path, draft, prompts, args) -> dict:
         for rep in range(args.reps):
             for i, (kind, _) in enumerate(prompts):
                 for method in ("plain", "draft", "ngram"):
-                    target.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
+                    model = plain_target if method == "plain" else target
+                    model.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
                     draft.truncate(0)
-                    result = generate(target, tokens[i], GREEDY, max_tokens=args.max_tokens,
+                    result = generate(model, tokens[i], GREEDY, max_tokens=args.max_tokens,
                                       stepper_factory=factories.get(method))
                     if method == "plain":
                         plain_tokens.setdefault(i, result.tokens)
                     row = {"prompt": i, "kind": kind, "rep": rep, "tok_s": result.generation_tokens_per_second,
                            "total_s": result.total_seconds, "ttft_s": result.time_to_first_token,
-                           "tokens": result.completion_tokens, "exact": result.tokens == plain_tokens[i], **result.stats}
+                           "tokens": result.completion_tokens, "exact": result.tokens == reference[i],
+                           "same_as_repacked_plain": result.tokens == plain_tokens[i], **result.stats}
                     rows.setdefault(method, []).append(row)
                     print(f"  {name} prompt {i} ({kind}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
                           + (f"  acc {row['acceptance_rate']:.2f} tpp {row['tokens_per_pass']:.2f} k {row['mean_draft_length']}"
                              f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" else ""), flush=True)
-        rss_spec = rss_bytes()
         learned = {m: cost_model(target, d or NgramDrafter()).ratios(args.draft_max + 1) for m, d in drafters.items()}
         step = cost_model(target, drafters["draft"]).draft_step(0.0)
         target_n_vocab, target_size = target.n_vocab, target.info.file_size
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
-    return summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec, args)
+    return summarize(name, path, rows, hooks, costs, step, learned, *args.peak_rss[str(path)], args)
 
 
 def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
@@ -262,7 +275,7 @@ def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec
     out = {"target": name, "path": str(path), "plain_tok_s": statistics.median(plain.values()),
            "pass_cost_ratios": {n: round(c / costs[1], 2) for n, c in costs.items()},
            "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(step * 1000, 1),
-           "learned_ratios": learned, "rss_plain_mib": rss_plain >> 20, "rss_speculative_mib": rss_spec >> 20,
+           "learned_ratios": learned, "peak_rss_plain_mib": rss_plain, "peak_rss_speculative_mib": rss_spec,
            "methods": {}}
     for method in ("draft", "ngram"):
         rs = rows[method]
@@ -291,6 +304,7 @@ def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec
             "ceiling": round(ceil, 3), "ceiling_k": best_k,
             "of_ceiling": round(statistics.median(speedups) / ceil, 3),
             "exact": all(r["exact"] for r in rs),
+            "same_as_repacked_plain": sum(r["same_as_repacked_plain"] for r in rs) / len(rs),
         }
     for method, rs in hooks.items():
         speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs]
@@ -302,12 +316,13 @@ def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec
 
 
 def print_report(report: dict) -> None:
-    print(f"\nCPU: {report['cpu']}  flags: {' '.join(report['flags'])}  threads: {report['threads']}")
+    print(f"\nCPU: {report['cpu']}  flags: {' '.join(report['flags'])}  threads: {report['threads']}; "
+          f"peak RSS of `edgeinfer run` on the draft alone {report['peak_rss_draft_alone_mib']} MiB")
     for t in report["targets"]:
         ratios = "  ".join(f"{n}:{r:.2f}" for n, r in t["pass_cost_ratios"].items())
         print(f"\n{t['target']}: plain {t['plain_tok_s']:.2f} tok/s; v(1) {t['pass_cost_ms'][1]} ms; "
-              f"v(n)/v(1) {ratios}; draft step {t['draft_step_ms']} ms; RSS plain {t['rss_plain_mib']} MiB, "
-              f"with draft {t['rss_speculative_mib']} MiB")
+              f"v(n)/v(1) {ratios}; draft step {t['draft_step_ms']} ms; peak RSS of `edgeinfer run`: plain {t['peak_rss_plain_mib']} MiB, "
+              f"with draft {t['peak_rss_speculative_mib']} MiB")
         print(f"  {'method':11s} {'tok/s':>7s} {'speedup':>8s} {'edits':>6s} {'worst':>6s} {'accept':>7s} "
               f"{'tok/pass':>8s} {'k':>5s} {'ceiling':>8s} {'of ceil':>8s} {'e2e':>6s} {'TTFT':>6s} exact")
         for name, m in t["methods"].items():
@@ -351,8 +366,12 @@ def main() -> None:
     targets = {"q4": (args.target, target_path), "q8": (q8.name if q8 else "", q8)}
     started = time.perf_counter()
     check_pair(target_path, args.draft)
+    # Before this process holds any model: Linux carries a parent's peak RSS into a child it forks.
     report = {"cpu": machine.cpu_name(), "flags": machine.cpu_flags(), "threads": args.threads,
               "prompts": len(prompts), "reps": args.reps, "max_tokens": args.max_tokens, "targets": []}
+    args.peak_rss = {str(p): (peak_rss_mib(p, None, args.threads), peak_rss_mib(p, str(args.draft), args.threads))
+                     for key, (_, p) in targets.items() if key in keys}
+    report["peak_rss_draft_alone_mib"] = peak_rss_mib(args.draft, None, args.threads)
     with load(args.draft, LoadOptions(n_ctx=args.ctx, n_threads=args.threads)) as draft:
         draft_costs = pass_costs(draft)
         report["draft"] = {"path": str(args.draft), "pass_cost_ms": {n: round(c * 1000, 1) for n, c in draft_costs.items()}}

@@ -20,7 +20,8 @@ from edgeinfer.drafters import Draft, ModelDrafter, NgramDrafter
 from edgeinfer.engine import LoadOptions, generate, load
 from edgeinfer.errors import IncompatibleModelsError
 from edgeinfer.sampling import Sampler, SamplingParams
-from edgeinfer.speculative import CostModel, DraftOptions, SpeculativeStepper, check_pair, stepper_factory
+from edgeinfer.speculative import (CostModel, DraftOptions, SpeculativeStepper, check_pair, stepper_factory,
+                                   target_load_options)
 from tinymodel import make_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
@@ -86,6 +87,28 @@ def test_greedy_speculation_gives_exactly_the_targets_tokens(models, which):
         assert fast.stats["acceptance_rate"] > 0.5 and fast.stats["tokens_per_pass"] > 1.5
     if which == "far":
         assert fast.stats["acceptance_rate"] < 0.3
+
+
+def test_a_verifying_target_is_loaded_without_weight_repacking(models):
+    """Where llama.cpp repacks Q4_K weights (AVX2, AVX-512, ARM), its batch and one-token kernels round
+    differently (logits apart by up to 0.46 on the real Qwen2.5-1.5B Q4_K_M here: scripts/batch_vs_single.py);
+    a target loaded to verify drafts must not repack, or a near-tie could change the answer. On rows as short
+    as the tiny model's the two kernels happen to agree, so the load option itself is checked too."""
+    assert target_load_options(models.options, DraftOptions(ref="ngram")).repack is False
+    assert target_load_options(models.options, None).repack is True
+    q4 = quantize(models.target.path, models.folder / "tiny-target-q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M")
+    with load(q4, target_load_options(models.options, DraftOptions(ref="ngram"))) as target:
+        tokens = target.tokenize(PROMPTS[3], add_special=False)
+        target.prefill(tokens[:-4])
+        singles = [target.decode([t])[0].copy() for t in tokens[-4:]]
+        target.truncate(len(tokens) - 4)
+        batch = target.decode(tokens[-4:], all_logits=True).copy()
+        assert np.array_equal(batch, np.stack(singles))
+
+        prompt = target.tokenize(PROMPTS[0], add_special=False)
+        plain = generate(target, prompt, GREEDY, max_tokens=60)
+        fast = run_pair(target, NgramDrafter(), prompt, draft_max=4, max_tokens=60)
+        assert fast.tokens == plain.tokens
 
 
 def test_the_adaptive_length_keeps_the_output_exact(models):
