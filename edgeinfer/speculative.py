@@ -375,6 +375,8 @@ class SpeculativeStepper:
             self.off_rounds, self.probe_gap, self.k = 0, 8, best
             return best
         self.k, self.off_rounds = 0, self.off_rounds + 1
+        if self._hopeless(cap, plain):  # not even a drafter that is always right would win: never probe
+            return 0
         if self.off_rounds >= self.probe_gap:  # has the text become predictable? ask the drafter again
             self.off_rounds, self.probe_gap = 0, min(self.probe_gap * 2, 64)
             self.counts["probes"] += 1
@@ -382,11 +384,17 @@ class SpeculativeStepper:
             return best
         return 0
 
-    def _rates(self, cap: int) -> dict[int, float] | None:
+    def _hopeless(self, cap: int, plain_rate: float) -> bool:
+        """Would speculation lose even if every drafted token were accepted? Then a probe only costs:
+        a model drafter must first read every token produced since it last ran."""
+        return max(self._rates(cap, alpha=1.0).values()) <= plain_rate
+
+    def _rates(self, cap: int, alpha: float | None = None) -> dict[int, float] | None:
         """Expected tokens per second for each draft length 1..cap, from the costs and the acceptance."""
         if self.costs.measured(1) is None:
             return None
-        alpha, step = self.acceptance, self.costs.draft_step(self.drafter.step_cost_hint)
+        alpha = self.acceptance if alpha is None else alpha
+        step = self.costs.draft_step(self.drafter.step_cost_hint)
         lo = max(1, self.options.draft_min)
         return {k: expected_tokens(alpha, k) / (k * step + self.costs.pass_cost(k + 1)) for k in range(lo, cap + 1)}
 
