@@ -217,7 +217,10 @@ def bench_target(name: str, path: Path, draft, prompts, args) -> dict:
             generate(model, tokens[0], GREEDY, max_tokens=8)  # warm the page cache and llama.cpp's buffers
         costs = pass_costs(target)
         # What exactness means: the verifying target's own greedy answer, decoded one token at a time.
-        reference = {i: generate(target, t, GREEDY, max_tokens=args.max_tokens).tokens for i, t in enumerate(tokens)}
+        reference = {}
+        for i, prompt in enumerate(tokens):
+            target.truncate(0)  # as every timed request starts: the prompt read in one go, not after a cached prefix
+            reference[i] = generate(target, prompt, GREEDY, max_tokens=args.max_tokens).tokens
         drafters = {"draft": ModelDrafter(draft, target.n_vocab, target.info.file_size), "ngram": None}
         spec = DraftOptions(ref="bench", draft_max=args.draft_max, p_min=args.p_min)
         factories = {"draft": stepper_factory(lambda: drafters["draft"], spec, args.max_tokens),
