@@ -30,6 +30,9 @@ class Drafter(Protocol):
     name: str
     step_cost_hint: float  # one draft step relative to one target step, before anything is measured
 
+    def prepare(self, prompt: Sequence[int]) -> None:
+        """Read the prompt while the target does (a model drafter's prefill)."""
+
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         """Up to n tokens after history (whose last token is not yet in any cache)."""
 
@@ -101,6 +104,9 @@ class NgramDrafter:
         self.sizes = range(n_max, n_min - 1, -1)
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # positions of history whose n-grams are in the index
+
+    def prepare(self, prompt: Sequence[int]) -> None:
+        pass  # the index grows with the history at each proposal
 
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         self._extend(history)

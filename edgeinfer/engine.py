@@ -216,19 +216,15 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class Stepper(Protocol):
+    def prepare(self, prompt: Sequence[int]) -> None:
+        """Read the prompt beside the model (a draft model's own prefill), before the first token.
+
+        Reading the prompt is prompt processing whoever does it: counted in the time to
+        first token, as llama.cpp's speculative example counts it, not in generation.
+        """
+
     def advance(self, history: list[int]) -> list[int]:
         """Evaluate history[-1] (sampled, not yet in the cache) and return the next token(s)."""
-
-
-def _prepare(stepper: Stepper, prompt: Sequence[int]) -> None:
-    """Let a stepper read the prompt during prompt processing (a draft model's own prefill).
-
-    Reading the prompt is prompt processing whoever does it: counted in the time to
-    first token, as llama.cpp's speculative example counts it, not in generation.
-    """
-    prepare = getattr(stepper, "prepare", None)
-    if callable(prepare):
-        prepare(prompt)
 
 
 class PlainStepper:
@@ -236,6 +232,9 @@ class PlainStepper:
 
     def __init__(self, model: Model, sampler: Sampler) -> None:
         self.model, self.sampler = model, sampler
+
+    def prepare(self, prompt: Sequence[int]) -> None:
+        pass  # the model itself has read the prompt
 
     def advance(self, history: list[int]) -> list[int]:
         logits = self.model.decode(history[-1:])[0]
@@ -300,7 +299,7 @@ def generate(
     limit = max_tokens if max_tokens is not None else model.n_ctx
     with _ctrl_c_sets_flag() as interrupted:
         logits = model.prefill(prompt)
-        _prepare(stepper, prompt)
+        stepper.prepare(prompt)
         pending = [sampler.sample(logits, history)]
         first = time.perf_counter() - start
         while reason is None:

@@ -262,9 +262,7 @@ class SpeculativeStepper:
 
     def prepare(self, prompt: Sequence[int]) -> None:
         """The draft reads the prompt now, with the target, rather than in the first round."""
-        prepare = getattr(self.drafter, "prepare", None)
-        if callable(prepare):
-            prepare(prompt)
+        self.drafter.prepare(prompt)
 
     def advance(self, history: list[int]) -> list[int]:
         start = time.perf_counter()

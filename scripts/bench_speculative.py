@@ -206,7 +206,7 @@ def run_hook(llm, prompt: list[int], max_tokens: int) -> tuple[float, int]:
 # --- the benchmark -------------------------------------------------------------------------
 
 
-def bench_target(name: str, path: Path, draft, prompts, args) -> dict:
+def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int], args) -> dict:
     options = LoadOptions(n_ctx=args.ctx, n_threads=args.threads)
     spec_options = target_load_options(options, DraftOptions(ref="bench"))
     rows: dict[str, list[dict]] = {}
@@ -249,7 +249,7 @@ def bench_target(name: str, path: Path, draft, prompts, args) -> dict:
         target_n_vocab, target_size = target.n_vocab, target.info.file_size
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
-    return summarize(name, path, rows, hooks, costs, step, learned, *args.peak_rss[str(path)], args)
+    return summarize(name, path, rows, hooks, costs, step, learned, *peak_rss, args)
 
 
 def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
@@ -372,7 +372,7 @@ def main() -> None:
     # Before this process holds any model: Linux carries a parent's peak RSS into a child it forks.
     report = {"cpu": machine.cpu_name(), "flags": machine.cpu_flags(), "threads": args.threads,
               "prompts": len(prompts), "reps": args.reps, "max_tokens": args.max_tokens, "targets": []}
-    args.peak_rss = {str(p): (peak_rss_mib(p, None, args.threads), peak_rss_mib(p, str(args.draft), args.threads))
+    peak_rss = {key: (peak_rss_mib(p, None, args.threads), peak_rss_mib(p, str(args.draft), args.threads))
                      for key, (_, p) in targets.items() if key in keys}
     report["peak_rss_draft_alone_mib"] = peak_rss_mib(args.draft, None, args.threads)
     with load(args.draft, LoadOptions(n_ctx=args.ctx, n_threads=args.threads)) as draft:
@@ -381,7 +381,7 @@ def main() -> None:
         for key in keys:
             name, path = targets[key]
             print(f"{name}:", flush=True)
-            report["targets"].append(bench_target(name, path, draft, prompts, args))
+            report["targets"].append(bench_target(name, path, draft, prompts, peak_rss[key], args))
     report["seconds"] = round(time.perf_counter() - started, 1)
     print_report(report)
     print(f"\n{report['seconds']} s")
