@@ -17,7 +17,9 @@ from edgeinfer.errors import UsageError
 from edgeinfer.models import Library, locate
 from edgeinfer.progress import ProgressReporter
 from edgeinfer.sampling import SamplingParams
-from edgeinfer.speculative import DraftOptions, check_pair, resolve_draft, speculation, target_load_options
+from edgeinfer.costs import CostBook
+from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, plan_speculation, resolve_draft,
+                                   speculation, target_load_options)
 from edgeinfer.template import Message, chat_tokens, raw_tokens
 
 
@@ -48,9 +50,9 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
     lib = lib or Library.open()
     path = locate(lib, request.model, pull_missing=True, progress=progress)
     cache = lib.store.inspect_cache
-    draft_path = checked_draft(lib, request.model, path, request.draft, progress)
-    with load(path, target_load_options(request.load, request.draft), cache) as model, \
-            speculation(model, draft_path, request.draft, request.load, request.max_tokens, cache) as stepper_factory:
+    plan = checked_plan(lib, request.model, path, request.draft, request.load, progress)
+    with load(path, target_load_options(request.load, plan), cache) as model, \
+            speculation(model, plan, request.load, request.max_tokens, cache) as stepper_factory:
         tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
         return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop,
                         on_text=on_text, stepper_factory=stepper_factory)
@@ -65,19 +67,20 @@ def open_chat(model: str | None = None, *, system: str | None = None, sampling: 
     lib = lib or Library.open()
     load_options = load_options or LoadOptions()
     path = locate(lib, model, pull_missing=True, progress=progress)
-    draft_path = checked_draft(lib, model, path, draft, progress)
-    with load(path, target_load_options(load_options, draft), lib.store.inspect_cache) as loaded, \
-            speculation(loaded, draft_path, draft, load_options, max_tokens, lib.store.inspect_cache) as factory:
+    plan = checked_plan(lib, model, path, draft, load_options, progress)
+    with load(path, target_load_options(load_options, plan), lib.store.inspect_cache) as loaded, \
+            speculation(loaded, plan, load_options, max_tokens, lib.store.inspect_cache) as factory:
         conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
         yield ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop, stepper_factory=factory)
 
 
-def checked_draft(lib: Library, target_ref: str | None, target: Path, draft: DraftOptions | None,
-                  progress: ProgressReporter | None = None) -> Path | None:
-    """The draft model's file, proven to pair with the target before any weights load (None: no draft model)."""
+def checked_plan(lib: Library, target_ref: str | None, target: Path, draft: DraftOptions | None,
+                 load_options: LoadOptions, progress: ProgressReporter | None = None) -> SpeculationPlan:
+    """What --draft comes to: the draft model's file, proven to pair with the target before any weights
+    load, or prompt lookup, or plain decoding where earlier runs measured that speculation cannot win."""
     if draft is None:
-        return None
+        return SpeculationPlan(None)
     draft_path = resolve_draft(lib, target_ref, draft, progress)
     if draft_path is not None:
         check_pair(target, draft_path, lib.store.inspect_cache)
-    return draft_path
+    return plan_speculation(target, draft_path, draft, load_options, CostBook(lib.store.speculation_costs))

@@ -89,13 +89,14 @@ def moving_average(values, window):
 """
 
 
-def bench_speculative(name: str, path: Path, options: LoadOptions, draft, draft_path: Path | None, *, n_gen: int = 128,
+def bench_speculative(name: str, path: Path, options: LoadOptions, plan, *, n_gen: int = 128,
                       repetitions: int = 3, cache_file: Path | None = None,
                       progress: ProgressReporter | None = None) -> list[BenchResult]:
     """Greedy generation on a code-edit prompt, plain and speculative, interleaved: tg tok/s of each.
 
     Plain decoding runs on the target loaded as `run` loads it; speculation on the
-    target loaded as `run --draft` loads it (see target_load_options): each as a user gets it.
+    target loaded as `run --draft` loads it (see target_load_options): each as a user
+    gets it, so a pair that earlier runs found hopeless here is benchmarked as skipped.
     """
     from edgeinfer.engine import generate
     from edgeinfer.speculative import speculation, target_load_options
@@ -103,13 +104,13 @@ def bench_speculative(name: str, path: Path, options: LoadOptions, draft, draft_
 
     progress = progress or SilentProgress()
     greedy = SamplingParams(temperature=0)
-    spec_options = target_load_options(options, draft)
+    spec_options = target_load_options(options, plan)
     with load(path, options, cache_file) as model, load(path, spec_options, cache_file) as verifier, \
-            speculation(verifier, draft_path, draft, spec_options, n_gen, cache_file) as factory:
+            speculation(verifier, plan, spec_options, n_gen, cache_file) as factory:
         prompt = chat_tokens(model, [{"role": "user", "content": SPECULATION_PROMPT}])
         runs = {"plain": (model, None), "draft": (verifier, factory)}
         speeds: dict[str, list[float]] = {k: [] for k in runs}
-        progress.start(f"{name}: tg{n_gen} plain and with --draft {draft.ref}", repetitions)
+        progress.start(f"{name}: tg{n_gen} plain and with --draft {plan.options.ref}", repetitions)
         for rep in range(repetitions + 1):  # the first round warms both paths up and is not counted
             for key in (list(runs) if rep % 2 else list(runs)[::-1]):
                 target, factory_for = runs[key]
@@ -118,8 +119,8 @@ def bench_speculative(name: str, path: Path, options: LoadOptions, draft, draft_
                 if rep:
                     speeds[key].append(result.completion_tokens / (result.total_seconds - result.time_to_first_token + 1e-9))
             progress.advance(1 if rep else 0)
-    return [BenchResult(name, f"tg{n_gen} code-edit", tuple(speeds["plain"])),
-            BenchResult(name, f"tg{n_gen} code-edit --draft {draft.ref}", tuple(speeds["draft"]))]
+    label = f"tg{n_gen} code-edit --draft {plan.options.ref}" + (" (speculation off)" if plan.skipped else "")
+    return [BenchResult(name, f"tg{n_gen} code-edit", tuple(speeds["plain"])), BenchResult(name, label, tuple(speeds["draft"]))]
 
 
 def _prompt_tokens(model: Model, n: int) -> list[int]:

@@ -344,7 +344,7 @@ def bench(
     draft_gpu_layers: DraftGpuLayersOpt = None,
 ) -> None:
     """Prompt and generation throughput, like llama-bench's pp and tg tests (with --draft: plain against speculative)."""
-    from edgeinfer.api import checked_draft
+    from edgeinfer.api import checked_plan
     from edgeinfer.bench import bench as bench_model, bench_speculative
     from edgeinfer.errors import UsageError
     from edgeinfer.models import locate
@@ -362,8 +362,8 @@ def bench(
             results += bench_model(name, path, load_options, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                                    cache_file=lib.store.inspect_cache, progress=progress)
             if speculate is not None and n_gen:
-                draft_path = checked_draft(lib, ref, path, speculate)
-                results += bench_speculative(name, path, load_options, speculate, draft_path, n_gen=n_gen,
+                plan = checked_plan(lib, ref, path, speculate, load_options)
+                results += bench_speculative(name, path, load_options, plan, n_gen=n_gen,
                                              repetitions=repetitions, cache_file=lib.store.inspect_cache, progress=progress)
     if as_json:
         _print_json([r.to_json() for r in results])

@@ -59,6 +59,7 @@ class Model:
         self.path, self.info, self.n_ctx = path, info, n_ctx
         self.n_batch = min(options.n_batch, n_ctx)
         self.n_threads = options.n_threads or machine.physical_cores()
+        self.n_gpu_layers = options.n_gpu_layers
         self._model = self._load_model(path, options)
         self._ctx = self._new_context(options)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)

@@ -18,15 +18,14 @@ and probes again from time to time.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from statistics import median
 
+from edgeinfer.costs import CostBook, CostModel, expected_tokens, pair_key
 from edgeinfer.drafters import Draft, Drafter, ModelDrafter, NgramDrafter
-from edgeinfer.engine import LoadOptions, Model, load
+from edgeinfer.engine import LoadOptions, Model, PlainStepper, load
 from edgeinfer.errors import IncompatibleModelsError, UsageError
 from edgeinfer.sampling import Sampler
 
@@ -118,7 +117,54 @@ def _token_texts(path: Path) -> list[bytes]:
         llama_cpp.llama_model_free(model)
 
 
-def target_load_options(options: LoadOptions, draft: DraftOptions | None) -> LoadOptions:
+@dataclass(frozen=True)
+class SpeculationPlan:
+    """What `--draft` comes to for one target on this machine, decided before any weights load."""
+
+    options: DraftOptions | None  # None: plain decoding was asked for
+    draft_path: Path | None = None  # None with options: prompt lookup
+    book: CostBook = field(default_factory=lambda: _PROCESS_BOOK)
+    skipped: str | None = None  # why speculation will not run although asked for (costs measured earlier)
+
+    @property
+    def drafter_name(self) -> str:
+        return self.draft_path.name if self.draft_path else NGRAM
+
+    @property
+    def verifying(self) -> bool:
+        return self.options is not None and self.skipped is None
+
+
+def plan_speculation(target: Path, draft_path: Path | None, options: DraftOptions | None, load_options: LoadOptions,
+                     book: CostBook) -> SpeculationPlan:
+    """Speculate, or not: a pair whose remembered costs say that even a drafter that is always right
+    would lose to plain decoding here is not loaded at all, and the target keeps its faster repacked weights."""
+    if options is None:
+        return SpeculationPlan(None)
+    plan = SpeculationPlan(options, draft_path, book)
+    threads = load_options.n_threads or _physical_cores()
+    costs = book.peek(pair_key(target, plan.drafter_name, threads, load_options.n_gpu_layers))
+    if not options.adaptive or costs is None or not costs.fresh or costs.measured(2) is None:
+        return plan
+    if draft_path is not None and not costs.draft_steps:
+        return plan
+    best, plain = max(rates(costs, 0.0, options, options.draft_max, alpha=1.0).values()), 1.0 / costs.measured(1)
+    if best > plain * SpeculativeStepper.HYSTERESIS:
+        return plan
+    v = costs.ratios(3)
+    why = (f"speculation off: on this machine even drafts that were always right would be slower than plain decoding "
+           f"(a pass of 2 tokens costs {v.get(2, 0):.2f}x one, a draft step {costs.draft_step(0.0) * 1000:.1f} ms "
+           f"against {costs.measured(1) * 1000:.1f} ms; measured by earlier runs)")
+    return replace(plan, skipped=why)
+
+
+def _physical_cores() -> int:
+    from edgeinfer import machine
+
+    return machine.physical_cores()
+
+
+def target_load_options(options: LoadOptions, plan: SpeculationPlan) -> LoadOptions:
     """How to load a target that will verify drafts: without weight repacking.
 
     With repacked weights, llama.cpp computes a batch of tokens and a single token
@@ -128,112 +174,73 @@ def target_load_options(options: LoadOptions, draft: DraftOptions | None) -> Loa
     bit at short contexts (not everywhere: llama.cpp's batch-of-8+ and long-context attention
     kernels still round differently). The price: one-token steps 0-5% slower (48.4 against 49.8 ms there).
     """
-    return options if draft is None else replace(options, repack=False)
+    return replace(options, repack=False) if plan.verifying else options
 
 
 @contextmanager
-def speculation(target: Model, draft_path: Path | None, options: DraftOptions | None, target_load: LoadOptions,
-                max_tokens: int | None = None, cache_file: Path | None = None) -> Iterator[Callable | None]:
-    """Load the draft (if any) beside a loaded target; yields the stepper factory for `generate`."""
+def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, max_tokens: int | None = None,
+                cache_file: Path | None = None) -> Iterator[Callable | None]:
+    """Load the draft (if any) beside a loaded target; yields the stepper factory for `generate`.
+
+    What the steppers measured is saved to the plan's cost book on the way out.
+    """
+    options = plan.options
     if options is None:
         yield None
         return
-    if draft_path is None:
-        yield stepper_factory(lambda: NgramDrafter(), options, max_tokens)
+    if plan.skipped:
+        yield lambda model, sampler: SkippedStepper(model, sampler, plan.drafter_name, plan.skipped)
         return
-    draft_load = LoadOptions(n_ctx=target.n_ctx, n_threads=options.n_threads or target.n_threads,
-                             n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None else target_load.n_gpu_layers,
-                             n_batch=target_load.n_batch, verbose=target_load.verbose)
-    with load(draft_path, draft_load, cache_file) as draft:
-        drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size)
-        yield stepper_factory(lambda: drafter, options, max_tokens)
+    try:
+        if plan.draft_path is None:
+            yield stepper_factory(lambda: NgramDrafter(), options, max_tokens, plan.book)
+            return
+        draft_load = LoadOptions(n_ctx=target.n_ctx, n_threads=options.n_threads or target.n_threads,
+                                 n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None else target_load.n_gpu_layers,
+                                 n_batch=target_load.n_batch, verbose=target_load.verbose)
+        with load(plan.draft_path, draft_load, cache_file) as draft:
+            drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size)
+            yield stepper_factory(lambda: drafter, options, max_tokens, plan.book)
+    finally:
+        plan.book.save()
 
 
-def stepper_factory(make_drafter: Callable[[], Drafter], options: DraftOptions,
-                    max_tokens: int | None = None) -> Callable[[Model, Sampler], "SpeculativeStepper"]:
+def stepper_factory(make_drafter: Callable[[], Drafter], options: DraftOptions, max_tokens: int | None = None,
+                    book: CostBook | None = None) -> Callable[[Model, Sampler], "SpeculativeStepper"]:
+    book = book or _PROCESS_BOOK
+
     def factory(target: Model, sampler: Sampler) -> SpeculativeStepper:
         drafter = make_drafter()
-        costs = cost_model(target, drafter)
-        return SpeculativeStepper(target, sampler, drafter, options, costs, max_tokens)
+        return SpeculativeStepper(target, sampler, drafter, options, cost_model(target, drafter, book), max_tokens)
 
     return factory
 
 
-# --- the cost model -----------------------------------------------------------------
+_PROCESS_BOOK = CostBook(None)  # for callers that keep no file: chat turns and benchmark runs still share it
 
 
-class CostModel:
-    """What a target pass of n tokens and a draft step cost on this machine, measured as we go.
-
-    Medians of the last few observations, because a shared small machine has
-    outliers. A pass size never measured is estimated from its measured
-    neighbours, a little optimistically so that it gets tried once.
-    """
-
-    PRIOR_SLOPE = 0.5  # v(n)/v(1) grows by about this per extra token on the CPUs we know
-    OPTIMISM = 0.85
-
-    def __init__(self, window: int = 7) -> None:
-        self.window = window
-        self.passes: dict[int, deque[float]] = {}
-        self.draft_steps: deque[float] = deque(maxlen=window)
-
-    def observe_pass(self, n: int, seconds: float) -> None:
-        self.passes.setdefault(n, deque(maxlen=self.window)).append(seconds)
-
-    def observe_draft(self, seconds_per_token: float) -> None:
-        self.draft_steps.append(seconds_per_token)
-
-    def measured(self, n: int) -> float | None:
-        samples = self.passes.get(n)
-        if not samples:
-            return None
-        # The first pass of a new size may also allocate llama.cpp's compute buffers: until there
-        # are three samples, the fastest is the best guess.
-        return min(samples) if len(samples) < 3 else median(samples)
-
-    def pass_cost(self, n: int) -> float | None:
-        """Seconds for one target pass of n tokens: measured, or estimated from the measured sizes."""
-        own = self.measured(n)
-        if own is not None:
-            return own
-        v1 = self.measured(1)
-        if v1 is None:
-            return None
-        ratios = {m: self.measured(m) / v1 for m in self.passes if self.passes[m]}
-        below = max(m for m in ratios if m < n)
-        above = [m for m in ratios if m > n]
-        if above:
-            hi = min(above)
-            ratio = ratios[below] + (ratios[hi] - ratios[below]) * (n - below) / (hi - below)
-        else:
-            ratio = ratios[below] + self.PRIOR_SLOPE * (n - below)
-        return v1 * ratio * self.OPTIMISM
-
-    def draft_step(self, hint: float) -> float:
-        if self.draft_steps:
-            return median(self.draft_steps)
-        return hint * (self.measured(1) or 0.0)
-
-    def ratios(self, upto: int) -> dict[int, float]:
-        v1 = self.measured(1)
-        return {n: round(self.measured(n) / v1, 2) for n in range(1, upto + 1) if v1 and self.measured(n)}
+def cost_model(target: Model, drafter: Drafter, book: CostBook | None = None) -> CostModel:
+    """The costs of this (CPU, threads, target, drafter, offload): remembered, or learned from here on."""
+    return (book or _PROCESS_BOOK).get(pair_key(target.path, drafter.name, target.n_threads, target.n_gpu_layers))
 
 
-_cost_models: dict[tuple, CostModel] = {}
+class SkippedStepper(PlainStepper):
+    """Plain decoding where speculation was asked for but cannot win here; its stats say why."""
+
+    def __init__(self, model: Model, sampler: Sampler, drafter: str, reason: str) -> None:
+        super().__init__(model, sampler)
+        self.drafter, self.reason = drafter, reason
+
+    def stats(self) -> dict:
+        return {"drafter": self.drafter, "skipped": self.reason}
 
 
-def cost_model(target: Model, drafter: Drafter) -> CostModel:
-    """One cost model per (target, threads, drafter) in this process: chat turns and benchmark runs share it."""
-    key = (str(target.path), target.n_threads, drafter.name)
-    return _cost_models.setdefault(key, CostModel())
-
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens one round yields when each drafted token is accepted with probability alpha: accepted + bonus."""
-    if alpha >= 1.0:
-        return k + 1.0
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+def rates(costs: CostModel, step_hint: float, options: DraftOptions, cap: int,
+          alpha: float) -> dict[int, float]:
+    """Expected tokens per second for each draft length up to cap, from the costs and the acceptance."""
+    step = costs.draft_step(step_hint)
+    lo = max(1, options.draft_min)
+    return {k: expected_tokens(alpha, k) / (k * step + costs.pass_cost(k + 1)) for k in range(lo, cap + 1)}
 
 
 # --- the stepper --------------------------------------------------------------------
@@ -245,15 +252,18 @@ class SpeculativeStepper:
     HYSTERESIS = 1.03  # speculate only when it promises to be this much faster than plain decoding
     DECAY = 0.9  # the acceptance rate forgets old rounds at this rate per round
     REALIZED_DECAY = 0.8  # the measured speed of each kind of round forgets at this rate per round
+    PROBE_BUDGET = 2.0  # a probe may make the drafter catch up on at most this many plain steps' worth of time
 
     def __init__(self, target: Model, sampler: Sampler, drafter: Drafter, options: DraftOptions,
                  costs: CostModel, max_tokens: int | None = None) -> None:
         self.target, self.sampler, self.drafter, self.options = target, sampler, drafter, options
         self.costs, self.max_tokens = costs, max_tokens
         self.prompt_len: int | None = None
-        self.successes, self.failures = 1.2, 0.8  # a prior acceptance of 0.6, worth two tokens
+        prior = costs.acceptance_prior()  # what earlier generations with this pair saw, worth three events
+        self.successes, self.failures = 3 * prior, 3 * (1 - prior)
         self.off_rounds, self.probe_gap = 0, 8
         self.k = 0
+        self.unseen = 0  # tokens produced since the drafter last read the history: a probe's catch-up
         self.counts = dict(drafted=0, accepted=0, rejections=0, passes=0, speculative_passes=0, probes=0, tokens=0, k_sum=0)
         self.seconds = 0.0
         # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed.
@@ -261,8 +271,26 @@ class SpeculativeStepper:
         self._catch_up = 0.0
 
     def prepare(self, prompt: Sequence[int]) -> None:
-        """The draft reads the prompt now, with the target, rather than in the first round."""
+        """The draft reads the prompt now, with the target, rather than in the first round; and on the first
+        use of this pair on this machine, the target's pass costs are measured before they decide anything."""
         self.drafter.prepare(prompt)
+        if self.options.adaptive and self.costs.measured(2) is None:
+            self._calibrate(prompt)
+
+    def _calibrate(self, prompt: Sequence[int]) -> None:
+        """Time one target pass of each size a round may verify, on the prompt's own tokens, then forget them.
+
+        Once per (CPU, threads, target, drafter), remembered in the cost book: about as long as
+        generating 40 tokens. Without it the first rounds guess at costs that, on a small CPU,
+        decide between a speed-up and a loss, and an answer of a hundred tokens cannot win those back.
+        """
+        base = len(self.target.cached)
+        sizes = min(self.options.draft_max + 1, self.target.n_ctx - base - 1, self.target.n_batch, len(prompt))
+        for n in range(1, sizes + 1):
+            start = time.perf_counter()
+            self.target.decode(prompt[:n], all_logits=True)
+            self.costs.observe_pass(n, time.perf_counter() - start)
+            self.target.truncate(base)
 
     def advance(self, history: list[int]) -> list[int]:
         start = time.perf_counter()
@@ -270,9 +298,11 @@ class SpeculativeStepper:
             self.prompt_len = len(history) - 1
         k = self._choose(history)
         out = self._speculate(history, k) if k else None
-        kind = "plain" if out is None else "speculative"
+        # A round in which a model drafter was asked is speculative whatever it proposed: it paid for the asking.
+        kind = "speculative" if out is not None or (k and self.drafter.step_cost_hint > 0) else "plain"
         if out is None:
             out = self._plain(history)
+        self.unseen = 0 if k else self.unseen + len(out)
         elapsed = time.perf_counter() - start
         # A catch-up (the draft reading the prompt, or what plain rounds produced) is paid once and
         # then sunk: it says nothing about what speculating from here on will deliver.
@@ -306,16 +336,19 @@ class SpeculativeStepper:
         draft = self.drafter.propose(history, k, self.sampler, self.options.p_min)
         t1 = time.perf_counter()
         self._catch_up = draft.catch_up_seconds
+        self.costs.observe_catch_up(draft.catch_up_seconds, draft.catch_up_tokens)
         if draft.tokens:
             self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds) / len(draft.tokens))
         if not draft.tokens or len(draft.tokens) < self.options.draft_min:
+            self._record(0, 0, k, ended=True)  # the chain ended before it began
             return None
         # Logits at every position of the batch: each one verifies the draft token after it.
         rows = self.target.decode([history[-1], *draft.tokens], all_logits=True)
         self.costs.observe_pass(len(draft.tokens) + 1, time.perf_counter() - t1)
         out, accepted = self._verify(rows, draft, history)
         self.target.truncate(len(history) + accepted)  # the rejected tail leaves the target's cache
-        self._record(len(draft.tokens), accepted, k)
+        ended = accepted < k and not self.target.is_eog(out[-1])
+        self._record(len(draft.tokens), accepted, k, ended)
         return out
 
     def _verify(self, rows, draft: Draft, history: list[int]) -> tuple[list[int], int]:
@@ -339,9 +372,13 @@ class SpeculativeStepper:
                 return out, i + 1
         return out + [sampler.sample(rows[len(draft.tokens)], context)], len(draft.tokens)
 
-    def _record(self, drafted: int, accepted: int, k: int) -> None:
+    def _record(self, drafted: int, accepted: int, k: int, ended: bool) -> None:
+        """One round's outcome. The acceptance the cost model needs is the chance that a chain of drafted
+        tokens goes on: a chain ends at a rejection, and also where the drafter stopped short of k (unsure,
+        or out of text to copy), since the round yields no more either way."""
         self.successes = self.successes * self.DECAY + accepted
-        self.failures = self.failures * self.DECAY + (1 if accepted < drafted else 0)
+        self.failures = self.failures * self.DECAY + (1 if ended else 0)
+        self.costs.observe_round(accepted, ended)
         c = self.counts
         c["drafted"] += drafted
         c["accepted"] += accepted
@@ -369,14 +406,16 @@ class SpeculativeStepper:
         if rates is None:  # nothing measured yet: one plain step measures v(1)
             return 0
         best = max(rates, key=rates.get)
-        plain = self.HYSTERESIS / self.costs.measured(1)
+        # Turning speculation on takes a clear promise; once on, it stays while it is not a loss, since a
+        # model drafter that stops must later read everything it missed before it can draft again.
+        plain = (self.HYSTERESIS if not self.k else 1.0) / self.costs.measured(1)
         if rates[best] > plain and not self._losing():
             self.off_rounds, self.probe_gap, self.k = 0, 8, best
             return best
         self.k, self.off_rounds = 0, self.off_rounds + 1
-        if self._hopeless(cap, plain):  # not even a drafter that is always right would win: never probe
+        if self._hopeless(cap, self.HYSTERESIS / self.costs.measured(1)):  # not even a perfect drafter would win
             return 0
-        if self.off_rounds >= self.probe_gap:  # has the text become predictable? ask the drafter again
+        if self.off_rounds >= self.probe_gap and self._affordable():  # has the text become predictable? ask again
             self.off_rounds, self.probe_gap = 0, min(self.probe_gap * 2, 64)
             self.counts["probes"] += 1
             self.realized["speculative"] = [0.0, 0.0]  # judge the probe on its own result
@@ -388,14 +427,18 @@ class SpeculativeStepper:
         a model drafter must first read every token produced since it last ran."""
         return max(self._rates(cap, alpha=1.0).values()) <= plain_rate
 
+    def _affordable(self) -> bool:
+        """A probe first makes a model drafter read every token it missed: worth it only while that costs
+        no more than PROBE_BUDGET plain steps. Prompt lookup reads for free and may always probe."""
+        catch_up = self.unseen * self.costs.catch_up_per_token(self.drafter.step_cost_hint)
+        return catch_up <= self.PROBE_BUDGET * self.costs.measured(1)
+
     def _rates(self, cap: int, alpha: float | None = None) -> dict[int, float] | None:
         """Expected tokens per second for each draft length 1..cap, from the costs and the acceptance."""
         if self.costs.measured(1) is None:
             return None
         alpha = self.acceptance if alpha is None else alpha
-        step = self.costs.draft_step(self.drafter.step_cost_hint)
-        lo = max(1, self.options.draft_min)
-        return {k: expected_tokens(alpha, k) / (k * step + self.costs.pass_cost(k + 1)) for k in range(lo, cap + 1)}
+        return rates(self.costs, self.drafter.step_cost_hint, self.options, cap, alpha)
 
     def stats(self) -> dict:
         c = self.counts
@@ -430,6 +473,8 @@ def _residual(p, q, token: int):
 
 def describe_stats(stats: dict) -> str:
     """One line for people: what speculation did in a generation (`edgeinfer run --stats`)."""
+    if stats.get("skipped"):
+        return f"speculative ({stats['drafter']}): {stats['skipped']}"
     return (f"speculative ({stats['drafter']}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
             f"({stats['acceptance_rate']:.0%}), {stats['tokens_per_pass']:.2f} tokens per target pass, "
             f"draft length {stats['draft_length']} (mean {stats['mean_draft_length']}), "

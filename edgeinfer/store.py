@@ -56,6 +56,7 @@ class Store:
         self.partial_dir = root / ".partial"
         self.manifest_path = root / "manifest.json"
         self.inspect_cache = root / "gguf-metadata-cache.json"
+        self.speculation_costs = root / "speculation-costs.json"  # what speculative decoding costs here (costs.CostBook)
 
     # --- reading ---------------------------------------------------------------
 

@@ -14,7 +14,12 @@ acceptance observed.
 
 Models are references as everywhere in edgeinfer (catalog names by default, pulled
 when missing); the Q8_0 target is made with edgeinfer's own quantizer, once, into
-the store. Speed is generation tok/s (after the first token: the draft model reads
+the store. Each drafter first runs one untimed request, as a user's first `run --draft`
+on a machine does (it measures the pass costs and the acceptance, kept in the cost
+book); the timed requests then start from that memory, and a pair the plan finds
+hopeless runs as `run` would run it then: plain, on the repacked target.
+The ceiling is computed per prompt from that prompt's acceptance; the pooled one
+(one acceptance over all prompts) is in the JSON too. Speed is generation tok/s (after the first token: the draft model reads
 the prompt during prompt processing, as llama.cpp's speculative example counts it);
 the end-to-end column compares whole requests, prompt processing included.
 """
@@ -40,8 +45,9 @@ from edgeinfer.models import Library, locate  # noqa: E402
 from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
-from edgeinfer.speculative import (DraftOptions, check_pair, cost_model, expected_tokens,  # noqa: E402
-                                   stepper_factory, target_load_options)
+from edgeinfer.costs import CostBook, expected_tokens  # noqa: E402
+from edgeinfer.speculative import (DraftOptions, SkippedStepper, SpeculationPlan, check_pair,  # noqa: E402
+                                   cost_model, plan_speculation, stepper_factory, target_load_options)
 from edgeinfer.template import chat_tokens  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
@@ -208,7 +214,9 @@ def run_hook(llm, prompt: list[int], max_tokens: int) -> tuple[float, int]:
 
 def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int], args) -> dict:
     options = LoadOptions(n_ctx=args.ctx, n_threads=args.threads)
-    spec_options = target_load_options(options, DraftOptions(ref="bench"))
+    spec = DraftOptions(ref="bench", draft_max=args.draft_max, p_min=args.p_min)
+    spec_options = target_load_options(options, SpeculationPlan(spec))
+    book = CostBook(None)  # this run's memory of costs, as a user's home keeps it between runs
     rows: dict[str, list[dict]] = {}
     # Plain decoding on the target as `run` loads it; speculation on the target as `run --draft` loads it.
     with load(path, options) as plain_target, load(path, spec_options) as target:
@@ -222,14 +230,27 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             target.truncate(0)  # as every timed request starts: the prompt read in one go, not after a cached prefix
             reference[i] = generate(target, prompt, GREEDY, max_tokens=args.max_tokens).tokens
         drafters = {"draft": ModelDrafter(draft, target.n_vocab, target.info.file_size), "ngram": None}
-        spec = DraftOptions(ref="bench", draft_max=args.draft_max, p_min=args.p_min)
-        factories = {"draft": stepper_factory(lambda: drafters["draft"], spec, args.max_tokens),
-                     "ngram": stepper_factory(lambda: NgramDrafter(), spec, args.max_tokens)}
+        factories = {"draft": stepper_factory(lambda: drafters["draft"], spec, args.max_tokens, book),
+                     "ngram": stepper_factory(lambda: NgramDrafter(), spec, args.max_tokens, book)}
+        # A user's first `run --draft` on this machine, untimed: it measures the pass costs and learns; then,
+        # as for every later run, the plan decides whether the pair is worth loading at all.
+        plans = {}
+        for method, factory in factories.items():
+            target.truncate(0)
+            draft.truncate(0)
+            generate(target, tokens[-1], GREEDY, max_tokens=args.max_tokens, stepper_factory=factory)
+            plans[method] = plan_speculation(path, args.draft if method == "draft" else None, spec, options, book)
+            if plans[method].skipped:
+                plan = plans[method]
+                factories[method] = lambda model, sampler, plan=plan: SkippedStepper(model, sampler, plan.drafter_name,
+                                                                                     plan.skipped)
+                print(f"  {name} {method}: {plan.skipped}", flush=True)
         plain_tokens = {}
         for rep in range(args.reps):
             for i, (kind, _) in enumerate(prompts):
                 for method in ("plain", "draft", "ngram"):
-                    model = plain_target if method == "plain" else target
+                    skipped = method != "plain" and plans[method].skipped is not None
+                    model = plain_target if method == "plain" or skipped else target
                     model.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
                     draft.truncate(0)
                     result = generate(model, tokens[i], GREEDY, max_tokens=args.max_tokens,
@@ -238,18 +259,21 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
                         plain_tokens.setdefault(i, result.tokens)
                     row = {"prompt": i, "kind": kind, "rep": rep, "tok_s": result.generation_tokens_per_second,
                            "total_s": result.total_seconds, "ttft_s": result.time_to_first_token,
-                           "tokens": result.completion_tokens, "exact": result.tokens == reference[i],
+                           "tokens": result.completion_tokens,
+                           "exact": result.tokens == (plain_tokens[i] if skipped else reference[i]),
                            "same_as_repacked_plain": result.tokens == plain_tokens[i], **result.stats}
                     rows.setdefault(method, []).append(row)
                     print(f"  {name} prompt {i} ({kind}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
                           + (f"  acc {row['acceptance_rate']:.2f} tpp {row['tokens_per_pass']:.2f} k {row['mean_draft_length']}"
-                             f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" else ""), flush=True)
-        learned = {m: cost_model(target, d or NgramDrafter()).ratios(args.draft_max + 1) for m, d in drafters.items()}
-        step = cost_model(target, drafters["draft"]).draft_step(0.0)
-        target_n_vocab, target_size = target.n_vocab, target.info.file_size
+                             f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" and not skipped else ""), flush=True)
+        learned = {m: cost_model(target, d or NgramDrafter(), book) for m, d in drafters.items()}
+        priors = {m: c.acceptance_prior() for m, c in learned.items()}
+        ratios = {m: c.ratios(args.draft_max + 1) for m, c in learned.items()}
+        step = learned["draft"].draft_step(0.0)
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
-    return summarize(name, path, rows, hooks, costs, step, learned, *peak_rss, args)
+    skipped = {m: p.skipped for m, p in plans.items() if p.skipped}
+    return summarize(name, path, rows, hooks, costs, step, ratios, priors, skipped, *peak_rss, args)
 
 
 def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
@@ -270,7 +294,7 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
     return rows
 
 
-def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec, args) -> dict:
+def summarize(name, path, rows, hooks, costs, step, learned, priors, skipped, rss_plain, rss_spec, args) -> dict:
     plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in rows["plain"]}
     plain_total = {(r["prompt"], r["rep"]): r["total_s"] for r in rows["plain"]}
     plain_ttft = {(r["prompt"], r["rep"]): r["ttft_s"] for r in rows["plain"]}
@@ -285,10 +309,15 @@ def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec
         speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs if plain[(r["prompt"], r["rep"])]]
         per_prompt = {p: statistics.median(r["tok_s"] for r in rs if r["prompt"] == p) / plain_by_prompt[p]
                       for p in plain_by_prompt}
-        drafted, accepted = sum(r["drafted"] for r in rs), sum(r["accepted"] for r in rs)
-        rejections = sum(r["rejections"] for r in rs)
-        alpha = accepted / (accepted + rejections) if accepted + rejections else 0.0
-        ceil, best_k = ceiling(costs, step if method == "draft" else 0.0, alpha, args.draft_max)
+        drafted, accepted = sum(r.get("drafted", 0) for r in rs), sum(r.get("accepted", 0) for r in rs)
+        alpha = _alpha(rs, priors[method])
+        draft_step = step if method == "draft" else 0.0
+        ceil, best_k = ceiling(costs, draft_step, alpha, args.draft_max)
+        # The ceiling of each prompt from its own acceptance: prompts differ (a code edit is nearly all
+        # copying, a new function barely any), and E(k) is not linear in the acceptance, so a ceiling
+        # from the pooled acceptance would promise edits' gains on every prompt.
+        ceilings = {p: ceiling(costs, draft_step, _alpha([r for r in rs if r["prompt"] == p], alpha), args.draft_max)[0]
+                    for p in plain_by_prompt}
         edits = [s for r, s in zip(rs, speedups) if r["kind"] == "edit"]
         out["methods"][method] = {
             "tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
@@ -302,12 +331,17 @@ def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec
             "worst_prompt_speedup": round(min(per_prompt.values()), 3),
             "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
             "per_token_acceptance": round(alpha, 3),
-            "tokens_per_pass": round(statistics.mean(r["tokens_per_pass"] for r in rs), 3),
-            "mean_draft_length": round(statistics.mean(r["mean_draft_length"] for r in rs), 2),
-            "ceiling": round(ceil, 3), "ceiling_k": best_k,
-            "of_ceiling": round(statistics.median(speedups) / ceil, 3),
+            "tokens_per_pass": round(statistics.mean(r.get("tokens_per_pass", 1.0) for r in rs), 3),
+            "mean_draft_length": round(statistics.mean(r.get("mean_draft_length", 0.0) for r in rs), 2),
+            "ceiling_pooled": round(ceil, 3), "ceiling_k": best_k,
+            "of_ceiling_pooled": round(statistics.median(speedups) / ceil, 3),
+            "ceiling": round(statistics.median(ceilings.values()), 3),
+            "of_ceiling": round(statistics.median(per_prompt[p] / ceilings[p] for p in per_prompt), 3),
+            "worst_of_ceiling": round(min(per_prompt[p] / ceilings[p] for p in per_prompt), 3),
             "exact": all(r["exact"] for r in rs),
+            "exact_runs": f"{sum(r['exact'] for r in rs)}/{len(rs)}",
             "same_as_repacked_plain": sum(r["same_as_repacked_plain"] for r in rs) / len(rs),
+            "skipped": skipped.get(method),
         }
     for method, rs in hooks.items():
         speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs]
@@ -316,6 +350,13 @@ def summarize(name, path, rows, hooks, costs, step, learned, rss_plain, rss_spec
                                   "speedup_code_edit": round(statistics.median(
                                       [s for r, s in zip(rs, speedups) if r["kind"] == "edit"] or [0]), 3)}
     return out
+
+
+def _alpha(rows: list[dict], fallback: float) -> float:
+    """Per-token acceptance of the drafted tokens in these runs (what a fixed-length drafter would see),
+    or the fallback where nothing was drafted."""
+    accepted, rejections = sum(r.get("accepted", 0) for r in rows), sum(r.get("rejections", 0) for r in rows)
+    return accepted / (accepted + rejections) if accepted + rejections else fallback
 
 
 def print_report(report: dict) -> None:
@@ -333,7 +374,8 @@ def print_report(report: dict) -> None:
                 print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit'] or 0:5.2f}x "
                       f"{m['worst_prompt_speedup']:5.2f}x {m['acceptance_rate']:7.2f} {m['tokens_per_pass']:8.2f} "
                       f"{m['mean_draft_length']:5.1f} {m['ceiling']:7.2f}x {m['of_ceiling']:7.0%} "
-                      f"{m['speedup_end_to_end']:5.2f}x {m['first_token_vs_plain']:5.2f}x  {m['exact']}")
+                      f"{m['speedup_end_to_end']:5.2f}x {m['first_token_vs_plain']:5.2f}x  {m['exact_runs']}"
+                      + ("  (speculation off: cannot win here)" if m["skipped"] else ""))
             else:
                 print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit']:5.2f}x")
 

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from edgeinfer import engine
+from edgeinfer.costs import CostBook, PairKey
 from edgeinfer.drafters import Draft, ModelDrafter, NgramDrafter
 from edgeinfer.engine import LoadOptions, generate, load
 from edgeinfer.errors import IncompatibleModelsError
 from edgeinfer.sampling import Sampler, SamplingParams
-from edgeinfer.speculative import (CostModel, DraftOptions, SpeculativeStepper, check_pair, stepper_factory,
-                                   target_load_options)
+from edgeinfer.speculative import (CostModel, DraftOptions, SpeculationPlan, SpeculativeStepper, check_pair,
+                                   stepper_factory, target_load_options)
 from tinymodel import make_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
@@ -94,10 +95,11 @@ def test_a_verifying_target_is_loaded_without_weight_repacking(models):
     differently (logits apart by up to 0.46 on the real Qwen2.5-1.5B Q4_K_M here: scripts/batch_vs_single.py);
     a target loaded to verify drafts must not repack, or a near-tie could change the answer. On rows as short
     as the tiny model's the two kernels happen to agree, so the load option itself is checked too."""
-    assert target_load_options(models.options, DraftOptions(ref="ngram")).repack is False
-    assert target_load_options(models.options, None).repack is True
+    verifying = SpeculationPlan(DraftOptions(ref="ngram"))
+    assert target_load_options(models.options, verifying).repack is False
+    assert target_load_options(models.options, SpeculationPlan(None)).repack is True
     q4 = quantize(models.target.path, models.folder / "tiny-target-q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M")
-    with load(q4, target_load_options(models.options, DraftOptions(ref="ngram"))) as target:
+    with load(q4, target_load_options(models.options, verifying)) as target:
         tokens = target.tokenize(PROMPTS[3], add_special=False)
         target.prefill(tokens[:-4])
         singles = [target.decode([t])[0].copy() for t in tokens[-4:]]
@@ -255,13 +257,17 @@ class ScriptedDrafter:
         return Draft()
 
 
-def policy(pass_costs: dict[int, float], accepted: float, rejected: float, draft_max=8):
+def policy(pass_costs: dict[int, float], accepted: float, rejected: float, draft_max=8, drafter=None,
+           catch_up: float | None = None):
     costs = CostModel()
     for n, seconds in pass_costs.items():
         for _ in range(3):
             costs.observe_pass(n, seconds)
+    if catch_up is not None:
+        costs.observe_catch_up(catch_up * 10, 10)
     target = SimpleNamespace(n_ctx=512, n_batch=512)
-    stepper = SpeculativeStepper(target, None, ScriptedDrafter(), DraftOptions(ref="x", draft_max=draft_max), costs)
+    stepper = SpeculativeStepper(target, None, drafter or ScriptedDrafter(), DraftOptions(ref="x", draft_max=draft_max),
+                                 costs)
     stepper.prompt_len, stepper.successes, stepper.failures = 10, accepted, rejected
     return stepper
 
@@ -287,6 +293,69 @@ def test_the_draft_length_follows_the_measured_costs_and_the_acceptance():
     assert policy({}, accepted=1, rejected=1)._choose(history) == 0
 
 
+def test_a_draft_model_that_fell_behind_is_not_probed_when_catching_up_would_cost_more_than_a_probe_can_win():
+    history = list(range(20))
+    fair = {n: 0.05 * (1 + 0.6 * (n - 1)) for n in range(1, 10)}
+    draft_model = SimpleNamespace(name="small.gguf", step_cost_hint=0.3)
+    # Reading a missed token costs the draft 0.02 s, 40% of a plain step: after 8 plain steps a probe would
+    # first spend more than two plain steps catching up. No probes at all.
+    stepper = policy(fair, accepted=1, rejected=9, drafter=draft_model, catch_up=0.02)
+    choices = []
+    for _ in range(60):
+        choices.append(stepper._choose(history))
+        stepper.unseen += 1  # each plain step leaves the draft one token further behind
+    assert choices == [0] * 60
+    # A draft 20 times cheaper than that catches up cheaply: probes again now and then.
+    stepper = policy(fair, accepted=1, rejected=9, drafter=draft_model, catch_up=0.001)
+    choices = []
+    for _ in range(60):
+        choices.append(stepper._choose(history))
+        stepper.unseen = 0 if choices[-1] else stepper.unseen + 1
+    assert 1 <= sum(1 for k in choices if k) <= 4
+
+
+def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
+    book_file = tmp_path / "speculation-costs.json"
+    key = PairKey("Some CPU avx2", 2, "target.gguf:1000", "draft.gguf", None)
+    book = CostBook(book_file)
+    costs = book.get(key)
+    for n, seconds in {1: 0.05, 2: 0.07, 3: 0.09}.items():
+        costs.observe_pass(n, seconds)
+    costs.observe_draft(0.01)
+    for _ in range(10):
+        costs.observe_round(3, ended=True)
+    book.save()
+
+    again = CostBook(book_file).get(key)
+    assert again.ratios(3) == {1: 1.0, 2: 1.4, 3: 1.8} and again.draft_step(0.0) == 0.01
+    assert again.acceptance_prior() == pytest.approx(0.75)
+    assert CostBook(book_file).peek(PairKey("Another CPU", 2, "target.gguf:1000", "draft.gguf", None)) is None
+    book_file.write_text("{ not json")
+    assert CostBook(book_file).get(key).measured(1) is None  # a damaged file costs some learning, nothing else
+
+
+def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_family, models, edgeinfer_home, cli):
+    from edgeinfer.costs import pair_key
+
+    # What earlier runs measured on this machine: verifying 2 tokens costs twice one, drafting a token 40%.
+    book = CostBook(edgeinfer_home / "speculation-costs.json")
+    costs = book.get(pair_key(Path(tiny_family.target), Path(models.q8).name, 2, None))
+    for n in range(1, 10):
+        for _ in range(3):
+            costs.observe_pass(n, 0.01 * n)
+    costs.observe_draft(0.004)
+    book.save()
+
+    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "20", "-t", "2", "Once upon a time"]
+    plain = cli(*args)
+    code, out, err = cli(*args, "--draft", models.q8, "--stats")
+    assert code == 0 and out == plain.stdout
+    assert "speculation off" in err and "slower than plain decoding" in err
+    # Prompt lookup has no such record here: it still runs.
+    code, out, err = cli(*args, "--draft", "ngram", "--stats")
+    assert code == 0 and out == plain.stdout and "tokens per target pass" in err
+
+
 # --- pairing -------------------------------------------------------------------------
 
 
@@ -306,11 +375,9 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_weights_load(tiny
         run(request)
 
 
-def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(tiny_family, models, edgeinfer_home, cli,
-                                                                            monkeypatch):
-    # Each `edgeinfer run` is a fresh process that has measured nothing yet; so is this one, for the CLI.
-    # (The tests above taught this process that on models this tiny, drafting cannot pay.)
-    monkeypatch.setattr("edgeinfer.speculative._cost_models", {})
+def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(tiny_family, models, edgeinfer_home, cli):
+    # A fresh home: nothing measured yet (the tests above taught this process, not this home, that drafting
+    # cannot pay on models this tiny).
     args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "30", "--json", "Once upon a time"]
     plain = json.loads(cli(*args).stdout)
     code, out, err = cli(*args, "--draft", models.q8, "--draft-max", "5", "--draft-p-min", "0")
