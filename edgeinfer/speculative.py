@@ -340,8 +340,9 @@ class SpeculativeStepper:
         if draft.tokens:
             self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds) / len(draft.tokens))
         if not draft.tokens or len(draft.tokens) < self.options.draft_min:
-            self._record(0, 0, k, ended=True)  # the chain ended before it began
-            return None
+            if self.drafter.step_cost_hint > 0:  # a draft model paid a step for nothing: the chain ended at once
+                self._record(0, 0, k, ended=True)
+            return None  # (prompt lookup found no match: that cost nothing and says nothing about its drafts)
         # Logits at every position of the batch: each one verifies the draft token after it.
         rows = self.target.decode([history[-1], *draft.tokens], all_logits=True)
         self.costs.observe_pass(len(draft.tokens) + 1, time.perf_counter() - t1)
