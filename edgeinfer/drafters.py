@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -25,6 +26,7 @@ class Draft:
     dists: list[np.ndarray | None] = field(default_factory=list)  # q for each token; None: a point mass
     catch_up_seconds: float = 0.0  # time spent evaluating a backlog (the prompt, plain rounds): not a draft step
     catch_up_tokens: int = 0  # how many tokens that backlog held
+    source: str = ""  # what kind of proposal this is, for drafters whose proposals differ in quality
 
 
 class Drafter(Protocol):
@@ -36,6 +38,9 @@ class Drafter(Protocol):
 
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         """Up to n tokens after history (whose last token is not yet in any cache)."""
+
+    def time_step(self, prompt: Sequence[int]) -> float | None:
+        """Seconds for one draft step, timed after the prompt and forgotten (None: drafting costs nothing)."""
 
 
 class ModelDrafter:
@@ -50,10 +55,19 @@ class ModelDrafter:
     def __init__(self, model: Model, target_vocab: int, target_size: int) -> None:
         self.model, self.name = model, model.path.name
         self.n_vocab = target_vocab
-        self.step_cost_hint = model.info.file_size / max(target_size, 1)
+        self.step_cost_hint = model.info.file_size / max(target_size, 1)  # see step_cost_hint()
 
     def prepare(self, prompt: Sequence[int]) -> None:
         self.model.prefill(prompt)
+
+    def time_step(self, prompt: Sequence[int]) -> float | None:
+        base, best = len(self.model.cached), float("inf")
+        for token in prompt[-3:]:
+            start = time.perf_counter()
+            self.model.decode([token])
+            best = min(best, time.perf_counter() - start)
+            self.model.truncate(base)
+        return best
 
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         draft, context = Draft(), list(history)
@@ -90,6 +104,12 @@ class ModelDrafter:
         return np.concatenate([logits, np.full(self.n_vocab - len(logits), -np.inf, dtype=logits.dtype)])
 
 
+def step_cost_hint(draft: Path, target: Path) -> float:
+    """A draft step against a target step before either is measured: the ratio of the files' sizes,
+    since on a CPU one-token decoding reads every weight once (it errs low: small models are less efficient)."""
+    return draft.stat().st_size / max(target.stat().st_size, 1)
+
+
 class NgramDrafter:
     """Prompt-lookup decoding: copy what followed the last occurrence of the context's final n-gram.
 
@@ -109,6 +129,9 @@ class NgramDrafter:
     def prepare(self, prompt: Sequence[int]) -> None:
         pass  # the index grows with the history at each proposal
 
+    def time_step(self, prompt: Sequence[int]) -> float | None:
+        return None
+
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         self._extend(history)
         for size in self.sizes:
@@ -117,7 +140,7 @@ class NgramDrafter:
             end = self._index.get(tuple(history[-size:]))
             if end is not None:
                 tokens = list(history[end + 1 : end + 1 + n])
-                return Draft(tokens, [None] * len(tokens))
+                return Draft(tokens, [None] * len(tokens), source=f"{size}-gram")
         return Draft()
 
     def _extend(self, history: Sequence[int]) -> None:

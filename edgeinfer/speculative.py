@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgeinfer.costs import CostBook, CostModel, expected_tokens, pair_key
-from edgeinfer.drafters import Draft, Drafter, ModelDrafter, NgramDrafter
+from edgeinfer.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, step_cost_hint
 from edgeinfer.engine import LoadOptions, Model, PlainStepper, load
 from edgeinfer.errors import IncompatibleModelsError, UsageError
 from edgeinfer.sampling import Sampler
@@ -146,14 +146,13 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     costs = book.peek(pair_key(target, plan.drafter_name, threads, load_options.n_gpu_layers))
     if not options.adaptive or costs is None or not costs.fresh or costs.measured(2) is None:
         return plan
-    if draft_path is not None and not costs.draft_steps:
-        return plan
-    best, plain = max(rates(costs, 0.0, options, options.draft_max, alpha=1.0).values()), 1.0 / costs.measured(1)
+    hint = step_cost_hint(draft_path, target) if draft_path is not None else 0.0
+    best, plain = max(rates(costs, hint, options, options.draft_max, alpha=1.0).values()), 1.0 / costs.measured(1)
     if best > plain * SpeculativeStepper.HYSTERESIS:
         return plan
     v = costs.ratios(3)
     why = (f"speculation off: on this machine even drafts that were always right would be slower than plain decoding "
-           f"(a pass of 2 tokens costs {v.get(2, 0):.2f}x one, a draft step {costs.draft_step(0.0) * 1000:.1f} ms "
+           f"(a pass of 2 tokens costs {v.get(2, 0):.2f}x one, a draft step {costs.draft_step(hint) * 1000:.1f} ms "
            f"against {costs.measured(1) * 1000:.1f} ms; measured by earlier runs)")
     return replace(plan, skipped=why)
 
@@ -264,6 +263,8 @@ class SpeculativeStepper:
         self.off_rounds, self.probe_gap = 0, 8
         self.k = 0
         self.unseen = 0  # tokens produced since the drafter last read the history: a probe's catch-up
+        self.source: str | None = None  # the kind of the proposal under way (prompt lookup: its match length)
+        self.by_source: dict[str, list[float]] = {}  # [continued, ended] per kind of proposal, decayed
         self.counts = dict(drafted=0, accepted=0, rejections=0, passes=0, speculative_passes=0, probes=0, tokens=0, k_sum=0)
         self.seconds = 0.0
         # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed.
@@ -280,8 +281,8 @@ class SpeculativeStepper:
     def _calibrate(self, prompt: Sequence[int]) -> None:
         """Time one target pass of each size a round may verify, on the prompt's own tokens, then forget them.
 
-        Once per (CPU, threads, target, drafter), remembered in the cost book: about as long as
-        generating 40 tokens. Without it the first rounds guess at costs that, on a small CPU,
+        And one draft step. Once per (CPU, threads, target, drafter), remembered in the cost book:
+        about as long as generating 40 tokens. Without it the first rounds guess at costs that, on a small CPU,
         decide between a speed-up and a loss, and an answer of a hundred tokens cannot win those back.
         """
         base = len(self.target.cached)
@@ -291,13 +292,19 @@ class SpeculativeStepper:
             self.target.decode(prompt[:n], all_logits=True)
             self.costs.observe_pass(n, time.perf_counter() - start)
             self.target.truncate(base)
+        step = self.drafter.time_step(prompt)
+        if step is not None:
+            self.costs.observe_draft(step)
 
     def advance(self, history: list[int]) -> list[int]:
         start = time.perf_counter()
         if self.prompt_len is None:
             self.prompt_len = len(history) - 1
-        k = self._choose(history)
-        out = self._speculate(history, k) if k else None
+        if self.drafter.step_cost_hint == 0 and self.options.adaptive:
+            k, draft = self._look_first(history)
+        else:
+            k, draft = self._choose(history), None
+        out = self._speculate(history, k, draft) if k else None
         # A round in which a model drafter was asked is speculative whatever it proposed: it paid for the asking.
         kind = "speculative" if out is not None or (k and self.drafter.step_cost_hint > 0) else "plain"
         if out is None:
@@ -321,9 +328,12 @@ class SpeculativeStepper:
         """Have recent speculative rounds, everything included, delivered fewer tokens per second than
         plain steps? The cost model predicts; this checks the prediction against the clock."""
         (spec_tokens, spec_seconds), (plain_tokens, plain_seconds) = self.realized["speculative"], self.realized["plain"]
-        if spec_tokens < 6 or plain_tokens < 3 or spec_seconds <= 0 or plain_seconds <= 0:
+        if spec_tokens < 6 or spec_seconds <= 0:
             return False
-        return spec_tokens / spec_seconds < plain_tokens / plain_seconds
+        # Speculation on from the first round leaves no plain rounds to compare with: then a plain
+        # step's measured cost stands in for them.
+        plain_rate = plain_tokens / plain_seconds if plain_tokens >= 3 and plain_seconds > 0 else 1.0 / self.costs.measured(1)
+        return spec_tokens / spec_seconds < plain_rate
 
     def _plain(self, history: list[int]) -> list[int]:
         t0 = time.perf_counter()
@@ -331,9 +341,29 @@ class SpeculativeStepper:
         self.costs.observe_pass(1, time.perf_counter() - t0)
         return [self.sampler.sample(logits, history)]
 
-    def _speculate(self, history: list[int], k: int) -> list[int] | None:
+    def _look_first(self, history: list[int]) -> tuple[int, Draft | None]:
+        """For a drafter that costs nothing to ask (prompt lookup): ask first, then judge the proposal by
+        how often proposals of its kind were accepted (a copy after a 4-token match is far surer than
+        after a 2-token one), and verify it only when that promises a win."""
+        cap = self._cap(history)
+        if cap < max(1, self.options.draft_min) or self.costs.measured(1) is None:
+            return 0, None
+        draft = self.drafter.propose(history, cap, self.sampler, self.options.p_min)
+        if not draft.tokens:
+            return 0, None
+        self.source = draft.source
+        return self._choose(history, self._source_acceptance(draft.source), len(draft.tokens)), draft
+
+    def _source_acceptance(self, source: str) -> float:
+        tally = self.by_source.setdefault(source, [3 * self.acceptance, 3 * (1 - self.acceptance)])
+        return tally[0] / (tally[0] + tally[1])
+
+    def _speculate(self, history: list[int], k: int, draft: Draft | None = None) -> list[int] | None:
         t0 = time.perf_counter()
-        draft = self.drafter.propose(history, k, self.sampler, self.options.p_min)
+        if draft is None:
+            draft = self.drafter.propose(history, k, self.sampler, self.options.p_min)
+        else:  # proposed before the length was chosen: keep k tokens
+            draft = replace(draft, tokens=draft.tokens[:k], dists=draft.dists[:k])
         t1 = time.perf_counter()
         self._catch_up = draft.catch_up_seconds
         self.costs.observe_catch_up(draft.catch_up_seconds, draft.catch_up_tokens)
@@ -379,6 +409,9 @@ class SpeculativeStepper:
         or out of text to copy), since the round yields no more either way."""
         self.successes = self.successes * self.DECAY + accepted
         self.failures = self.failures * self.DECAY + (1 if ended else 0)
+        if self.source is not None:
+            tally = self.by_source[self.source]
+            tally[0], tally[1] = tally[0] * self.DECAY + accepted, tally[1] * self.DECAY + (1 if ended else 0)
         self.costs.observe_round(accepted, ended)
         c = self.counts
         c["drafted"] += drafted
@@ -393,17 +426,22 @@ class SpeculativeStepper:
     def acceptance(self) -> float:
         return self.successes / (self.successes + self.failures)
 
-    def _choose(self, history: list[int]) -> int:
-        """The draft length for this round; 0 means one plain target step."""
+    def _cap(self, history: list[int]) -> int:
+        """The longest draft this round may verify: --draft-max, the context, the batch, --max-tokens."""
         cap = min(self.options.draft_max, self.target.n_ctx - len(history), self.target.n_batch - 1)
         if self.max_tokens is not None:
             cap = min(cap, self.max_tokens - (len(history) - self.prompt_len) - 1)
+        return cap
+
+    def _choose(self, history: list[int], alpha: float | None = None, limit: int | None = None) -> int:
+        """The draft length for this round (at most `limit`, the tokens already proposed); 0: one plain step."""
+        cap = self._cap(history) if limit is None else min(self._cap(history), limit)
         if cap < max(1, self.options.draft_min):
             return 0
         if not self.options.adaptive:
             self.k = cap
             return cap
-        rates = self._rates(cap)
+        rates = self._rates(cap, alpha)
         if rates is None:  # nothing measured yet: one plain step measures v(1)
             return 0
         best = max(rates, key=rates.get)

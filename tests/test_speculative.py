@@ -314,6 +314,18 @@ def test_a_draft_model_that_fell_behind_is_not_probed_when_catching_up_would_cos
     assert 1 <= sum(1 for k in choices if k) <= 4
 
 
+def test_prompt_lookup_trusts_each_kind_of_match_as_far_as_it_has_proved_right():
+    history = list(range(20))
+    fair = {n: 0.05 * (1 + 0.6 * (n - 1)) for n in range(1, 10)}
+    stepper = policy(fair, accepted=5, rejected=5)  # a drafter that costs nothing to ask
+    stepper.by_source = {"4-gram": [9.0, 1.0], "2-gram": [1.0, 9.0]}
+    assert stepper._choose(history, stepper._source_acceptance("4-gram"), limit=6) >= 2
+    stepper.k = 0
+    assert stepper._choose(history, stepper._source_acceptance("2-gram"), limit=6) == 0
+    # A kind never seen starts from the drafter's overall acceptance.
+    assert stepper._source_acceptance("3-gram") == pytest.approx(stepper.acceptance)
+
+
 def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     book_file = tmp_path / "speculation-costs.json"
     key = PairKey("Some CPU avx2", 2, "target.gguf:1000", "draft.gguf", None)
