@@ -8,11 +8,13 @@ rejection is resampled from max(0, p - q) (Leviathan et al. 2023; Chen et al.
 2023), where p and q come from the same `Sampler.distribution`.
 
 It is adaptive: a verification batch of n tokens is not free on a small CPU, and
-its cost v(n) is neither linear nor monotonic in n. `CostModel` measures v(n)
-and the draft's step cost on this machine as generation goes; the stepper picks
-the draft length with the best expected tokens per second from those costs and
-the running acceptance rate, drafts nothing when plain decoding would be faster,
-and probes again from time to time.
+its cost v(n) is neither linear nor monotonic in n. `costs.CostModel` holds v(n)
+and the draft's costs on this machine, calibrated on first use and remembered
+across runs in a `costs.CostBook`; the stepper picks the draft length with the
+best expected tokens per second from those costs and the running acceptance,
+drafts nothing when plain decoding would be faster, and probes again when a
+probe is cheap. `plan_speculation` decides before loading anything whether a
+pair can win here at all.
 """
 
 from __future__ import annotations
