@@ -347,16 +347,8 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
 
 
 def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_family, models, edgeinfer_home, cli):
-    from edgeinfer.costs import pair_key
-
     # What earlier runs measured on this machine: verifying 2 tokens costs twice one, drafting a token 40%.
-    book = CostBook(edgeinfer_home / "speculation-costs.json")
-    costs = book.get(pair_key(Path(tiny_family.target), Path(models.q8).name, 2, None))
-    for n in range(1, 10):
-        for _ in range(3):
-            costs.observe_pass(n, 0.01 * n)
-    costs.observe_draft(0.004)
-    book.save()
+    remember_costs(edgeinfer_home, tiny_family.target, Path(models.q8).name, lambda n: 0.01 * n, 0.004)
 
     args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "20", "-t", "2", "Once upon a time"]
     plain = cli(*args)
@@ -387,11 +379,36 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_weights_load(tiny
         run(request)
 
 
+def remember_costs(home: Path, target: Path, drafter: str, pass_cost, draft_step: float) -> None:
+    """Put in the home's cost book what earlier runs would have measured on some machine (2 threads)."""
+    from edgeinfer.costs import pair_key
+
+    book = CostBook(home / "speculation-costs.json")
+    costs = book.get(pair_key(Path(target), drafter, 2, None))
+    for n in range(1, 10):
+        for _ in range(3):
+            costs.observe_pass(n, pass_cost(n))
+    costs.observe_draft(draft_step)
+    book.save()
+
+
 def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(tiny_family, models, edgeinfer_home, cli):
-    # A fresh home: nothing measured yet (the tests above taught this process, not this home, that drafting
-    # cannot pay on models this tiny).
-    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "30", "--json", "Once upon a time"]
+    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "30", "-t", "2", "--json",
+            "Once upon a time"]
     plain = json.loads(cli(*args).stdout)
+    # A fresh home: the first --draft run calibrates, and on models this tiny a draft step costs about as much
+    # as a target step, so whether the draft drafts at all is the cost model's call. The answer must be the
+    # target's either way, and what the run measured is kept for the next one.
+    code, out, err = cli(*args, "--draft", models.q8, "--draft-max", "5", "--draft-p-min", "0")
+    fast = json.loads(out)
+    assert code == 0 and fast["text"] == plain["text"]
+    assert fast["speculative"]["drafter"] == models.q8.name and fast["speculative"]["target_passes"] > 0
+    assert (edgeinfer_home / "speculation-costs.json").is_file()
+
+    # On a machine where earlier runs found verification nearly free and the draft cheap, it drafts, and
+    # nearly everything its own quantization proposes is accepted.
+    (edgeinfer_home / "speculation-costs.json").unlink()
+    remember_costs(edgeinfer_home, tiny_family.target, models.q8.name, lambda n: 0.01 * (1 + 0.05 * n), 0.001)
     code, out, err = cli(*args, "--draft", models.q8, "--draft-max", "5", "--draft-p-min", "0")
     fast = json.loads(out)
     assert code == 0 and fast["text"] == plain["text"]
