@@ -165,28 +165,30 @@ class CostBook:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._models: dict[str, CostModel] = {}
-
-    def get(self, key: PairKey) -> CostModel:
-        text = key.text()
-        if text not in self._models:
-            stored = self._read().get(text)
-            self._models[text] = CostModel.from_json(stored) if stored else CostModel()
-        return self._models[text]
+        self._stored: dict | None = None  # the file as first read: the plan and the steppers share one read
 
     def peek(self, key: PairKey) -> CostModel | None:
-        """The remembered model, without creating one."""
+        """The remembered model, or None: nothing is created."""
         text = key.text()
-        if text in self._models:
-            return self._models[text]
-        stored = self._read().get(text)
-        return CostModel.from_json(stored) if stored else None
+        if text not in self._models:
+            if self._stored is None:
+                self._stored = self._read()
+            stored = self._stored.get(text)
+            if not stored:
+                return None
+            self._models[text] = CostModel.from_json(stored)
+        return self._models[text]
+
+    def get(self, key: PairKey) -> CostModel:
+        """The remembered model, or a new one that this book will save."""
+        return self.peek(key) or self._models.setdefault(key.text(), CostModel())
 
     def save(self) -> None:
         if self.path is None or not self._models:
             return
         from edgeinfer.store import atomic_write_text
 
-        data = self._read()
+        data = self._read()  # again: another run may have saved since (merge, do not overwrite)
         data.update({k: m.to_json() for k, m in self._models.items() if m.passes})
         try:
             atomic_write_text(self.path, json.dumps(data))

@@ -77,7 +77,7 @@ def diagnose(lib: Library) -> Report:
         backends=[f"{name} ({what})" for name, what in _BACKENDS.items() if f"{name} :" in info.upper() or f"{name} =" in info.upper()],
         devices=_devices(llama_cpp),
         cpu=machine.cpu_name(),
-        cpu_flags=machine.cpu_flags(),
+        cpu_flags=list(machine.cpu_flags()),
         physical_cores=machine.physical_cores(),
         memory_total=machine.total_memory(),
         memory_available=machine.available_memory(),

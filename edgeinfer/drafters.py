@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -55,7 +54,7 @@ class ModelDrafter:
     def __init__(self, model: Model, target_vocab: int, target_size: int) -> None:
         self.model, self.name = model, model.path.name
         self.n_vocab = target_vocab
-        self.step_cost_hint = model.info.file_size / max(target_size, 1)  # see step_cost_hint()
+        self.step_cost_hint = step_cost_hint(model.info.file_size, target_size)
 
     def prepare(self, prompt: Sequence[int]) -> None:
         self.model.prefill(prompt)
@@ -104,10 +103,10 @@ class ModelDrafter:
         return np.concatenate([logits, np.full(self.n_vocab - len(logits), -np.inf, dtype=logits.dtype)])
 
 
-def step_cost_hint(draft: Path, target: Path) -> float:
+def step_cost_hint(draft_size: int, target_size: int) -> float:
     """A draft step against a target step before either is measured: the ratio of the files' sizes,
     since on a CPU one-token decoding reads every weight once (it errs low: small models are less efficient)."""
-    return draft.stat().st_size / max(target.stat().st_size, 1)
+    return draft_size / max(target_size, 1)
 
 
 class NgramDrafter:

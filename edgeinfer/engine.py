@@ -41,6 +41,11 @@ class LoadOptions:
     # but a batch of tokens and one token then go through kernels that round differently.
     repack: bool = True
 
+    @property
+    def threads(self) -> int:
+        """The threads llama.cpp will use: as given, else the physical cores."""
+        return self.n_threads or machine.physical_cores()
+
 
 def load(path: Path, options: LoadOptions = LoadOptions(), cache_file: Path | None = None) -> "Model":
     """Validate a GGUF with the gguf reader, check it fits in memory, then hand it to llama.cpp."""
@@ -58,7 +63,7 @@ class Model:
         _init_backend(options.verbose)
         self.path, self.info, self.n_ctx = path, info, n_ctx
         self.n_batch = min(options.n_batch, n_ctx)
-        self.n_threads = options.n_threads or machine.physical_cores()
+        self.n_threads = options.threads
         self.n_gpu_layers = options.n_gpu_layers
         self._model = self._load_model(path, options)
         self._ctx = self._new_context(options)

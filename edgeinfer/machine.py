@@ -6,6 +6,7 @@ with a clear message instead of swapping or being killed.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -34,6 +35,7 @@ def physical_cores() -> int:
     return max(1, min(usable, len(cores) or usable))
 
 
+@functools.cache  # /proc/cpuinfo does not change under a running process
 def cpu_name() -> str:
     try:
         match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
@@ -44,15 +46,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> list[str]:
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
     """The SIMD features that matter to llama.cpp's CPU kernels."""
     try:
         match = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
     except OSError:
-        return []
+        return ()
     flags = set(match.group(1).split()) if match else set()
     wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
-    return [f for f in wanted if f in flags]
+    return tuple(f for f in wanted if f in flags)
 
 
 def total_memory() -> int:

@@ -144,25 +144,17 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     if options is None:
         return SpeculationPlan(None)
     plan = SpeculationPlan(options, draft_path, book)
-    threads = load_options.n_threads or _physical_cores()
-    costs = book.peek(pair_key(target, plan.drafter_name, threads, load_options.n_gpu_layers))
+    costs = book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers))
     if not options.adaptive or costs is None or not costs.fresh or costs.measured(2) is None:
         return plan
-    hint = step_cost_hint(draft_path, target) if draft_path is not None else 0.0
-    best, plain = max(rates(costs, hint, options, options.draft_max, alpha=1.0).values()), 1.0 / costs.measured(1)
-    if best > plain * SpeculativeStepper.HYSTERESIS:
+    hint = step_cost_hint(draft_path.stat().st_size, target.stat().st_size) if draft_path is not None else 0.0
+    if can_win(costs, hint, options, options.draft_max):
         return plan
     v = costs.ratios(3)
     why = (f"speculation off: on this machine even drafts that were always right would be slower than plain decoding "
            f"(a pass of 2 tokens costs {v.get(2, 0):.2f}x one, a draft step {costs.draft_step(hint) * 1000:.1f} ms "
            f"against {costs.measured(1) * 1000:.1f} ms; measured by earlier runs)")
     return replace(plan, skipped=why)
-
-
-def _physical_cores() -> int:
-    from edgeinfer import machine
-
-    return machine.physical_cores()
 
 
 def target_load_options(options: LoadOptions, plan: SpeculationPlan) -> LoadOptions:
@@ -190,7 +182,7 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
         yield None
         return
     if plan.skipped:
-        yield lambda model, sampler: SkippedStepper(model, sampler, plan.drafter_name, plan.skipped)
+        yield skipped_factory(plan)
         return
     try:
         if plan.draft_path is None:
@@ -208,8 +200,6 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
 
 def stepper_factory(make_drafter: Callable[[], Drafter], options: DraftOptions, max_tokens: int | None = None,
                     book: CostBook | None = None) -> Callable[[Model, Sampler], "SpeculativeStepper"]:
-    book = book or _PROCESS_BOOK
-
     def factory(target: Model, sampler: Sampler) -> SpeculativeStepper:
         drafter = make_drafter()
         return SpeculativeStepper(target, sampler, drafter, options, cost_model(target, drafter, book), max_tokens)
@@ -223,6 +213,11 @@ _PROCESS_BOOK = CostBook(None)  # for callers that keep no file: chat turns and 
 def cost_model(target: Model, drafter: Drafter, book: CostBook | None = None) -> CostModel:
     """The costs of this (CPU, threads, target, drafter, offload): remembered, or learned from here on."""
     return (book or _PROCESS_BOOK).get(pair_key(target.path, drafter.name, target.n_threads, target.n_gpu_layers))
+
+
+def skipped_factory(plan: SpeculationPlan) -> Callable[[Model, Sampler], PlainStepper]:
+    """Plain decoding for a plan whose pair cannot win here, with stats that say so."""
+    return lambda model, sampler: SkippedStepper(model, sampler, plan.drafter_name, plan.skipped)
 
 
 class SkippedStepper(PlainStepper):
@@ -244,6 +239,13 @@ def rates(costs: CostModel, step_hint: float, options: DraftOptions, cap: int,
     return {k: expected_tokens(alpha, k) / (k * step + costs.pass_cost(k + 1)) for k in range(lo, cap + 1)}
 
 
+def can_win(costs: CostModel, step_hint: float, options: DraftOptions, cap: int) -> bool:
+    """Could drafts that were always accepted beat plain decoding by the stepper's margin? If not, speculating
+    only costs: neither the plan (loading the draft) nor a probe (asking it) is worth anything."""
+    best = max(rates(costs, step_hint, options, cap, alpha=1.0).values())
+    return best > SpeculativeStepper.HYSTERESIS / costs.measured(1)
+
+
 # --- the stepper --------------------------------------------------------------------
 
 
@@ -259,6 +261,7 @@ class SpeculativeStepper:
                  costs: CostModel, max_tokens: int | None = None) -> None:
         self.target, self.sampler, self.drafter, self.options = target, sampler, drafter, options
         self.costs, self.max_tokens = costs, max_tokens
+        self.free = drafter.step_cost_hint == 0  # asking costs nothing (prompt lookup): look first, judge after
         self.prompt_len: int | None = None
         prior = costs.acceptance_prior()  # what earlier generations with this pair saw, worth three events
         self.successes, self.failures = 3 * prior, 3 * (1 - prior)
@@ -302,13 +305,13 @@ class SpeculativeStepper:
         start = time.perf_counter()
         if self.prompt_len is None:
             self.prompt_len = len(history) - 1
-        if self.drafter.step_cost_hint == 0 and self.options.adaptive:
+        if self.free and self.options.adaptive:
             k, draft = self._look_first(history)
         else:
             k, draft = self._choose(history), None
         out = self._speculate(history, k, draft) if k else None
         # A round in which a model drafter was asked is speculative whatever it proposed: it paid for the asking.
-        kind = "speculative" if out is not None or (k and self.drafter.step_cost_hint > 0) else "plain"
+        kind = "speculative" if out is not None or (k and not self.free) else "plain"
         if out is None:
             out = self._plain(history)
         self.unseen = 0 if k else self.unseen + len(out)
@@ -372,7 +375,7 @@ class SpeculativeStepper:
         if draft.tokens:
             self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds) / len(draft.tokens))
         if not draft.tokens or len(draft.tokens) < self.options.draft_min:
-            if self.drafter.step_cost_hint > 0:  # a draft model paid a step for nothing: the chain ended at once
+            if not self.free:  # a draft model paid a step for nothing: the chain ended at once
                 self._record(0, 0, k, ended=True)
             return None  # (prompt lookup found no match: that cost nothing and says nothing about its drafts)
         # Logits at every position of the batch: each one verifies the draft token after it.
@@ -454,7 +457,7 @@ class SpeculativeStepper:
             self.off_rounds, self.probe_gap, self.k = 0, 8, best
             return best
         self.k, self.off_rounds = 0, self.off_rounds + 1
-        if self._hopeless(cap, self.HYSTERESIS / self.costs.measured(1)):  # not even a perfect drafter would win
+        if not can_win(self.costs, self.drafter.step_cost_hint, self.options, cap):  # perfect drafts would lose too
             return 0
         if self.off_rounds >= self.probe_gap and self._affordable():  # has the text become predictable? ask again
             self.off_rounds, self.probe_gap = 0, min(self.probe_gap * 2, 64)
@@ -462,11 +465,6 @@ class SpeculativeStepper:
             self.realized["speculative"] = [0.0, 0.0]  # judge the probe on its own result
             return best
         return 0
-
-    def _hopeless(self, cap: int, plain_rate: float) -> bool:
-        """Would speculation lose even if every drafted token were accepted? Then a probe only costs:
-        a model drafter must first read every token produced since it last ran."""
-        return max(self._rates(cap, alpha=1.0).values()) <= plain_rate
 
     def _affordable(self) -> bool:
         """A probe first makes a model drafter read every token it missed: worth it only while that costs

@@ -46,8 +46,8 @@ from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
 from edgeinfer.costs import CostBook, expected_tokens  # noqa: E402
-from edgeinfer.speculative import (DraftOptions, SkippedStepper, SpeculationPlan, check_pair,  # noqa: E402
-                                   cost_model, plan_speculation, stepper_factory, target_load_options)
+from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, cost_model,  # noqa: E402
+                                   plan_speculation, skipped_factory, stepper_factory, target_load_options)
 from edgeinfer.template import chat_tokens  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
@@ -241,10 +241,8 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             generate(target, tokens[-1], GREEDY, max_tokens=args.max_tokens, stepper_factory=factory)
             plans[method] = plan_speculation(path, args.draft if method == "draft" else None, spec, options, book)
             if plans[method].skipped:
-                plan = plans[method]
-                factories[method] = lambda model, sampler, plan=plan: SkippedStepper(model, sampler, plan.drafter_name,
-                                                                                     plan.skipped)
-                print(f"  {name} {method}: {plan.skipped}", flush=True)
+                factories[method] = skipped_factory(plans[method])
+                print(f"  {name} {method}: {plans[method].skipped}", flush=True)
         plain_tokens = {}
         for rep in range(args.reps):
             for i, (kind, _) in enumerate(prompts):
