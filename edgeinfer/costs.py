@@ -26,52 +26,87 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-class CostModel:
-    """Target pass costs v(n), the draft's step and catch-up costs, and the long-run acceptance.
+def expected_round(k: int, reject: float, doubt: float, step: float, pass_cost) -> tuple[float, float]:
+    """Expected (tokens, seconds) of one round that drafts up to k tokens.
 
-    Medians of the last few observations, because a shared small machine has
-    outliers. A pass size never measured is estimated from its measured
-    neighbours, a little optimistically so that it gets tried once.
+    A draft model stops early where it doubts its next token (probability `doubt` at
+    each position, the --draft-p-min test), so a round often verifies fewer than k
+    tokens, and pays one draft step more than it proposed: the step whose logits
+    raised the doubt. Each proposed token is rejected with probability `reject`.
+    Averaging over where the draft stops matters on a small CPU, where a pass of
+    2 tokens may cost far less than one of k + 1: charging every round the full
+    k steps and v(k + 1) made speculation look like a loss when it was a win.
+    """
+    tokens = seconds = 0.0
+    reach = 1.0  # the chance the draft gets as far as proposing its j-th token
+    for j in range(k + 1):
+        stops_here = reach * (doubt if j < k else 1.0)
+        steps = j + 1 if j < k else k
+        tokens += stops_here * expected_tokens(1.0 - reject, j)
+        seconds += stops_here * (steps * step + pass_cost(j + 1))
+        reach *= 1.0 - doubt
+    return tokens, seconds
+
+
+class CostModel:
+    """Target pass costs v(n), the draft's step and catch-up costs, and the long-run rejection and doubt rates.
+
+    Every cost but the one-token step v(1) is kept as a multiple of it: on a shared
+    machine the absolute figures drift with the load, between runs and within one,
+    while the ratios hold; a pass of 4 tokens timed on a busy afternoon must not be
+    weighed against a step timed on a quiet night. Medians of the last few
+    observations, because a shared small machine has outliers. A pass size never
+    measured is estimated from its measured neighbours, a little optimistically so
+    that it gets tried once.
     """
 
+    FORMAT = 2  # entries written in another layout are learned again
     PRIOR_SLOPE = 0.5  # v(n)/v(1) grows by about this per extra token on the CPUs we know
     OPTIMISM = 0.85
-    LONG_DECAY = 0.98  # the acceptance remembered across runs forgets at this rate per round
+    LONG_DECAY = 0.98  # the rates remembered across runs forget at this rate per round
 
     def __init__(self, window: int = 7) -> None:
         self.window = window
-        self.passes: dict[int, deque[float]] = {}
-        self.draft_steps: deque[float] = deque(maxlen=window)
-        self.catch_ups: deque[float] = deque(maxlen=window)  # seconds per token of a draft's catch-up
-        self.chain = [0.0, 0.0]  # [continued, ended]: how often a drafted chain went on, decayed
+        self.steps: deque[float] = deque(maxlen=window)  # seconds of a one-token target step, v(1)
+        self.passes: dict[int, deque[float]] = {}  # v(n)/v(1), n >= 2
+        self.draft_steps: deque[float] = deque(maxlen=window)  # a draft model evaluation / v(1)
+        self.catch_ups: deque[float] = deque(maxlen=window)  # a draft's catch-up per token / v(1)
+        self.rejections = [0.0, 0.0]  # [rejected, proposed] tokens, decayed
+        self.doubts = [0.0, 0.0]  # [stops below --draft-p-min, tests of it], decayed
         self.updated = 0.0  # when this was last measured (seconds since the epoch)
 
     # --- observing ---------------------------------------------------------------
 
     def observe_pass(self, n: int, seconds: float) -> None:
-        self.passes.setdefault(n, deque(maxlen=self.window)).append(seconds)
+        """(A one-token step is always timed first: calibration starts with it, rounds follow it.)"""
+        if n == 1:
+            self.steps.append(seconds)
+        elif (v1 := self.measured(1)) is not None:
+            self.passes.setdefault(n, deque(maxlen=self.window)).append(seconds / v1)
         self.updated = time.time()
 
-    def observe_draft(self, seconds_per_token: float) -> None:
-        self.draft_steps.append(seconds_per_token)
+    def observe_draft(self, seconds: float) -> None:
+        if (v1 := self.measured(1)) is not None:
+            self.draft_steps.append(seconds / v1)
 
     def observe_catch_up(self, seconds: float, tokens: int) -> None:
-        if tokens > 0:
-            self.catch_ups.append(seconds / tokens)
+        if tokens > 0 and (v1 := self.measured(1)) is not None:
+            self.catch_ups.append(seconds / tokens / v1)
 
-    def observe_round(self, continued: int, ended: bool) -> None:
+    def observe_round(self, proposed: int, rejected: bool, tests: int, doubted: bool) -> None:
         d = self.LONG_DECAY
-        self.chain = [self.chain[0] * d + continued, self.chain[1] * d + (1 if ended else 0)]
+        self.rejections = [self.rejections[0] * d + rejected, self.rejections[1] * d + proposed]
+        self.doubts = [self.doubts[0] * d + doubted, self.doubts[1] * d + tests]
 
     # --- estimates ---------------------------------------------------------------
 
     def measured(self, n: int) -> float | None:
-        samples = self.passes.get(n)
-        if not samples:
-            return None
-        # The first pass of a new size may also allocate llama.cpp's compute buffers: until there
-        # are three samples, the fastest is the best guess.
-        return min(samples) if len(samples) < 3 else median(samples)
+        """Seconds for a pass of n tokens, if that size was measured."""
+        v1 = _robust(self.steps)
+        if n == 1 or v1 is None:
+            return v1
+        ratio = _robust(self.passes.get(n, ()))
+        return None if ratio is None else v1 * ratio
 
     def pass_cost(self, n: int) -> float | None:
         """Seconds for one target pass of n tokens: measured, or estimated from the measured sizes."""
@@ -81,7 +116,7 @@ class CostModel:
         v1 = self.measured(1)
         if v1 is None:
             return None
-        ratios = {m: self.measured(m) / v1 for m in self.passes if self.passes[m]}
+        ratios = {1: 1.0, **{m: _robust(samples) for m, samples in self.passes.items() if samples}}
         below = max(m for m in ratios if m < n)
         above = [m for m in ratios if m > n]
         if above:
@@ -92,20 +127,25 @@ class CostModel:
         return v1 * ratio * self.OPTIMISM
 
     def draft_step(self, hint: float) -> float:
-        if self.draft_steps:
-            return median(self.draft_steps)
-        return hint * (self.measured(1) or 0.0)
+        """Seconds for one draft model evaluation (the hint: its ratio to v(1) before any was timed)."""
+        ratio = median(self.draft_steps) if self.draft_steps else hint
+        return ratio * (self.measured(1) or 0.0)
 
     def catch_up_per_token(self, hint: float) -> float:
         """What the draft pays per token it must read after plain rounds (never more than a step)."""
         if self.catch_ups:
-            return median(self.catch_ups)
+            return median(self.catch_ups) * (self.measured(1) or 0.0)
         return self.draft_step(hint)
 
-    def acceptance_prior(self, default: float = 0.6) -> float:
-        """The chance a drafted chain goes on one more token, as earlier runs saw it."""
-        go, end = self.chain
-        return go / (go + end) if go + end >= 3 else default
+    def rejection_prior(self, default: float = 0.1) -> float:
+        """The chance a proposed token is rejected, as earlier runs saw it (before any, a hopeful guess:
+        a pair's first run must draft to learn anything, and a model drafter that stops cannot cheaply
+        start again)."""
+        return _rate(self.rejections, default)
+
+    def doubt_prior(self, default: float = 0.1) -> float:
+        """The chance the draft stops, unsure, at a position it reached, as earlier runs saw it."""
+        return _rate(self.doubts, default)
 
     def ratios(self, upto: int) -> dict[int, float]:
         v1 = self.measured(1)
@@ -114,24 +154,42 @@ class CostModel:
     # --- remembering -------------------------------------------------------------
 
     def to_json(self) -> dict:
-        return {"passes": {str(n): list(v) for n, v in self.passes.items()}, "draft_steps": list(self.draft_steps),
-                "catch_ups": list(self.catch_ups), "chain": self.chain, "updated": self.updated}
+        return {"format": self.FORMAT, "steps": list(self.steps),
+                "passes": {str(n): list(v) for n, v in self.passes.items()}, "draft_steps": list(self.draft_steps),
+                "catch_ups": list(self.catch_ups), "rejections": self.rejections, "doubts": self.doubts,
+                "updated": self.updated}
 
     @classmethod
     def from_json(cls, data: dict) -> "CostModel":
         model = cls()
+        if data.get("format") != cls.FORMAT:
+            return model
+        model.steps.extend(float(s) for s in data.get("steps", []))
         for n, samples in data.get("passes", {}).items():
             model.passes[int(n)] = deque((float(s) for s in samples), maxlen=model.window)
         model.draft_steps.extend(float(s) for s in data.get("draft_steps", []))
         model.catch_ups.extend(float(s) for s in data.get("catch_ups", []))
-        chain = data.get("chain", [0.0, 0.0])
-        model.chain = [float(chain[0]), float(chain[1])]
+        model.rejections = [float(x) for x in data.get("rejections", [0.0, 0.0])]
+        model.doubts = [float(x) for x in data.get("doubts", [0.0, 0.0])]
         model.updated = float(data.get("updated", 0.0))
         return model
 
     @property
     def fresh(self) -> bool:
         return time.time() - self.updated < _STALE_SECONDS
+
+
+def _robust(samples) -> float | None:
+    """A typical value of a few timings: the fastest until there are three (the first pass of a new size
+    may also allocate llama.cpp's compute buffers), then the median."""
+    if not samples:
+        return None
+    return min(samples) if len(samples) < 3 else median(samples)
+
+
+def _rate(tally: list[float], default: float) -> float:
+    events, trials = tally
+    return events / trials if trials >= 3 else default
 
 
 @dataclass(frozen=True)
@@ -189,7 +247,7 @@ class CostBook:
         from edgeinfer.store import atomic_write_text
 
         data = self._read()  # again: another run may have saved since (merge, do not overwrite)
-        data.update({k: m.to_json() for k, m in self._models.items() if m.passes})
+        data.update({k: m.to_json() for k, m in self._models.items() if m.steps})
         try:
             atomic_write_text(self.path, json.dumps(data))
         except OSError:

@@ -26,14 +26,16 @@ class Draft:
     catch_up_seconds: float = 0.0  # time spent evaluating a backlog (the prompt, plain rounds): not a draft step
     catch_up_tokens: int = 0  # how many tokens that backlog held
     source: str = ""  # what kind of proposal this is, for drafters whose proposals differ in quality
+    steps: int = 0  # draft model evaluations this proposal took, besides the catch-up
+    doubted: bool = False  # the drafter stopped short because it doubted its next token (--draft-p-min)
 
 
 class Drafter(Protocol):
     name: str
     step_cost_hint: float  # one draft step relative to one target step, before anything is measured
 
-    def prepare(self, prompt: Sequence[int]) -> None:
-        """Read the prompt while the target does (a model drafter's prefill)."""
+    def prepare(self, prompt: Sequence[int]) -> int:
+        """Read the prompt while the target does (a model drafter's prefill); how many tokens it read."""
 
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         """Up to n tokens after history (whose last token is not yet in any cache)."""
@@ -56,8 +58,10 @@ class ModelDrafter:
         self.n_vocab = target_vocab
         self.step_cost_hint = step_cost_hint(model.info.file_size, target_size)
 
-    def prepare(self, prompt: Sequence[int]) -> None:
+    def prepare(self, prompt: Sequence[int]) -> int:
+        backlog = len(prompt) - len(self.model.cached)
         self.model.prefill(prompt)
+        return backlog
 
     def time_step(self, prompt: Sequence[int]) -> float | None:
         base, best = len(self.model.cached), float("inf")
@@ -74,6 +78,8 @@ class ModelDrafter:
         logits = self.model.prefill(history)
         if backlog > 2:  # after a verification the draft is at most two tokens behind; more is a one-off
             draft.catch_up_seconds, draft.catch_up_tokens = time.perf_counter() - start, backlog
+        else:
+            draft.steps = 1
         greedy = sampler.params.greedy
         for i in range(n):
             row = self._fit(logits)
@@ -85,6 +91,7 @@ class ModelDrafter:
                 token = sampler.draw(q)
                 confidence = float(q[token])
             if confidence < p_min:  # the draft is unsure: stop before wasting a verification slot
+                draft.doubted = True
                 break
             draft.tokens.append(token)
             draft.dists.append(q)
@@ -92,6 +99,7 @@ class ModelDrafter:
             if i == n - 1 or self.model.is_eog(token):
                 break
             logits = self.model.decode([token])[0]
+            draft.steps += 1
         return draft
 
     def _fit(self, logits: np.ndarray) -> np.ndarray:
@@ -125,8 +133,8 @@ class NgramDrafter:
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # positions of history whose n-grams are in the index
 
-    def prepare(self, prompt: Sequence[int]) -> None:
-        pass  # the index grows with the history at each proposal
+    def prepare(self, prompt: Sequence[int]) -> int:
+        return 0  # the index grows with the history at each proposal
 
     def time_step(self, prompt: Sequence[int]) -> float | None:
         return None

@@ -11,7 +11,7 @@ It is adaptive: a verification batch of n tokens is not free on a small CPU, and
 its cost v(n) is neither linear nor monotonic in n. `costs.CostModel` holds v(n)
 and the draft's costs on this machine, calibrated on first use and remembered
 across runs in a `costs.CostBook`; the stepper picks the draft length with the
-best expected tokens per second from those costs and the running acceptance,
+best expected tokens per second from those costs and the running rejection and doubt rates,
 drafts nothing when plain decoding would be faster, and probes again when a
 probe is cheap. `plan_speculation` decides before loading anything whether a
 pair can win here at all.
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edgeinfer.costs import CostBook, CostModel, expected_tokens, pair_key
+from edgeinfer.costs import CostBook, CostModel, expected_round, pair_key
 from edgeinfer.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, step_cost_hint
 from edgeinfer.engine import LoadOptions, Model, PlainStepper, load
 from edgeinfer.errors import IncompatibleModelsError, UsageError
@@ -232,17 +232,22 @@ class SkippedStepper(PlainStepper):
 
 
 def rates(costs: CostModel, step_hint: float, options: DraftOptions, cap: int,
-          alpha: float) -> dict[int, float]:
-    """Expected tokens per second for each draft length up to cap, from the costs and the acceptance."""
+          reject: float, doubt: float = 0.0) -> dict[int, float]:
+    """Expected tokens per second for each draft length up to cap, from the costs, the chance a proposed
+    token is rejected and the chance the draft stops, unsure, at a position."""
     step = costs.draft_step(step_hint)
     lo = max(1, options.draft_min)
-    return {k: expected_tokens(alpha, k) / (k * step + costs.pass_cost(k + 1)) for k in range(lo, cap + 1)}
+    out = {}
+    for k in range(lo, cap + 1):
+        tokens, seconds = expected_round(k, reject, doubt, step, costs.pass_cost)
+        out[k] = tokens / seconds
+    return out
 
 
 def can_win(costs: CostModel, step_hint: float, options: DraftOptions, cap: int) -> bool:
     """Could drafts that were always accepted beat plain decoding by the stepper's margin? If not, speculating
     only costs: neither the plan (loading the draft) nor a probe (asking it) is worth anything."""
-    best = max(rates(costs, step_hint, options, cap, alpha=1.0).values())
+    best = max(rates(costs, step_hint, options, cap, reject=0.0).values())
     return best > SpeculativeStepper.HYSTERESIS / costs.measured(1)
 
 
@@ -253,7 +258,8 @@ class SpeculativeStepper:
     """Draft, verify in one target pass, keep the accepted prefix and a bonus token."""
 
     HYSTERESIS = 1.03  # speculate only when it promises to be this much faster than plain decoding
-    DECAY = 0.9  # the acceptance rate forgets old rounds at this rate per round
+    DECAY = 0.9  # the rejection and doubt rates forget old rounds at this rate per round
+    PRIOR_WEIGHT = 20.0  # what earlier runs saw counts as this many tokens of evidence (about five rounds)
     REALIZED_DECAY = 0.8  # the measured speed of each kind of round forgets at this rate per round
     PROBE_BUDGET = 2.0  # a probe may make the drafter catch up on at most this many plain steps' worth of time
 
@@ -263,14 +269,16 @@ class SpeculativeStepper:
         self.costs, self.max_tokens = costs, max_tokens
         self.free = drafter.step_cost_hint == 0  # asking costs nothing (prompt lookup): look first, judge after
         self.prompt_len: int | None = None
-        prior = costs.acceptance_prior()  # what earlier generations with this pair saw, worth three events
-        self.successes, self.failures = 3 * prior, 3 * (1 - prior)
+        w = self.PRIOR_WEIGHT  # [events, trials], decayed; they start from what earlier runs with this pair saw
+        self.rejected = [w * costs.rejection_prior(), w]
+        self.doubted = [w * costs.doubt_prior(), w]
         self.off_rounds, self.probe_gap = 0, 8
         self.k = 0
         self.unseen = 0  # tokens produced since the drafter last read the history: a probe's catch-up
         self.source: str | None = None  # the kind of the proposal under way (prompt lookup: its match length)
-        self.by_source: dict[str, list[float]] = {}  # [continued, ended] per kind of proposal, decayed
-        self.counts = dict(drafted=0, accepted=0, rejections=0, passes=0, speculative_passes=0, probes=0, tokens=0, k_sum=0)
+        self.by_source: dict[str, list[float]] = {}  # [rejected, proposed] per kind of proposal, decayed
+        self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, speculative_passes=0, probes=0,
+                           tokens=0, k_sum=0)
         self.seconds = 0.0
         # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed.
         self.realized = {"plain": [0.0, 0.0], "speculative": [0.0, 0.0]}
@@ -279,9 +287,13 @@ class SpeculativeStepper:
     def prepare(self, prompt: Sequence[int]) -> None:
         """The draft reads the prompt now, with the target, rather than in the first round; and on the first
         use of this pair on this machine, the target's pass costs are measured before they decide anything."""
-        self.drafter.prepare(prompt)
+        start = time.perf_counter()
+        read = self.drafter.prepare(prompt)
+        reading = time.perf_counter() - start
         if self.options.adaptive and self.costs.measured(2) is None:
             self._calibrate(prompt)
+        if read > 2:  # what reading a backlog costs the draft, the price of a probe (v(1) is known by now)
+            self.costs.observe_catch_up(reading, read)
 
     def _calibrate(self, prompt: Sequence[int]) -> None:
         """Time one target pass of each size a round may verify, on the prompt's own tokens, then forget them.
@@ -357,11 +369,11 @@ class SpeculativeStepper:
         if not draft.tokens:
             return 0, None
         self.source = draft.source
-        return self._choose(history, self._source_acceptance(draft.source), len(draft.tokens)), draft
+        return self._choose(history, self._source_rejection(draft.source), len(draft.tokens)), draft
 
-    def _source_acceptance(self, source: str) -> float:
-        tally = self.by_source.setdefault(source, [3 * self.acceptance, 3 * (1 - self.acceptance)])
-        return tally[0] / (tally[0] + tally[1])
+    def _source_rejection(self, source: str) -> float:
+        tally = self.by_source.setdefault(source, [self.PRIOR_WEIGHT * self.rejection, self.PRIOR_WEIGHT])
+        return tally[0] / tally[1]
 
     def _speculate(self, history: list[int], k: int, draft: Draft | None = None) -> list[int] | None:
         t0 = time.perf_counter()
@@ -372,19 +384,18 @@ class SpeculativeStepper:
         t1 = time.perf_counter()
         self._catch_up = draft.catch_up_seconds
         self.costs.observe_catch_up(draft.catch_up_seconds, draft.catch_up_tokens)
-        if draft.tokens:
-            self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds) / len(draft.tokens))
+        if draft.steps:
+            self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds) / draft.steps)
         if not draft.tokens or len(draft.tokens) < self.options.draft_min:
-            if not self.free:  # a draft model paid a step for nothing: the chain ended at once
-                self._record(0, 0, k, ended=True)
+            if not self.free:  # a draft model paid for its doubts and proposed too little to verify
+                self._record(draft, 0, k, rejected=None)
             return None  # (prompt lookup found no match: that cost nothing and says nothing about its drafts)
         # Logits at every position of the batch: each one verifies the draft token after it.
         rows = self.target.decode([history[-1], *draft.tokens], all_logits=True)
         self.costs.observe_pass(len(draft.tokens) + 1, time.perf_counter() - t1)
         out, accepted = self._verify(rows, draft, history)
         self.target.truncate(len(history) + accepted)  # the rejected tail leaves the target's cache
-        ended = accepted < k and not self.target.is_eog(out[-1])
-        self._record(len(draft.tokens), accepted, k, ended)
+        self._record(draft, accepted, k, rejected=accepted < len(draft.tokens) and not self.target.is_eog(out[-1]))
         return out
 
     def _verify(self, rows, draft: Draft, history: list[int]) -> tuple[list[int], int]:
@@ -408,28 +419,39 @@ class SpeculativeStepper:
                 return out, i + 1
         return out + [sampler.sample(rows[len(draft.tokens)], context)], len(draft.tokens)
 
-    def _record(self, drafted: int, accepted: int, k: int, ended: bool) -> None:
-        """One round's outcome. The acceptance the cost model needs is the chance that a chain of drafted
-        tokens goes on: a chain ends at a rejection, and also where the drafter stopped short of k (unsure,
-        or out of text to copy), since the round yields no more either way."""
-        self.successes = self.successes * self.DECAY + accepted
-        self.failures = self.failures * self.DECAY + (1 if ended else 0)
+    def _record(self, draft: Draft, accepted: int, k: int, rejected: bool | None) -> None:
+        """One round's outcome, as the two rates the cost model needs: how often a proposed token is
+        rejected (None: nothing was verified), and how often the draft stops, unsure, at a position it
+        reached (each proposed token passed that test; a stop failed it). Prompt lookup tests nothing."""
+        tests = len(draft.tokens) + draft.doubted
+        proposed, rejected = (0, False) if rejected is None else (len(draft.tokens), rejected)
+        d = self.DECAY
+        self.rejected = [self.rejected[0] * d + rejected, self.rejected[1] * d + proposed]
+        if not self.free:
+            self.doubted = [self.doubted[0] * d + draft.doubted, self.doubted[1] * d + tests]
         if self.source is not None:
             tally = self.by_source[self.source]
-            tally[0], tally[1] = tally[0] * self.DECAY + accepted, tally[1] * self.DECAY + (1 if ended else 0)
-        self.costs.observe_round(accepted, ended)
+            tally[0], tally[1] = tally[0] * d + rejected, tally[1] * d + proposed
+        self.costs.observe_round(proposed, rejected, 0 if self.free else tests, draft.doubted)
         c = self.counts
-        c["drafted"] += drafted
+        c["drafted"] += proposed
         c["accepted"] += accepted
-        c["rejections"] += accepted < drafted
+        c["rejections"] += rejected
+        c["doubts"] += draft.doubted
         c["speculative_passes"] += 1
         c["k_sum"] += k
 
     # --- choosing the draft length ---------------------------------------------
 
     @property
-    def acceptance(self) -> float:
-        return self.successes / (self.successes + self.failures)
+    def rejection(self) -> float:
+        """The chance a proposed token is rejected, lately."""
+        return self.rejected[0] / self.rejected[1]
+
+    @property
+    def doubt(self) -> float:
+        """The chance the draft stops, unsure, at a position it reached, lately (0 for prompt lookup)."""
+        return 0.0 if self.free else self.doubted[0] / self.doubted[1]
 
     def _cap(self, history: list[int]) -> int:
         """The longest draft this round may verify: --draft-max, the context, the batch, --max-tokens."""
@@ -438,7 +460,7 @@ class SpeculativeStepper:
             cap = min(cap, self.max_tokens - (len(history) - self.prompt_len) - 1)
         return cap
 
-    def _choose(self, history: list[int], alpha: float | None = None, limit: int | None = None) -> int:
+    def _choose(self, history: list[int], reject: float | None = None, limit: int | None = None) -> int:
         """The draft length for this round (at most `limit`, the tokens already proposed); 0: one plain step."""
         cap = self._cap(history) if limit is None else min(self._cap(history), limit)
         if cap < max(1, self.options.draft_min):
@@ -446,7 +468,7 @@ class SpeculativeStepper:
         if not self.options.adaptive:
             self.k = cap
             return cap
-        rates = self._rates(cap, alpha)
+        rates = self._rates(cap, reject)
         if rates is None:  # nothing measured yet: one plain step measures v(1)
             return 0
         best = max(rates, key=rates.get)
@@ -472,12 +494,12 @@ class SpeculativeStepper:
         catch_up = self.unseen * self.costs.catch_up_per_token(self.drafter.step_cost_hint)
         return catch_up <= self.PROBE_BUDGET * self.costs.measured(1)
 
-    def _rates(self, cap: int, alpha: float | None = None) -> dict[int, float] | None:
-        """Expected tokens per second for each draft length 1..cap, from the costs and the acceptance."""
+    def _rates(self, cap: int, reject: float | None = None) -> dict[int, float] | None:
+        """Expected tokens per second for each draft length 1..cap, from the costs and the recent rates."""
         if self.costs.measured(1) is None:
             return None
-        alpha = self.acceptance if alpha is None else alpha
-        return rates(self.costs, self.drafter.step_cost_hint, self.options, cap, alpha)
+        reject = self.rejection if reject is None else reject
+        return rates(self.costs, self.drafter.step_cost_hint, self.options, cap, reject, self.doubt)
 
     def stats(self) -> dict:
         c = self.counts
@@ -487,6 +509,7 @@ class SpeculativeStepper:
             "drafted": c["drafted"],
             "accepted": c["accepted"],
             "rejections": c["rejections"],
+            "doubts": c["doubts"],
             "acceptance_rate": round(c["accepted"] / c["drafted"], 3) if c["drafted"] else 0.0,
             "target_passes": c["passes"],
             "speculative_passes": rounds,

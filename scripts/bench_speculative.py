@@ -45,7 +45,7 @@ from edgeinfer.models import Library, locate  # noqa: E402
 from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
-from edgeinfer.costs import CostBook, expected_tokens  # noqa: E402
+from edgeinfer.costs import CostBook, expected_round  # noqa: E402
 from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, cost_model,  # noqa: E402
                                    plan_speculation, skipped_factory, stepper_factory, target_load_options)
 from edgeinfer.template import chat_tokens  # noqa: E402
@@ -147,10 +147,15 @@ def pass_costs(model, upto: int = 9, reps: int = 3) -> dict[int, float]:
     return best
 
 
-def ceiling(costs: dict[int, float], step: float, alpha: float, max_k: int) -> tuple[float, int]:
-    """The best speedup over plain decoding any fixed draft length k could give: E(k) v(1) / (k t_d + v(k+1))."""
-    best = max(range(1, max_k + 1), key=lambda k: expected_tokens(alpha, k) / (k * step + costs[k + 1]))
-    return max(1.0, expected_tokens(alpha, best) * costs[1] / (best * step + costs[best + 1])), best
+def ceiling(costs: dict[int, float], step: float, reject: float, doubt: float, max_k: int) -> tuple[float, int]:
+    """The best speedup over plain decoding any fixed draft length k could give with these pass costs,
+    this draft step and the rejection and doubt rates observed (the same round model the stepper uses)."""
+    def speedup(k: int) -> float:
+        tokens, seconds = expected_round(k, reject, doubt, step, costs.__getitem__)
+        return tokens * costs[1] / seconds
+
+    best = max(range(1, max_k + 1), key=speedup)
+    return max(1.0, speedup(best)), best
 
 
 def requantized_q8(lib: Library, source: Path) -> Path:
@@ -265,7 +270,7 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
                           + (f"  acc {row['acceptance_rate']:.2f} tpp {row['tokens_per_pass']:.2f} k {row['mean_draft_length']}"
                              f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" and not skipped else ""), flush=True)
         learned = {m: cost_model(target, d or NgramDrafter(), book) for m, d in drafters.items()}
-        priors = {m: c.acceptance_prior() for m, c in learned.items()}
+        priors = {m: (c.rejection_prior(), c.doubt_prior()) for m, c in learned.items()}
         ratios = {m: c.ratios(args.draft_max + 1) for m, c in learned.items()}
         step = learned["draft"].draft_step(0.0)
     gc.collect()
@@ -308,14 +313,14 @@ def summarize(name, path, rows, hooks, costs, step, learned, priors, skipped, rs
         per_prompt = {p: statistics.median(r["tok_s"] for r in rs if r["prompt"] == p) / plain_by_prompt[p]
                       for p in plain_by_prompt}
         drafted, accepted = sum(r.get("drafted", 0) for r in rs), sum(r.get("accepted", 0) for r in rs)
-        alpha = _alpha(rs, priors[method])
+        reject, doubt = _rates(rs, priors[method])
         draft_step = step if method == "draft" else 0.0
-        ceil, best_k = ceiling(costs, draft_step, alpha, args.draft_max)
+        ceil, best_k = ceiling(costs, draft_step, reject, doubt, args.draft_max)
         # The ceiling of each prompt from its own acceptance: prompts differ (a code edit is nearly all
         # copying, a new function barely any), and E(k) is not linear in the acceptance, so a ceiling
         # from the pooled acceptance would promise edits' gains on every prompt.
-        ceilings = {p: ceiling(costs, draft_step, _alpha([r for r in rs if r["prompt"] == p], alpha), args.draft_max)[0]
-                    for p in plain_by_prompt}
+        ceilings = {p: ceiling(costs, draft_step, *_rates([r for r in rs if r["prompt"] == p], (reject, doubt)),
+                               args.draft_max)[0] for p in plain_by_prompt}
         edits = [s for r, s in zip(rs, speedups) if r["kind"] == "edit"]
         out["methods"][method] = {
             "tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
@@ -328,7 +333,8 @@ def summarize(name, path, rows, hooks, costs, step, learned, priors, skipped, rs
                 r["ttft_s"] / plain_ttft[(r["prompt"], r["rep"])] for r in rs), 3),
             "worst_prompt_speedup": round(min(per_prompt.values()), 3),
             "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
-            "per_token_acceptance": round(alpha, 3),
+            "per_token_acceptance": round(1 - reject, 3),
+            "doubt_rate": round(doubt, 3),
             "tokens_per_pass": round(statistics.mean(r.get("tokens_per_pass", 1.0) for r in rs), 3),
             "mean_draft_length": round(statistics.mean(r.get("mean_draft_length", 0.0) for r in rs), 2),
             "ceiling_pooled": round(ceil, 3), "ceiling_k": best_k,
@@ -350,11 +356,14 @@ def summarize(name, path, rows, hooks, costs, step, learned, priors, skipped, rs
     return out
 
 
-def _alpha(rows: list[dict], fallback: float) -> float:
-    """Per-token acceptance of the drafted tokens in these runs (what a fixed-length drafter would see),
-    or the fallback where nothing was drafted."""
-    accepted, rejections = sum(r.get("accepted", 0) for r in rows), sum(r.get("rejections", 0) for r in rows)
-    return accepted / (accepted + rejections) if accepted + rejections else fallback
+def _rates(rows: list[dict], fallback: tuple[float, float]) -> tuple[float, float]:
+    """The chance a proposed token was rejected, and the chance the draft stopped unsure at a position it
+    reached, in these runs; the fallback's where nothing was proposed."""
+    drafted, rejections = sum(r.get("drafted", 0) for r in rows), sum(r.get("rejections", 0) for r in rows)
+    doubts = sum(r.get("doubts", 0) for r in rows)
+    reject = rejections / drafted if drafted else fallback[0]
+    doubt = doubts / (drafted + doubts) if drafted + doubts else fallback[1]
+    return reject, doubt
 
 
 def print_report(report: dict) -> None:

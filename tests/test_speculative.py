@@ -268,7 +268,7 @@ def policy(pass_costs: dict[int, float], accepted: float, rejected: float, draft
     target = SimpleNamespace(n_ctx=512, n_batch=512)
     stepper = SpeculativeStepper(target, None, drafter or ScriptedDrafter(), DraftOptions(ref="x", draft_max=draft_max),
                                  costs)
-    stepper.prompt_len, stepper.successes, stepper.failures = 10, accepted, rejected
+    stepper.prompt_len, stepper.rejected, stepper.doubted = 10, [rejected, accepted + rejected], [0.0, 10.0]
     return stepper
 
 
@@ -318,12 +318,12 @@ def test_prompt_lookup_trusts_each_kind_of_match_as_far_as_it_has_proved_right()
     history = list(range(20))
     fair = {n: 0.05 * (1 + 0.6 * (n - 1)) for n in range(1, 10)}
     stepper = policy(fair, accepted=5, rejected=5)  # a drafter that costs nothing to ask
-    stepper.by_source = {"4-gram": [9.0, 1.0], "2-gram": [1.0, 9.0]}
-    assert stepper._choose(history, stepper._source_acceptance("4-gram"), limit=6) >= 2
+    stepper.by_source = {"4-gram": [1.0, 10.0], "2-gram": [9.0, 10.0]}  # [rejected, proposed]
+    assert stepper._choose(history, stepper._source_rejection("4-gram"), limit=6) >= 2
     stepper.k = 0
-    assert stepper._choose(history, stepper._source_acceptance("2-gram"), limit=6) == 0
-    # A kind never seen starts from the drafter's overall acceptance.
-    assert stepper._source_acceptance("3-gram") == pytest.approx(stepper.acceptance)
+    assert stepper._choose(history, stepper._source_rejection("2-gram"), limit=6) == 0
+    # A kind never seen starts from the drafter's overall rejection rate.
+    assert stepper._source_rejection("3-gram") == pytest.approx(stepper.rejection)
 
 
 def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
@@ -334,13 +334,13 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     for n, seconds in {1: 0.05, 2: 0.07, 3: 0.09}.items():
         costs.observe_pass(n, seconds)
     costs.observe_draft(0.01)
-    for _ in range(10):
-        costs.observe_round(3, ended=True)
+    for _ in range(10):  # 4 tokens proposed, one rejected, the draft's doubt stopped a fifth
+        costs.observe_round(4, rejected=True, tests=5, doubted=True)
     book.save()
 
     again = CostBook(book_file).get(key)
-    assert again.ratios(3) == {1: 1.0, 2: 1.4, 3: 1.8} and again.draft_step(0.0) == 0.01
-    assert again.acceptance_prior() == pytest.approx(0.75)
+    assert again.ratios(3) == {1: 1.0, 2: 1.4, 3: 1.8} and again.draft_step(0.0) == pytest.approx(0.01)
+    assert again.rejection_prior() == pytest.approx(0.25) and again.doubt_prior() == pytest.approx(0.2)
     assert CostBook(book_file).peek(PairKey("Another CPU", 2, "target.gguf:1000", "draft.gguf", None)) is None
     book_file.write_text("{ not json")
     assert CostBook(book_file).get(key).measured(1) is None  # a damaged file costs some learning, nothing else
