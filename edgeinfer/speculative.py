@@ -259,7 +259,10 @@ class SpeculativeStepper:
 
     HYSTERESIS = 1.03  # speculate only when it promises to be this much faster than plain decoding
     DECAY = 0.9  # the rejection and doubt rates forget old rounds at this rate per round
-    PRIOR_WEIGHT = 20.0  # what earlier runs saw counts as this many tokens of evidence (about five rounds)
+    # What earlier runs saw counts as this many tokens of evidence. A model drafter that stops must later
+    # read all it missed before it can draft again, so one unlucky round must not stop it: about five
+    # rounds' worth. Prompt lookup stops and starts for free and may follow the evidence closely.
+    PRIOR_WEIGHT = {"model": 20.0, "free": 3.0}
     REALIZED_DECAY = 0.8  # the measured speed of each kind of round forgets at this rate per round
     PROBE_BUDGET = 2.0  # a probe may make the drafter catch up on at most this many plain steps' worth of time
 
@@ -269,7 +272,8 @@ class SpeculativeStepper:
         self.costs, self.max_tokens = costs, max_tokens
         self.free = drafter.step_cost_hint == 0  # asking costs nothing (prompt lookup): look first, judge after
         self.prompt_len: int | None = None
-        w = self.PRIOR_WEIGHT  # [events, trials], decayed; they start from what earlier runs with this pair saw
+        self.prior_weight = self.PRIOR_WEIGHT["free" if self.free else "model"]
+        w = self.prior_weight  # [events, trials], decayed; they start from what earlier runs with this pair saw
         self.rejected = [w * costs.rejection_prior(), w]
         self.doubted = [w * costs.doubt_prior(), w]
         self.off_rounds, self.probe_gap = 0, 8
@@ -372,7 +376,7 @@ class SpeculativeStepper:
         return self._choose(history, self._source_rejection(draft.source), len(draft.tokens)), draft
 
     def _source_rejection(self, source: str) -> float:
-        tally = self.by_source.setdefault(source, [self.PRIOR_WEIGHT * self.rejection, self.PRIOR_WEIGHT])
+        tally = self.by_source.setdefault(source, [self.prior_weight * self.rejection, self.prior_weight])
         return tally[0] / tally[1]
 
     def _speculate(self, history: list[int], k: int, draft: Draft | None = None) -> list[int] | None:
@@ -538,6 +542,7 @@ def describe_stats(stats: dict) -> str:
     if stats.get("skipped"):
         return f"speculative ({stats['drafter']}): {stats['skipped']}"
     return (f"speculative ({stats['drafter']}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
-            f"({stats['acceptance_rate']:.0%}), {stats['tokens_per_pass']:.2f} tokens per target pass, "
+            f"({stats['acceptance_rate']:.0%}), {stats['doubts']} stops on doubt, "
+            f"{stats['tokens_per_pass']:.2f} tokens per target pass, "
             f"draft length {stats['draft_length']} (mean {stats['mean_draft_length']}), "
             f"{stats['tokens_per_second']:.1f} tok/s")

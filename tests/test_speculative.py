@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgeinfer import engine
-from edgeinfer.costs import CostBook, PairKey
+from edgeinfer.costs import CostBook, PairKey, expected_round, expected_tokens
 from edgeinfer.drafters import Draft, ModelDrafter, NgramDrafter
 from edgeinfer.engine import LoadOptions, generate, load
 from edgeinfer.errors import IncompatibleModelsError
@@ -258,17 +258,19 @@ class ScriptedDrafter:
 
 
 def policy(pass_costs: dict[int, float], accepted: float, rejected: float, draft_max=8, drafter=None,
-           catch_up: float | None = None):
+           catch_up: float | None = None, doubts: float = 0.0, draft_step: float | None = None):
     costs = CostModel()
     for n, seconds in pass_costs.items():
         for _ in range(3):
             costs.observe_pass(n, seconds)
     if catch_up is not None:
         costs.observe_catch_up(catch_up * 10, 10)
+    if draft_step is not None:
+        costs.observe_draft(draft_step)
     target = SimpleNamespace(n_ctx=512, n_batch=512)
     stepper = SpeculativeStepper(target, None, drafter or ScriptedDrafter(), DraftOptions(ref="x", draft_max=draft_max),
                                  costs)
-    stepper.prompt_len, stepper.rejected, stepper.doubted = 10, [rejected, accepted + rejected], [0.0, 10.0]
+    stepper.prompt_len, stepper.rejected, stepper.doubted = 10, [rejected, accepted + rejected], [doubts, 10.0]
     return stepper
 
 
@@ -291,6 +293,42 @@ def test_the_draft_length_follows_the_measured_costs_and_the_acceptance():
     assert [stepper._choose(history) for _ in range(100)] == [0] * 100
     # Nothing measured yet: the first step is plain, which measures v(1).
     assert policy({}, accepted=1, rejected=1)._choose(history) == 0
+
+
+def test_a_round_is_priced_by_where_the_draft_stops():
+    v = {1: 0.1, 2: 0.16, 3: 0.3, 4: 0.4}.__getitem__
+    # A draft that never doubts: k steps, a pass of k + 1 tokens, accepted tokens plus the bonus.
+    assert expected_round(3, 0.2, 0.0, 0.01, v) == pytest.approx((expected_tokens(0.8, 3), 3 * 0.01 + 0.4))
+    # One that always doubts at once: a wasted step and a plain pass, one token.
+    assert expected_round(3, 0.2, 1.0, 0.01, v) == pytest.approx((1.0, 0.01 + 0.1))
+    # Half the time it stops before its first token: half the rounds are plain passes, not pairs.
+    assert expected_round(1, 0.0, 0.5, 0.01, v) == pytest.approx((1.5, 0.01 + 0.5 * 0.1 + 0.5 * 0.16))
+
+
+def test_a_draft_that_often_doubts_but_is_rarely_wrong_still_drafts_when_its_short_passes_pay():
+    history = list(range(20))
+    # Verifying one token costs 1.6 steps, more costs far more; the draft step is nearly free. The draft
+    # stops unsure before half its tokens, and what it does propose is right: half the rounds are a
+    # pass of 2 tokens for 2 tokens, half a plain step. Charging every round the 2-token pass would call
+    # that a loss (1.5 tokens per 0.165 s against 10 a second); it is a win (1.5 per 0.135 s).
+    dear = {1: 0.1, 2: 0.16, **{n: 0.1 * n for n in range(3, 10)}}
+    draft_model = SimpleNamespace(name="small.gguf", step_cost_hint=0.05)
+    stepper = policy(dear, accepted=10, rejected=0, doubts=5, drafter=draft_model, draft_step=0.005)
+    assert stepper.doubt == pytest.approx(0.5) and stepper._choose(history) == 1
+    # The same draft doubting every token: nothing to gain.
+    stepper = policy(dear, accepted=10, rejected=0, doubts=10, drafter=draft_model, draft_step=0.005)
+    assert stepper._choose(history) == 0
+
+
+def test_pass_costs_are_kept_relative_to_a_step_so_a_busier_machine_does_not_distort_them():
+    costs = CostModel()
+    for n, seconds in {1: 0.05, 2: 0.07, 4: 0.09}.items():
+        for _ in range(3):
+            costs.observe_pass(n, seconds)
+    for _ in range(7):  # the machine got twice as busy since: steps take twice as long
+        costs.observe_pass(1, 0.1)
+    assert costs.measured(2) == pytest.approx(0.14) and costs.ratios(4) == {1: 1.0, 2: 1.4, 4: 1.8}
+    assert costs.pass_cost(3) == pytest.approx(0.1 * 1.6 * CostModel.OPTIMISM)  # between its measured neighbours
 
 
 def test_a_draft_model_that_fell_behind_is_not_probed_when_catching_up_would_cost_more_than_a_probe_can_win():
