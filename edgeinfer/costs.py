@@ -71,7 +71,7 @@ class CostModel:
         self.passes: dict[int, deque[float]] = {}  # v(n)/v(1), n >= 2
         self.draft_steps: deque[float] = deque(maxlen=window)  # a draft model evaluation / v(1)
         self.catch_ups: deque[float] = deque(maxlen=window)  # a draft's catch-up per token / v(1)
-        self.rejections = [0.0, 0.0]  # [rejected, proposed] tokens, decayed
+        self.rejections = [0.0, 0.0]  # [rejected, judged] proposed tokens, decayed
         self.doubts = [0.0, 0.0]  # [stops below --draft-p-min, tests of it], decayed
         self.updated = 0.0  # when this was last measured (seconds since the epoch)
 
@@ -93,9 +93,9 @@ class CostModel:
         if tokens > 0 and (v1 := self.measured(1)) is not None:
             self.catch_ups.append(seconds / tokens / v1)
 
-    def observe_round(self, proposed: int, rejected: bool, tests: int, doubted: bool) -> None:
+    def observe_round(self, judged: int, rejected: bool, tests: int, doubted: bool) -> None:
         d = self.LONG_DECAY
-        self.rejections = [self.rejections[0] * d + rejected, self.rejections[1] * d + proposed]
+        self.rejections = [self.rejections[0] * d + rejected, self.rejections[1] * d + judged]
         self.doubts = [self.doubts[0] * d + doubted, self.doubts[1] * d + tests]
 
     # --- estimates ---------------------------------------------------------------

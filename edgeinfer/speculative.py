@@ -296,7 +296,9 @@ class SpeculativeStepper:
         reading = time.perf_counter() - start
         if self.options.adaptive and self.costs.measured(2) is None:
             self._calibrate(prompt)
-        if read > 2:  # what reading a backlog costs the draft, the price of a probe (v(1) is known by now)
+        if read > 2 and not self.costs.catch_ups:
+            # A first guess at what reading a backlog costs the draft, the price of a probe (low: a long
+            # prompt is read in bigger batches than a catch-up; real catch-ups replace it).
             self.costs.observe_catch_up(reading, read)
 
     def _calibrate(self, prompt: Sequence[int]) -> None:
@@ -427,18 +429,20 @@ class SpeculativeStepper:
         """One round's outcome, as the two rates the cost model needs: how often a proposed token is
         rejected (None: nothing was verified), and how often the draft stops, unsure, at a position it
         reached (each proposed token passed that test; a stop failed it). Prompt lookup tests nothing."""
-        tests = len(draft.tokens) + draft.doubted
-        proposed, rejected = (0, False) if rejected is None else (len(draft.tokens), rejected)
+        tests, verified = len(draft.tokens) + draft.doubted, rejected is not None
+        # The tokens judged: the accepted ones and the one rejected; those after it were never judged.
+        rejected = bool(rejected)
+        judged = accepted + rejected
         d = self.DECAY
-        self.rejected = [self.rejected[0] * d + rejected, self.rejected[1] * d + proposed]
+        self.rejected = [self.rejected[0] * d + rejected, self.rejected[1] * d + judged]
         if not self.free:
             self.doubted = [self.doubted[0] * d + draft.doubted, self.doubted[1] * d + tests]
         if self.source is not None:
             tally = self.by_source[self.source]
-            tally[0], tally[1] = tally[0] * d + rejected, tally[1] * d + proposed
-        self.costs.observe_round(proposed, rejected, 0 if self.free else tests, draft.doubted)
+            tally[0], tally[1] = tally[0] * d + rejected, tally[1] * d + judged
+        self.costs.observe_round(judged, rejected, 0 if self.free else tests, draft.doubted)
         c = self.counts
-        c["drafted"] += proposed
+        c["drafted"] += len(draft.tokens) if verified else 0
         c["accepted"] += accepted
         c["rejections"] += rejected
         c["doubts"] += draft.doubted

@@ -360,8 +360,8 @@ def _rates(rows: list[dict], fallback: tuple[float, float]) -> tuple[float, floa
     """The chance a proposed token was rejected, and the chance the draft stopped unsure at a position it
     reached, in these runs; the fallback's where nothing was proposed."""
     drafted, rejections = sum(r.get("drafted", 0) for r in rows), sum(r.get("rejections", 0) for r in rows)
-    doubts = sum(r.get("doubts", 0) for r in rows)
-    reject = rejections / drafted if drafted else fallback[0]
+    accepted, doubts = sum(r.get("accepted", 0) for r in rows), sum(r.get("doubts", 0) for r in rows)
+    reject = rejections / (accepted + rejections) if accepted + rejections else fallback[0]  # of the tokens judged
     doubt = doubts / (drafted + doubts) if drafted + doubts else fallback[1]
     return reject, doubt
 
