@@ -26,8 +26,13 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def expected_round(k: int, reject: float, doubt: float, step: float, pass_cost) -> tuple[float, float]:
+def expected_round(k: int, reject: float, doubt: float, step: float, pass_cost,
+                   sync: float | None = None) -> tuple[float, float]:
     """Expected (tokens, seconds) of one round that drafts up to k tokens.
+
+    A round's first draft evaluation re-syncs the draft with the verified tokens (the bonus token,
+    and the last drafted one when all were accepted: often a batch of 2, dearer than a step) and
+    costs `sync` (default: a step); each further one costs `step`.
 
     A draft model stops early where it doubts its next token (probability `doubt` at
     each position, the --draft-p-min test), so a round often verifies fewer than k
@@ -43,7 +48,7 @@ def expected_round(k: int, reject: float, doubt: float, step: float, pass_cost) 
         stops_here = reach * (doubt if j < k else 1.0)
         steps = j + 1 if j < k else k
         tokens += stops_here * expected_tokens(1.0 - reject, j)
-        seconds += stops_here * (steps * step + pass_cost(j + 1))
+        seconds += stops_here * ((sync if sync is not None else step) + (steps - 1) * step + pass_cost(j + 1))
         reach *= 1.0 - doubt
     return tokens, seconds
 
@@ -69,7 +74,8 @@ class CostModel:
         self.window = window
         self.steps: deque[float] = deque(maxlen=window)  # seconds of a one-token target step, v(1)
         self.passes: dict[int, deque[float]] = {}  # v(n)/v(1), n >= 2
-        self.draft_steps: deque[float] = deque(maxlen=window)  # a draft model evaluation / v(1)
+        self.draft_steps: deque[float] = deque(maxlen=window)  # a draft model's one-token step / v(1)
+        self.draft_syncs: deque[float] = deque(maxlen=window)  # its first evaluation in a round / v(1)
         self.catch_ups: deque[float] = deque(maxlen=window)  # a draft's catch-up per token / v(1)
         self.rejections = [0.0, 0.0]  # [rejected, judged] proposed tokens, decayed
         self.doubts = [0.0, 0.0]  # [stops below --draft-p-min, tests of it], decayed
@@ -88,6 +94,10 @@ class CostModel:
     def observe_draft(self, seconds: float) -> None:
         if (v1 := self.measured(1)) is not None:
             self.draft_steps.append(seconds / v1)
+
+    def observe_sync(self, seconds: float) -> None:
+        if (v1 := self.measured(1)) is not None:
+            self.draft_syncs.append(seconds / v1)
 
     def observe_catch_up(self, seconds: float, tokens: int) -> None:
         if tokens > 0 and (v1 := self.measured(1)) is not None:
@@ -131,6 +141,12 @@ class CostModel:
         ratio = median(self.draft_steps) if self.draft_steps else hint
         return ratio * (self.measured(1) or 0.0)
 
+    def draft_sync(self, hint: float) -> float:
+        """Seconds for a round's first draft evaluation (before any was timed: a step)."""
+        if self.draft_syncs:
+            return median(self.draft_syncs) * (self.measured(1) or 0.0)
+        return self.draft_step(hint)
+
     def catch_up_per_token(self, hint: float) -> float:
         """What the draft pays per token it must read after plain rounds (never more than a step)."""
         if self.catch_ups:
@@ -156,7 +172,7 @@ class CostModel:
     def to_json(self) -> dict:
         return {"format": self.FORMAT, "steps": list(self.steps),
                 "passes": {str(n): list(v) for n, v in self.passes.items()}, "draft_steps": list(self.draft_steps),
-                "catch_ups": list(self.catch_ups), "rejections": self.rejections, "doubts": self.doubts,
+                "draft_syncs": list(self.draft_syncs), "catch_ups": list(self.catch_ups), "rejections": self.rejections, "doubts": self.doubts,
                 "updated": self.updated}
 
     @classmethod
@@ -168,6 +184,7 @@ class CostModel:
         for n, samples in data.get("passes", {}).items():
             model.passes[int(n)] = deque((float(s) for s in samples), maxlen=model.window)
         model.draft_steps.extend(float(s) for s in data.get("draft_steps", []))
+        model.draft_syncs.extend(float(s) for s in data.get("draft_syncs", []))
         model.catch_ups.extend(float(s) for s in data.get("catch_ups", []))
         model.rejections = [float(x) for x in data.get("rejections", [0.0, 0.0])]
         model.doubts = [float(x) for x in data.get("doubts", [0.0, 0.0])]

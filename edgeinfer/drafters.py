@@ -26,7 +26,8 @@ class Draft:
     catch_up_seconds: float = 0.0  # time spent evaluating a backlog (the prompt, plain rounds): not a draft step
     catch_up_tokens: int = 0  # how many tokens that backlog held
     source: str = ""  # what kind of proposal this is, for drafters whose proposals differ in quality
-    steps: int = 0  # draft model evaluations this proposal took, besides the catch-up
+    sync_seconds: float = 0.0  # the first evaluation, re-syncing with the verified tokens (0: a catch-up did it)
+    steps: int = 0  # one-token draft evaluations after that
     doubted: bool = False  # the drafter stopped short because it doubted its next token (--draft-p-min)
 
 
@@ -79,7 +80,7 @@ class ModelDrafter:
         if backlog > 2:  # after a verification the draft is at most two tokens behind; more is a one-off
             draft.catch_up_seconds, draft.catch_up_tokens = time.perf_counter() - start, backlog
         else:
-            draft.steps = 1
+            draft.sync_seconds = time.perf_counter() - start
         greedy = sampler.params.greedy
         for i in range(n):
             row = self._fit(logits)

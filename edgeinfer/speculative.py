@@ -235,11 +235,11 @@ def rates(costs: CostModel, step_hint: float, options: DraftOptions, cap: int,
           reject: float, doubt: float = 0.0) -> dict[int, float]:
     """Expected tokens per second for each draft length up to cap, from the costs, the chance a proposed
     token is rejected and the chance the draft stops, unsure, at a position."""
-    step = costs.draft_step(step_hint)
+    step, sync = costs.draft_step(step_hint), costs.draft_sync(step_hint)
     lo = max(1, options.draft_min)
     out = {}
     for k in range(lo, cap + 1):
-        tokens, seconds = expected_round(k, reject, doubt, step, costs.pass_cost)
+        tokens, seconds = expected_round(k, reject, doubt, step, costs.pass_cost, sync)
         out[k] = tokens / seconds
     return out
 
@@ -390,8 +390,10 @@ class SpeculativeStepper:
         t1 = time.perf_counter()
         self._catch_up = draft.catch_up_seconds
         self.costs.observe_catch_up(draft.catch_up_seconds, draft.catch_up_tokens)
+        if draft.sync_seconds:
+            self.costs.observe_sync(draft.sync_seconds)
         if draft.steps:
-            self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds) / draft.steps)
+            self.costs.observe_draft((t1 - t0 - draft.catch_up_seconds - draft.sync_seconds) / draft.steps)
         if not draft.tokens or len(draft.tokens) < self.options.draft_min:
             if not self.free:  # a draft model paid for its doubts and proposed too little to verify
                 self._record(draft, 0, k, rejected=None)
@@ -528,6 +530,7 @@ class SpeculativeStepper:
             "tokens_per_second": round(c["tokens"] / self.seconds, 2) if self.seconds else 0.0,
             "pass_cost_ratios": self.costs.ratios(self.options.draft_max + 1),
             "draft_step_ms": round(self.costs.draft_step(self.drafter.step_cost_hint) * 1000, 2),
+            "draft_sync_ms": round(self.costs.draft_sync(self.drafter.step_cost_hint) * 1000, 2),
         }
 
 

@@ -147,11 +147,12 @@ def pass_costs(model, upto: int = 9, reps: int = 3) -> dict[int, float]:
     return best
 
 
-def ceiling(costs: dict[int, float], step: float, reject: float, doubt: float, max_k: int) -> tuple[float, int]:
+def ceiling(costs: dict[int, float], step: float, reject: float, doubt: float, max_k: int,
+            sync: float | None = None) -> tuple[float, int]:
     """The best speedup over plain decoding any fixed draft length k could give with these pass costs,
     this draft step and the rejection and doubt rates observed (the same round model the stepper uses)."""
     def speedup(k: int) -> float:
-        tokens, seconds = expected_round(k, reject, doubt, step, costs.__getitem__)
+        tokens, seconds = expected_round(k, reject, doubt, step, costs.__getitem__, sync)
         return tokens * costs[1] / seconds
 
     best = max(range(1, max_k + 1), key=speedup)
@@ -272,7 +273,7 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         learned = {m: cost_model(target, d or NgramDrafter(), book) for m, d in drafters.items()}
         priors = {m: (c.rejection_prior(), c.doubt_prior()) for m, c in learned.items()}
         ratios = {m: c.ratios(args.draft_max + 1) for m, c in learned.items()}
-        step = learned["draft"].draft_step(0.0)
+        step = learned["draft"].draft_step(0.0), learned["draft"].draft_sync(0.0)
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
     skipped = {m: p.skipped for m, p in plans.items() if p.skipped}
@@ -304,7 +305,8 @@ def summarize(name, path, rows, hooks, costs, step, learned, priors, skipped, rs
     plain_by_prompt = {p: statistics.median(v for (q, _), v in plain.items() if q == p) for p, _ in plain}
     out = {"target": name, "path": str(path), "plain_tok_s": statistics.median(plain.values()),
            "pass_cost_ratios": {n: round(c / costs[1], 2) for n, c in costs.items()},
-           "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(step * 1000, 1),
+           "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(step[0] * 1000, 1),
+           "draft_sync_ms": round(step[1] * 1000, 1),
            "learned_ratios": learned, "peak_rss_plain_mib": rss_plain, "peak_rss_speculative_mib": rss_spec,
            "methods": {}}
     for method in ("draft", "ngram"):
@@ -314,13 +316,13 @@ def summarize(name, path, rows, hooks, costs, step, learned, priors, skipped, rs
                       for p in plain_by_prompt}
         drafted, accepted = sum(r.get("drafted", 0) for r in rs), sum(r.get("accepted", 0) for r in rs)
         reject, doubt = _rates(rs, priors[method])
-        draft_step = step if method == "draft" else 0.0
-        ceil, best_k = ceiling(costs, draft_step, reject, doubt, args.draft_max)
+        draft_step, sync = step if method == "draft" else (0.0, 0.0)
+        ceil, best_k = ceiling(costs, draft_step, reject, doubt, args.draft_max, sync)
         # The ceiling of each prompt from its own acceptance: prompts differ (a code edit is nearly all
         # copying, a new function barely any), and E(k) is not linear in the acceptance, so a ceiling
         # from the pooled acceptance would promise edits' gains on every prompt.
         ceilings = {p: ceiling(costs, draft_step, *_rates([r for r in rs if r["prompt"] == p], (reject, doubt)),
-                               args.draft_max)[0] for p in plain_by_prompt}
+                               args.draft_max, sync)[0] for p in plain_by_prompt}
         edits = [s for r, s in zip(rs, speedups) if r["kind"] == "edit"]
         out["methods"][method] = {
             "tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
@@ -372,7 +374,7 @@ def print_report(report: dict) -> None:
     for t in report["targets"]:
         ratios = "  ".join(f"{n}:{r:.2f}" for n, r in t["pass_cost_ratios"].items())
         print(f"\n{t['target']}: plain {t['plain_tok_s']:.2f} tok/s; v(1) {t['pass_cost_ms'][1]} ms; "
-              f"v(n)/v(1) {ratios}; draft step {t['draft_step_ms']} ms; peak RSS of `edgeinfer run`: plain {t['peak_rss_plain_mib']} MiB, "
+              f"v(n)/v(1) {ratios}; draft step {t['draft_step_ms']} ms (re-sync {t['draft_sync_ms']} ms); peak RSS of `edgeinfer run`: plain {t['peak_rss_plain_mib']} MiB, "
               f"with draft {t['peak_rss_speculative_mib']} MiB")
         print(f"  {'method':11s} {'tok/s':>7s} {'speedup':>8s} {'edits':>6s} {'worst':>6s} {'accept':>7s} "
               f"{'tok/pass':>8s} {'k':>5s} {'ceiling':>8s} {'of ceil':>8s} {'e2e':>6s} {'TTFT':>6s} exact")

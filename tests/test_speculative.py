@@ -303,6 +303,8 @@ def test_a_round_is_priced_by_where_the_draft_stops():
     assert expected_round(3, 0.2, 1.0, 0.01, v) == pytest.approx((1.0, 0.01 + 0.1))
     # Half the time it stops before its first token: half the rounds are plain passes, not pairs.
     assert expected_round(1, 0.0, 0.5, 0.01, v) == pytest.approx((1.5, 0.01 + 0.5 * 0.1 + 0.5 * 0.16))
+    # The first evaluation of a round re-syncs the draft (often a batch of 2): priced apart from the steps.
+    assert expected_round(3, 0.2, 0.0, 0.01, v, sync=0.015) == pytest.approx((expected_tokens(0.8, 3), 0.015 + 0.02 + 0.4))
 
 
 def test_a_draft_that_often_doubts_but_is_rarely_wrong_still_drafts_when_its_short_passes_pay():
