@@ -42,15 +42,36 @@ def expected_round(k: int, reject: float, doubt: float, step: float, pass_cost,
     2 tokens may cost far less than one of k + 1: charging every round the full
     k steps and v(k + 1) made speculation look like a loss when it was a win.
     """
+    first = step if sync is None else sync
     tokens = seconds = 0.0
     reach = 1.0  # the chance the draft gets as far as proposing its j-th token
     for j in range(k + 1):
         stops_here = reach * (doubt if j < k else 1.0)
         steps = j + 1 if j < k else k
         tokens += stops_here * expected_tokens(1.0 - reject, j)
-        seconds += stops_here * ((sync if sync is not None else step) + (steps - 1) * step + pass_cost(j + 1))
+        seconds += stops_here * (first + (steps - 1) * step + pass_cost(j + 1))
         reach *= 1.0 - doubt
     return tokens, seconds
+
+
+class Tally:
+    """Events among trials, the past forgotten at `decay` per update: a rate that follows change."""
+
+    __slots__ = ("decay", "events", "trials")
+
+    def __init__(self, decay: float, events: float = 0.0, trials: float = 0.0) -> None:
+        self.decay, self.events, self.trials = decay, float(events), float(trials)
+
+    def add(self, events: float, trials: float) -> None:
+        self.events = self.events * self.decay + events
+        self.trials = self.trials * self.decay + trials
+
+    def rate(self, default: float = 0.0, enough: float = 0.0) -> float:
+        """events / trials, or the default until the trials are `enough` (and more than none)."""
+        return self.events / self.trials if self.trials > 0 and self.trials >= enough else default
+
+    def to_json(self) -> list[float]:
+        return [self.events, self.trials]
 
 
 class CostModel:
@@ -77,8 +98,8 @@ class CostModel:
         self.draft_steps: deque[float] = deque(maxlen=window)  # a draft model's one-token step / v(1)
         self.draft_syncs: deque[float] = deque(maxlen=window)  # its first evaluation in a round / v(1)
         self.catch_ups: deque[float] = deque(maxlen=window)  # a draft's catch-up per token / v(1)
-        self.rejections = [0.0, 0.0]  # [rejected, judged] proposed tokens, decayed
-        self.doubts = [0.0, 0.0]  # [stops below --draft-p-min, tests of it], decayed
+        self.rejections = Tally(self.LONG_DECAY)  # rejected among judged proposed tokens
+        self.doubts = Tally(self.LONG_DECAY)  # stops below --draft-p-min among tests of it
         self.updated = 0.0  # when this was last measured (seconds since the epoch)
 
     # --- observing ---------------------------------------------------------------
@@ -87,26 +108,27 @@ class CostModel:
         """(A one-token step is always timed first: calibration starts with it, rounds follow it.)"""
         if n == 1:
             self.steps.append(seconds)
-        elif (v1 := self.measured(1)) is not None:
-            self.passes.setdefault(n, deque(maxlen=self.window)).append(seconds / v1)
+        else:
+            self._relative(self.passes.setdefault(n, deque(maxlen=self.window)), seconds)
         self.updated = time.time()
 
     def observe_draft(self, seconds: float) -> None:
-        if (v1 := self.measured(1)) is not None:
-            self.draft_steps.append(seconds / v1)
+        self._relative(self.draft_steps, seconds)
 
     def observe_sync(self, seconds: float) -> None:
-        if (v1 := self.measured(1)) is not None:
-            self.draft_syncs.append(seconds / v1)
+        self._relative(self.draft_syncs, seconds)
 
     def observe_catch_up(self, seconds: float, tokens: int) -> None:
-        if tokens > 0 and (v1 := self.measured(1)) is not None:
-            self.catch_ups.append(seconds / tokens / v1)
+        if tokens > 0:
+            self._relative(self.catch_ups, seconds / tokens)
+
+    def _relative(self, samples: deque[float], seconds: float) -> None:
+        if (v1 := self.measured(1)) is not None:
+            samples.append(seconds / v1)
 
     def observe_round(self, judged: int, rejected: bool, tests: int, doubted: bool) -> None:
-        d = self.LONG_DECAY
-        self.rejections = [self.rejections[0] * d + rejected, self.rejections[1] * d + judged]
-        self.doubts = [self.doubts[0] * d + doubted, self.doubts[1] * d + tests]
+        self.rejections.add(rejected, judged)
+        self.doubts.add(doubted, tests)
 
     # --- estimates ---------------------------------------------------------------
 
@@ -138,30 +160,32 @@ class CostModel:
 
     def draft_step(self, hint: float) -> float:
         """Seconds for one draft model evaluation (the hint: its ratio to v(1) before any was timed)."""
-        ratio = median(self.draft_steps) if self.draft_steps else hint
-        return ratio * (self.measured(1) or 0.0)
+        return self._seconds(self.draft_steps, hint)
+
+    def _step_ratio(self, hint: float) -> float:
+        return median(self.draft_steps) if self.draft_steps else hint
 
     def draft_sync(self, hint: float) -> float:
         """Seconds for a round's first draft evaluation (before any was timed: a step)."""
-        if self.draft_syncs:
-            return median(self.draft_syncs) * (self.measured(1) or 0.0)
-        return self.draft_step(hint)
+        return self._seconds(self.draft_syncs, self._step_ratio(hint))
 
     def catch_up_per_token(self, hint: float) -> float:
-        """What the draft pays per token it must read after plain rounds (never more than a step)."""
-        if self.catch_ups:
-            return median(self.catch_ups) * (self.measured(1) or 0.0)
-        return self.draft_step(hint)
+        """What the draft pays per token it must read after plain rounds (before any was timed: a step)."""
+        return self._seconds(self.catch_ups, self._step_ratio(hint))
+
+    def _seconds(self, ratios: deque[float], fallback: float) -> float:
+        """The median of ratios to v(1) (the fallback ratio when there are none), in seconds."""
+        return (median(ratios) if ratios else fallback) * (self.measured(1) or 0.0)
 
     def rejection_prior(self, default: float = 0.1) -> float:
         """The chance a proposed token is rejected, as earlier runs saw it (before any, a hopeful guess:
         a pair's first run must draft to learn anything, and a model drafter that stops cannot cheaply
         start again)."""
-        return _rate(self.rejections, default)
+        return self.rejections.rate(default, enough=3)
 
     def doubt_prior(self, default: float = 0.1) -> float:
         """The chance the draft stops, unsure, at a position it reached, as earlier runs saw it."""
-        return _rate(self.doubts, default)
+        return self.doubts.rate(default, enough=3)
 
     def ratios(self, upto: int) -> dict[int, float]:
         v1 = self.measured(1)
@@ -172,8 +196,8 @@ class CostModel:
     def to_json(self) -> dict:
         return {"format": self.FORMAT, "steps": list(self.steps),
                 "passes": {str(n): list(v) for n, v in self.passes.items()}, "draft_steps": list(self.draft_steps),
-                "draft_syncs": list(self.draft_syncs), "catch_ups": list(self.catch_ups), "rejections": self.rejections, "doubts": self.doubts,
-                "updated": self.updated}
+                "draft_syncs": list(self.draft_syncs), "catch_ups": list(self.catch_ups),
+                "rejections": self.rejections.to_json(), "doubts": self.doubts.to_json(), "updated": self.updated}
 
     @classmethod
     def from_json(cls, data: dict) -> "CostModel":
@@ -186,8 +210,8 @@ class CostModel:
         model.draft_steps.extend(float(s) for s in data.get("draft_steps", []))
         model.draft_syncs.extend(float(s) for s in data.get("draft_syncs", []))
         model.catch_ups.extend(float(s) for s in data.get("catch_ups", []))
-        model.rejections = [float(x) for x in data.get("rejections", [0.0, 0.0])]
-        model.doubts = [float(x) for x in data.get("doubts", [0.0, 0.0])]
+        model.rejections = Tally(cls.LONG_DECAY, *data.get("rejections", ()))
+        model.doubts = Tally(cls.LONG_DECAY, *data.get("doubts", ()))
         model.updated = float(data.get("updated", 0.0))
         return model
 
@@ -202,11 +226,6 @@ def _robust(samples) -> float | None:
     if not samples:
         return None
     return min(samples) if len(samples) < 3 else median(samples)
-
-
-def _rate(tally: list[float], default: float) -> float:
-    events, trials = tally
-    return events / trials if trials >= 3 else default
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edgeinfer.costs import CostBook, CostModel, expected_round, pair_key
+from edgeinfer.costs import CostBook, CostModel, Tally, expected_round, pair_key
 from edgeinfer.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, step_cost_hint
 from edgeinfer.engine import LoadOptions, Model, PlainStepper, load
 from edgeinfer.errors import IncompatibleModelsError, UsageError
@@ -236,10 +236,10 @@ def rates(costs: CostModel, step_hint: float, options: DraftOptions, cap: int,
     """Expected tokens per second for each draft length up to cap, from the costs, the chance a proposed
     token is rejected and the chance the draft stops, unsure, at a position."""
     step, sync = costs.draft_step(step_hint), costs.draft_sync(step_hint)
-    lo = max(1, options.draft_min)
+    passes = {n: costs.pass_cost(n) for n in range(1, cap + 2)}  # once, not once per length and stop
     out = {}
-    for k in range(lo, cap + 1):
-        tokens, seconds = expected_round(k, reject, doubt, step, costs.pass_cost, sync)
+    for k in range(max(1, options.draft_min), cap + 1):
+        tokens, seconds = expected_round(k, reject, doubt, step, passes.__getitem__, sync)
         out[k] = tokens / seconds
     return out
 
@@ -273,19 +273,19 @@ class SpeculativeStepper:
         self.free = drafter.step_cost_hint == 0  # asking costs nothing (prompt lookup): look first, judge after
         self.prompt_len: int | None = None
         self.prior_weight = self.PRIOR_WEIGHT["free" if self.free else "model"]
-        w = self.prior_weight  # [events, trials], decayed; they start from what earlier runs with this pair saw
-        self.rejected = [w * costs.rejection_prior(), w]
-        self.doubted = [w * costs.doubt_prior(), w]
+        w = self.prior_weight  # they start from what earlier runs with this pair saw
+        self.rejected = Tally(self.DECAY, w * costs.rejection_prior(), w)
+        self.doubted = Tally(self.DECAY, w * costs.doubt_prior(), w)
         self.off_rounds, self.probe_gap = 0, 8
         self.k = 0
         self.unseen = 0  # tokens produced since the drafter last read the history: a probe's catch-up
         self.source: str | None = None  # the kind of the proposal under way (prompt lookup: its match length)
-        self.by_source: dict[str, list[float]] = {}  # [rejected, proposed] per kind of proposal, decayed
+        self.by_source: dict[str, Tally] = {}  # rejected among judged, per kind of proposal
         self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, speculative_passes=0, probes=0,
                            tokens=0, k_sum=0)
         self.seconds = 0.0
         # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed.
-        self.realized = {"plain": [0.0, 0.0], "speculative": [0.0, 0.0]}
+        self.realized = {"plain": Tally(self.REALIZED_DECAY), "speculative": Tally(self.REALIZED_DECAY)}
         self._catch_up = 0.0
 
     def prepare(self, prompt: Sequence[int]) -> None:
@@ -336,27 +336,22 @@ class SpeculativeStepper:
         elapsed = time.perf_counter() - start
         # A catch-up (the draft reading the prompt, or what plain rounds produced) is paid once and
         # then sunk: it says nothing about what speculating from here on will deliver.
-        self._realize(kind, len(out), elapsed - (self._catch_up if kind == "speculative" else 0.0))
+        self.realized[kind].add(len(out), elapsed - (self._catch_up if kind == "speculative" else 0.0))
         self.counts["tokens"] += len(out)
         self.counts["passes"] += 1
         self.seconds += elapsed
         return out
 
-    def _realize(self, kind: str, tokens: int, seconds: float) -> None:
-        tally = self.realized[kind]
-        tally[0] = tally[0] * self.REALIZED_DECAY + tokens
-        tally[1] = tally[1] * self.REALIZED_DECAY + seconds
-
     def _losing(self) -> bool:
         """Have recent speculative rounds, everything included, delivered fewer tokens per second than
         plain steps? The cost model predicts; this checks the prediction against the clock."""
-        (spec_tokens, spec_seconds), (plain_tokens, plain_seconds) = self.realized["speculative"], self.realized["plain"]
-        if spec_tokens < 6 or spec_seconds <= 0:
+        spec, plain = self.realized["speculative"], self.realized["plain"]  # tokens among seconds
+        if spec.events < 6 or spec.trials <= 0:
             return False
         # Speculation on from the first round leaves no plain rounds to compare with: then a plain
         # step's measured cost stands in for them.
-        plain_rate = plain_tokens / plain_seconds if plain_tokens >= 3 and plain_seconds > 0 else 1.0 / self.costs.measured(1)
-        return spec_tokens / spec_seconds < plain_rate
+        plain_rate = plain.rate() if plain.events >= 3 and plain.trials > 0 else 1.0 / self.costs.measured(1)
+        return spec.rate() < plain_rate
 
     def _plain(self, history: list[int]) -> list[int]:
         t0 = time.perf_counter()
@@ -378,8 +373,8 @@ class SpeculativeStepper:
         return self._choose(history, self._source_rejection(draft.source), len(draft.tokens)), draft
 
     def _source_rejection(self, source: str) -> float:
-        tally = self.by_source.setdefault(source, [self.prior_weight * self.rejection, self.prior_weight])
-        return tally[0] / tally[1]
+        w = self.prior_weight
+        return self.by_source.setdefault(source, Tally(self.DECAY, w * self.rejection, w)).rate()
 
     def _speculate(self, history: list[int], k: int, draft: Draft | None = None) -> list[int] | None:
         t0 = time.perf_counter()
@@ -435,13 +430,11 @@ class SpeculativeStepper:
         # The tokens judged: the accepted ones and the one rejected; those after it were never judged.
         rejected = bool(rejected)
         judged = accepted + rejected
-        d = self.DECAY
-        self.rejected = [self.rejected[0] * d + rejected, self.rejected[1] * d + judged]
+        self.rejected.add(rejected, judged)
         if not self.free:
-            self.doubted = [self.doubted[0] * d + draft.doubted, self.doubted[1] * d + tests]
+            self.doubted.add(draft.doubted, tests)
         if self.source is not None:
-            tally = self.by_source[self.source]
-            tally[0], tally[1] = tally[0] * d + rejected, tally[1] * d + judged
+            self.by_source[self.source].add(rejected, judged)
         self.costs.observe_round(judged, rejected, 0 if self.free else tests, draft.doubted)
         c = self.counts
         c["drafted"] += len(draft.tokens) if verified else 0
@@ -456,12 +449,12 @@ class SpeculativeStepper:
     @property
     def rejection(self) -> float:
         """The chance a proposed token is rejected, lately."""
-        return self.rejected[0] / self.rejected[1]
+        return self.rejected.rate()
 
     @property
     def doubt(self) -> float:
         """The chance the draft stops, unsure, at a position it reached, lately (0 for prompt lookup)."""
-        return 0.0 if self.free else self.doubted[0] / self.doubted[1]
+        return 0.0 if self.free else self.doubted.rate()
 
     def _cap(self, history: list[int]) -> int:
         """The longest draft this round may verify: --draft-max, the context, the batch, --max-tokens."""
@@ -494,7 +487,7 @@ class SpeculativeStepper:
         if self.off_rounds >= self.probe_gap and self._affordable():  # has the text become predictable? ask again
             self.off_rounds, self.probe_gap = 0, min(self.probe_gap * 2, 64)
             self.counts["probes"] += 1
-            self.realized["speculative"] = [0.0, 0.0]  # judge the probe on its own result
+            self.realized["speculative"] = Tally(self.REALIZED_DECAY)  # judge the probe on its own result
             return best
         return 0
 

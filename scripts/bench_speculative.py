@@ -273,11 +273,11 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         learned = {m: cost_model(target, d or NgramDrafter(), book) for m, d in drafters.items()}
         priors = {m: (c.rejection_prior(), c.doubt_prior()) for m, c in learned.items()}
         ratios = {m: c.ratios(args.draft_max + 1) for m, c in learned.items()}
-        step = learned["draft"].draft_step(0.0), learned["draft"].draft_sync(0.0)
+        draft_costs = learned["draft"].draft_step(0.0), learned["draft"].draft_sync(0.0)  # a step, a round's first
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
     skipped = {m: p.skipped for m, p in plans.items() if p.skipped}
-    return summarize(name, path, rows, hooks, costs, step, ratios, priors, skipped, *peak_rss, args)
+    return summarize(name, path, rows, hooks, costs, draft_costs, ratios, priors, skipped, *peak_rss, args)
 
 
 def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
@@ -298,15 +298,15 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
     return rows
 
 
-def summarize(name, path, rows, hooks, costs, step, learned, priors, skipped, rss_plain, rss_spec, args) -> dict:
+def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, skipped, rss_plain, rss_spec, args) -> dict:
     plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in rows["plain"]}
     plain_total = {(r["prompt"], r["rep"]): r["total_s"] for r in rows["plain"]}
     plain_ttft = {(r["prompt"], r["rep"]): r["ttft_s"] for r in rows["plain"]}
     plain_by_prompt = {p: statistics.median(v for (q, _), v in plain.items() if q == p) for p, _ in plain}
     out = {"target": name, "path": str(path), "plain_tok_s": statistics.median(plain.values()),
            "pass_cost_ratios": {n: round(c / costs[1], 2) for n, c in costs.items()},
-           "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(step[0] * 1000, 1),
-           "draft_sync_ms": round(step[1] * 1000, 1),
+           "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(draft_costs[0] * 1000, 1),
+           "draft_sync_ms": round(draft_costs[1] * 1000, 1),
            "learned_ratios": learned, "peak_rss_plain_mib": rss_plain, "peak_rss_speculative_mib": rss_spec,
            "methods": {}}
     for method in ("draft", "ngram"):
@@ -316,7 +316,7 @@ def summarize(name, path, rows, hooks, costs, step, learned, priors, skipped, rs
                       for p in plain_by_prompt}
         drafted, accepted = sum(r.get("drafted", 0) for r in rs), sum(r.get("accepted", 0) for r in rs)
         reject, doubt = _rates(rs, priors[method])
-        draft_step, sync = step if method == "draft" else (0.0, 0.0)
+        draft_step, sync = draft_costs if method == "draft" else (0.0, 0.0)
         ceil, best_k = ceiling(costs, draft_step, reject, doubt, args.draft_max, sync)
         # The ceiling of each prompt from its own acceptance: prompts differ (a code edit is nearly all
         # copying, a new function barely any), and E(k) is not linear in the acceptance, so a ceiling

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgeinfer import engine
-from edgeinfer.costs import CostBook, PairKey, expected_round, expected_tokens
+from edgeinfer.costs import CostBook, PairKey, Tally, expected_round, expected_tokens
 from edgeinfer.drafters import Draft, ModelDrafter, NgramDrafter
 from edgeinfer.engine import LoadOptions, generate, load
 from edgeinfer.errors import IncompatibleModelsError
@@ -270,7 +270,9 @@ def policy(pass_costs: dict[int, float], accepted: float, rejected: float, draft
     target = SimpleNamespace(n_ctx=512, n_batch=512)
     stepper = SpeculativeStepper(target, None, drafter or ScriptedDrafter(), DraftOptions(ref="x", draft_max=draft_max),
                                  costs)
-    stepper.prompt_len, stepper.rejected, stepper.doubted = 10, [rejected, accepted + rejected], [doubts, 10.0]
+    stepper.prompt_len = 10
+    stepper.rejected = Tally(stepper.DECAY, rejected, accepted + rejected)
+    stepper.doubted = Tally(stepper.DECAY, doubts, 10.0)
     return stepper
 
 
@@ -358,7 +360,7 @@ def test_prompt_lookup_trusts_each_kind_of_match_as_far_as_it_has_proved_right()
     history = list(range(20))
     fair = {n: 0.05 * (1 + 0.6 * (n - 1)) for n in range(1, 10)}
     stepper = policy(fair, accepted=5, rejected=5)  # a drafter that costs nothing to ask
-    stepper.by_source = {"4-gram": [1.0, 10.0], "2-gram": [9.0, 10.0]}  # [rejected, proposed]
+    stepper.by_source = {"4-gram": Tally(stepper.DECAY, 1.0, 10.0), "2-gram": Tally(stepper.DECAY, 9.0, 10.0)}
     assert stepper._choose(history, stepper._source_rejection("4-gram"), limit=6) >= 2
     stepper.k = 0
     assert stepper._choose(history, stepper._source_rejection("2-gram"), limit=6) == 0
