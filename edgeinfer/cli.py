@@ -174,6 +174,7 @@ DraftMinOpt = Annotated[int, typer.Option("--draft-min", help="Fewest drafted to
 DraftPMinOpt = Annotated[float, typer.Option("--draft-p-min", help="Stop drafting when the draft's probability for its token is below this.")]
 DraftThreadsOpt = Annotated[Optional[int], typer.Option("--draft-threads", help="CPU threads for the draft model (default: as --threads).")]
 DraftGpuLayersOpt = Annotated[Optional[int], typer.Option("--draft-gpu-layers", help="Draft layers to offload (default: as --gpu-layers).")]
+DraftLookupOpt = Annotated[bool, typer.Option("--draft-lookup/--no-draft-lookup", help="With a draft model, also verify copies out of the context where they promise more than the draft.")]
 
 
 def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int | None):
@@ -195,13 +196,13 @@ def _load_options(ctx_size: int | None, threads: int | None, gpu_layers: int | N
 
 
 def _draft_options(draft: str | None, draft_max: int, draft_min: int, p_min: float, threads: int | None,
-                   gpu_layers: int | None):
+                   gpu_layers: int | None, lookup: bool):
     if draft is None:
         return None
     from edgeinfer.speculative import DraftOptions
 
     return DraftOptions(ref=draft, draft_max=draft_max, draft_min=draft_min, p_min=p_min,
-                        n_threads=threads, n_gpu_layers=gpu_layers)
+                        n_threads=threads, n_gpu_layers=gpu_layers, lookup=lookup)
 
 
 def _read_prompt(prompt: str | None, files: list[Path] | None) -> str:
@@ -255,6 +256,7 @@ def run(
     draft_p_min: DraftPMinOpt = 0.75,
     draft_threads: DraftThreadsOpt = None,
     draft_gpu_layers: DraftGpuLayersOpt = None,
+    draft_lookup: DraftLookupOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr after the answer.")] = False,
     verbose: VerboseOpt = False,
@@ -263,7 +265,8 @@ def run(
     from edgeinfer.api import RunRequest, run as run_prompt
     from edgeinfer.speculative import describe_stats
 
-    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers)
+    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
+                               draft_lookup)
     request = RunRequest(
         prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw,
         sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
@@ -307,12 +310,14 @@ def chat(
     draft_p_min: DraftPMinOpt = 0.75,
     draft_threads: DraftThreadsOpt = None,
     draft_gpu_layers: DraftGpuLayersOpt = None,
+    draft_lookup: DraftLookupOpt = True,
 ) -> None:
     """Hold a conversation in the terminal (/help lists the commands)."""
     from edgeinfer import chatui, config
     from edgeinfer.api import open_chat
 
-    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers)
+    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
+                               draft_lookup)
     _pull_with_progress(model, speculate)
     with open_chat(model, system=system, sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
                    load_options=_load_options(ctx_size, threads, gpu_layers, verbose), max_tokens=max_tokens,
@@ -342,6 +347,7 @@ def bench(
     draft_p_min: DraftPMinOpt = 0.75,
     draft_threads: DraftThreadsOpt = None,
     draft_gpu_layers: DraftGpuLayersOpt = None,
+    draft_lookup: DraftLookupOpt = True,
 ) -> None:
     """Prompt and generation throughput, like llama-bench's pp and tg tests (with --draft: plain against speculative)."""
     from edgeinfer.api import checked_plan
@@ -352,7 +358,8 @@ def bench(
 
     if repetitions < 1 or n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
         raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
-    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers)
+    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
+                               draft_lookup)
     lib, results = _library(), []
     for ref in models or [None]:
         _pull_with_progress(ref, speculate)

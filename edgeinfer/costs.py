@@ -100,6 +100,7 @@ class CostModel:
         self.catch_ups: deque[float] = deque(maxlen=window)  # a draft's catch-up per token / v(1)
         self.rejections = Tally(self.LONG_DECAY)  # rejected among judged proposed tokens
         self.doubts = Tally(self.LONG_DECAY)  # stops below --draft-p-min among tests of it
+        self.sources: dict[str, Tally] = {}  # rejected among judged, per kind of copy (prompt lookup's match length)
         self.updated = 0.0  # when this was last measured (seconds since the epoch)
 
     # --- observing ---------------------------------------------------------------
@@ -129,6 +130,10 @@ class CostModel:
     def observe_round(self, judged: int, rejected: bool, tests: int, doubted: bool) -> None:
         self.rejections.add(rejected, judged)
         self.doubts.add(doubted, tests)
+
+    def observe_copy(self, source: str, judged: int, rejected: bool) -> None:
+        """A round that verified a copy out of the context, whose quality depends on its kind, not on the model."""
+        self.sources.setdefault(source, Tally(self.LONG_DECAY)).add(rejected, judged)
 
     # --- estimates ---------------------------------------------------------------
 
@@ -183,6 +188,13 @@ class CostModel:
         start again)."""
         return self.rejections.rate(default, enough=3)
 
+    def copy_prior(self, source: str, default: float) -> float:
+        """The chance a token copied by this kind of match is rejected, as earlier runs saw it: a 2-token
+        match on new code is usually wrong, a 4-token one in an edited function usually right, and a
+        generation that starts from what it already knows verifies fewer bad copies before it learns."""
+        tally = self.sources.get(source)
+        return tally.rate(default, enough=3) if tally else default
+
     def doubt_prior(self, default: float = 0.1) -> float:
         """The chance the draft stops, unsure, at a position it reached, as earlier runs saw it."""
         return self.doubts.rate(default, enough=3)
@@ -197,7 +209,8 @@ class CostModel:
         return {"format": self.FORMAT, "steps": list(self.steps),
                 "passes": {str(n): list(v) for n, v in self.passes.items()}, "draft_steps": list(self.draft_steps),
                 "draft_syncs": list(self.draft_syncs), "catch_ups": list(self.catch_ups),
-                "rejections": self.rejections.to_json(), "doubts": self.doubts.to_json(), "updated": self.updated}
+                "rejections": self.rejections.to_json(), "doubts": self.doubts.to_json(),
+                "sources": {k: t.to_json() for k, t in self.sources.items()}, "updated": self.updated}
 
     @classmethod
     def from_json(cls, data: dict) -> "CostModel":
@@ -212,6 +225,7 @@ class CostModel:
         model.catch_ups.extend(float(s) for s in data.get("catch_ups", []))
         model.rejections = Tally(cls.LONG_DECAY, *data.get("rejections", ()))
         model.doubts = Tally(cls.LONG_DECAY, *data.get("doubts", ()))
+        model.sources = {k: Tally(cls.LONG_DECAY, *v) for k, v in data.get("sources", {}).items()}
         model.updated = float(data.get("updated", 0.0))
         return model
 

@@ -41,6 +41,9 @@ class Drafter(Protocol):
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         """Up to n tokens after history (whose last token is not yet in any cache)."""
 
+    def copy(self, history: Sequence[int], n: int) -> Draft:
+        """Up to n tokens copied out of the context, free to ask (an empty draft: no match, or no copying)."""
+
     def time_step(self, prompt: Sequence[int]) -> float | None:
         """Seconds for one draft step, timed after the prompt and forgotten (None: drafting costs nothing)."""
 
@@ -52,14 +55,24 @@ class ModelDrafter:
     after a verification only the bonus token (and the last accepted draft token,
     which the draft sampled but never evaluated) are evaluated again: the prefix
     is never re-processed, across rounds as across chat turns.
+
+    With `lookup`, it also offers copies out of the context (prompt lookup): where an
+    edit repeats its prompt a copy is surer than the draft and costs no draft step;
+    the stepper weighs the two each round, and the draft reads what it skipped in one batch later.
     """
 
-    def __init__(self, model: Model, target_vocab: int, target_size: int) -> None:
+    def __init__(self, model: Model, target_vocab: int, target_size: int, lookup: bool = True) -> None:
         self.model, self.name = model, model.path.name
         self.n_vocab = target_vocab
         self.step_cost_hint = step_cost_hint(model.info.file_size, target_size)
+        self.lookup = lookup
+        self._copies: NgramDrafter | None = None  # one index per generation: its history only grows
+
+    def copy(self, history: Sequence[int], n: int) -> Draft:
+        return self._copies.copy(history, n) if self._copies is not None else Draft()
 
     def prepare(self, prompt: Sequence[int]) -> int:
+        self._copies = NgramDrafter() if self.lookup else None
         backlog = len(prompt) - len(self.model.cached)
         self.model.prefill(prompt)
         return backlog
@@ -141,6 +154,9 @@ class NgramDrafter:
         return None
 
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
+        return self.copy(history, n)
+
+    def copy(self, history: Sequence[int], n: int) -> Draft:
         self._extend(history)
         for size in self.sizes:
             if len(history) <= size:

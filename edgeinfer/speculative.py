@@ -45,6 +45,7 @@ class DraftOptions:
     p_min: float = 0.75  # --draft-p-min: stop drafting when the draft's probability for its token is lower
     n_threads: int | None = None  # --draft-threads (None: the target's)
     n_gpu_layers: int | None = None  # --draft-gpu-layers (None: as for the target)
+    lookup: bool = True  # --draft-lookup: a draft model's rounds may verify a copy out of the context instead
     adaptive: bool = True  # False: always draft up to draft_max (for tests and benchmarks)
 
     def __post_init__(self) -> None:
@@ -192,7 +193,7 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
                                  n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None else target_load.n_gpu_layers,
                                  n_batch=target_load.n_batch, verbose=target_load.verbose)
         with load(plan.draft_path, draft_load, cache_file) as draft:
-            drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size)
+            drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=options.lookup)
             yield stepper_factory(lambda: drafter, options, max_tokens, plan.book)
     finally:
         plan.book.save()
@@ -232,15 +233,22 @@ class SkippedStepper(PlainStepper):
 
 
 def rates(costs: CostModel, step_hint: float, options: DraftOptions, cap: int,
-          reject: float, doubt: float = 0.0) -> dict[int, float]:
+          reject: float, doubt: float = 0.0, copy: bool = False) -> dict[int, float]:
     """Expected tokens per second for each draft length up to cap, from the costs, the chance a proposed
-    token is rejected and the chance the draft stops, unsure, at a position."""
-    step, sync = costs.draft_step(step_hint), costs.draft_sync(step_hint)
+    token is rejected and the chance the draft stops, unsure, at a position.
+
+    A copy out of the context takes no draft step, but a draft model must later read every token it
+    skipped (its catch-up per token; nothing for prompt lookup alone)."""
+    if copy:
+        step = sync = 0.0
+        per_token = costs.catch_up_per_token(step_hint)
+    else:
+        step, sync, per_token = costs.draft_step(step_hint), costs.draft_sync(step_hint), 0.0
     passes = {n: costs.pass_cost(n) for n in range(1, cap + 2)}  # once, not once per length and stop
     out = {}
     for k in range(max(1, options.draft_min), cap + 1):
         tokens, seconds = expected_round(k, reject, doubt, step, passes.__getitem__, sync)
-        out[k] = tokens / seconds
+        out[k] = tokens / (seconds + per_token * tokens)
     return out
 
 
@@ -279,10 +287,9 @@ class SpeculativeStepper:
         self.off_rounds, self.probe_gap = 0, 8
         self.k = 0
         self.unseen = 0  # tokens produced since the drafter last read the history: a probe's catch-up
-        self.source: str | None = None  # the kind of the proposal under way (prompt lookup: its match length)
-        self.by_source: dict[str, Tally] = {}  # rejected among judged, per kind of proposal
+        self.by_source: dict[str, Tally] = {}  # rejected among judged, per kind of copy (its match length)
         self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, speculative_passes=0, probes=0,
-                           tokens=0, k_sum=0)
+                           tokens=0, k_sum=0, copies=0, copied=0)
         self.seconds = 0.0
         # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed.
         self.realized = {"plain": Tally(self.REALIZED_DECAY), "speculative": Tally(self.REALIZED_DECAY)}
@@ -323,16 +330,17 @@ class SpeculativeStepper:
         start = time.perf_counter()
         if self.prompt_len is None:
             self.prompt_len = len(history) - 1
-        if self.free and self.options.adaptive:
+        if self.options.adaptive:
             k, draft = self._look_first(history)
         else:
             k, draft = self._choose(history), None
         out = self._speculate(history, k, draft) if k else None
+        asked = k and draft is None and not self.free  # the draft model was asked, and read the history
         # A round in which a model drafter was asked is speculative whatever it proposed: it paid for the asking.
-        kind = "speculative" if out is not None or (k and not self.free) else "plain"
+        kind = "speculative" if out is not None or asked else "plain"
         if out is None:
             out = self._plain(history)
-        self.unseen = 0 if k else self.unseen + len(out)
+        self.unseen = 0 if asked else self.unseen + len(out)
         elapsed = time.perf_counter() - start
         # A catch-up (the draft reading the prompt, or what plain rounds produced) is paid once and
         # then sunk: it says nothing about what speculating from here on will deliver.
@@ -360,21 +368,25 @@ class SpeculativeStepper:
         return [self.sampler.sample(logits, history)]
 
     def _look_first(self, history: list[int]) -> tuple[int, Draft | None]:
-        """For a drafter that costs nothing to ask (prompt lookup): ask first, then judge the proposal by
-        how often proposals of its kind were accepted (a copy after a 4-token match is far surer than
-        after a 2-token one), and verify it only when that promises a win."""
+        """Copies out of the context cost nothing to ask for: ask first, then judge the copy by how often
+        copies of its kind were accepted (after a 4-token match far surer than after a 2-token one).
+        Verify it when it promises more than the draft model would (prompt lookup alone: more than plain
+        decoding); otherwise the draft model, if any, has its turn. Returns (length, the copy or None)."""
         cap = self._cap(history)
         if cap < max(1, self.options.draft_min) or self.costs.measured(1) is None:
-            return 0, None
-        draft = self.drafter.propose(history, cap, self.sampler, self.options.p_min)
-        if not draft.tokens:
-            return 0, None
-        self.source = draft.source
-        return self._choose(history, self._source_rejection(draft.source), len(draft.tokens)), draft
+            return (0 if self.free else self._choose(history)), None
+        copy = self.drafter.copy(history, cap)
+        if copy.tokens:
+            copying = self._rates(len(copy.tokens), self._source_rejection(copy.source), copy=True)
+            drafting = None if self.free else self._rates(cap)
+            if drafting is None or max(copying.values()) >= max(drafting.values()):
+                return self._decide(copying, len(copy.tokens)), copy
+            return self._decide(drafting, cap), None
+        return (0 if self.free else self._choose(history)), None
 
     def _source_rejection(self, source: str) -> float:
-        w = self.prior_weight
-        return self.by_source.setdefault(source, Tally(self.DECAY, w * self.rejection, w)).rate()
+        w, prior = self.prior_weight, self.costs.copy_prior(source, default=self.rejection)
+        return self.by_source.setdefault(source, Tally(self.DECAY, w * prior, w)).rate()
 
     def _speculate(self, history: list[int], k: int, draft: Draft | None = None) -> list[int] | None:
         t0 = time.perf_counter()
@@ -430,13 +442,16 @@ class SpeculativeStepper:
         # The tokens judged: the accepted ones and the one rejected; those after it were never judged.
         rejected = bool(rejected)
         judged = accepted + rejected
-        self.rejected.add(rejected, judged)
-        if not self.free:
-            self.doubted.add(draft.doubted, tests)
-        if self.source is not None:
-            self.by_source[self.source].add(rejected, judged)
-        self.costs.observe_round(judged, rejected, 0 if self.free else tests, draft.doubted)
         c = self.counts
+        if draft.source:  # a copy: its quality is its kind's, not the draft model's
+            self.by_source.setdefault(draft.source, Tally(self.DECAY)).add(rejected, judged)
+            self.costs.observe_copy(draft.source, judged, rejected)
+            c["copies"] += 1
+            c["copied"] += accepted
+        else:
+            self.rejected.add(rejected, judged)
+            self.doubted.add(draft.doubted, tests)
+            self.costs.observe_round(judged, rejected, tests, draft.doubted)
         c["drafted"] += len(draft.tokens) if verified else 0
         c["accepted"] += accepted
         c["rejections"] += rejected
@@ -474,6 +489,10 @@ class SpeculativeStepper:
         rates = self._rates(cap, reject)
         if rates is None:  # nothing measured yet: one plain step measures v(1)
             return 0
+        return self._decide(rates, cap)
+
+    def _decide(self, rates: dict[int, float], cap: int) -> int:
+        """The best length of those rated if it beats plain decoding; else 0, or now and then a probe."""
         best = max(rates, key=rates.get)
         # Turning speculation on takes a clear promise; once on, it stays while it is not a loss, since a
         # model drafter that stops must later read everything it missed before it can draft again.
@@ -497,12 +516,14 @@ class SpeculativeStepper:
         catch_up = self.unseen * self.costs.catch_up_per_token(self.drafter.step_cost_hint)
         return catch_up <= self.PROBE_BUDGET * self.costs.measured(1)
 
-    def _rates(self, cap: int, reject: float | None = None) -> dict[int, float] | None:
-        """Expected tokens per second for each draft length 1..cap, from the costs and the recent rates."""
+    def _rates(self, cap: int, reject: float | None = None, copy: bool = False) -> dict[int, float] | None:
+        """Expected tokens per second for each draft length 1..cap, from the costs and the recent rates
+        (copy: of a copy out of the context, which takes no draft step and tests no doubt)."""
         if self.costs.measured(1) is None:
             return None
         reject = self.rejection if reject is None else reject
-        return rates(self.costs, self.drafter.step_cost_hint, self.options, cap, reject, self.doubt)
+        return rates(self.costs, self.drafter.step_cost_hint, self.options, cap, reject,
+                     0.0 if copy else self.doubt, copy)
 
     def stats(self) -> dict:
         c = self.counts
@@ -513,6 +534,8 @@ class SpeculativeStepper:
             "accepted": c["accepted"],
             "rejections": c["rejections"],
             "doubts": c["doubts"],
+            "copies": c["copies"],  # rounds that verified a copy out of the context
+            "copied": c["copied"],  # accepted tokens that came from those copies
             "acceptance_rate": round(c["accepted"] / c["drafted"], 3) if c["drafted"] else 0.0,
             "target_passes": c["passes"],
             "speculative_passes": rounds,
@@ -541,8 +564,10 @@ def describe_stats(stats: dict) -> str:
     """One line for people: what speculation did in a generation (`edgeinfer run --stats`)."""
     if stats.get("skipped"):
         return f"speculative ({stats['drafter']}): {stats['skipped']}"
+    copies = (f", {stats['copied']} of them copied from the context" if stats["copied"] and stats["drafter"] != NGRAM
+              else "")
     return (f"speculative ({stats['drafter']}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
-            f"({stats['acceptance_rate']:.0%}), {stats['doubts']} stops on doubt, "
+            f"({stats['acceptance_rate']:.0%}){copies}, {stats['doubts']} stops on doubt, "
             f"{stats['tokens_per_pass']:.2f} tokens per target pass, "
             f"draft length {stats['draft_length']} (mean {stats['mean_draft_length']}), "
             f"{stats['tokens_per_second']:.1f} tok/s")

@@ -235,7 +235,7 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         for i, prompt in enumerate(tokens):
             target.truncate(0)  # as every timed request starts: the prompt read in one go, not after a cached prefix
             reference[i] = generate(target, prompt, GREEDY, max_tokens=args.max_tokens).tokens
-        drafters = {"draft": ModelDrafter(draft, target.n_vocab, target.info.file_size), "ngram": None}
+        drafters = {"draft": ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=args.lookup), "ngram": None}
         factories = {"draft": stepper_factory(lambda: drafters["draft"], spec, args.max_tokens, book),
                      "ngram": stepper_factory(lambda: NgramDrafter(), spec, args.max_tokens, book)}
         # A user's first `run --draft` on this machine, untimed: it measures the pass costs and learns; then,
@@ -303,10 +303,13 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, skip
     plain_total = {(r["prompt"], r["rep"]): r["total_s"] for r in rows["plain"]}
     plain_ttft = {(r["prompt"], r["rep"]): r["ttft_s"] for r in rows["plain"]}
     plain_by_prompt = {p: statistics.median(v for (q, _), v in plain.items() if q == p) for p, _ in plain}
+    # The noise floor: how far apart two plain runs of the same prompt came out (1.0: identical).
+    spreads = [min(vs) / max(vs) for p in plain_by_prompt if len(vs := [v for (q, _), v in plain.items() if q == p]) > 1]
     out = {"target": name, "path": str(path), "plain_tok_s": statistics.median(plain.values()),
            "pass_cost_ratios": {n: round(c / costs[1], 2) for n, c in costs.items()},
            "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(draft_costs[0] * 1000, 1),
            "draft_sync_ms": round(draft_costs[1] * 1000, 1),
+           "plain_worst_rep_ratio": round(min(spreads), 3) if spreads else None,
            "learned_ratios": learned, "peak_rss_plain_mib": rss_plain, "peak_rss_speculative_mib": rss_spec,
            "methods": {}}
     for method in ("draft", "ngram"):
@@ -334,6 +337,8 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, skip
             "first_token_vs_plain": round(statistics.median(
                 r["ttft_s"] / plain_ttft[(r["prompt"], r["rep"])] for r in rs), 3),
             "worst_prompt_speedup": round(min(per_prompt.values()), 3),
+            "per_prompt_speedup": {p: round(v, 3) for p, v in per_prompt.items()},
+            "copied_share": round(sum(r.get("copied", 0) for r in rs) / accepted, 3) if accepted else 0.0,
             "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
             "per_token_acceptance": round(1 - reject, 3),
             "doubt_rate": round(doubt, 3),
@@ -376,6 +381,8 @@ def print_report(report: dict) -> None:
         print(f"\n{t['target']}: plain {t['plain_tok_s']:.2f} tok/s; v(1) {t['pass_cost_ms'][1]} ms; "
               f"v(n)/v(1) {ratios}; draft step {t['draft_step_ms']} ms (re-sync {t['draft_sync_ms']} ms); peak RSS of `edgeinfer run`: plain {t['peak_rss_plain_mib']} MiB, "
               f"with draft {t['peak_rss_speculative_mib']} MiB")
+        if t["plain_worst_rep_ratio"]:
+            print(f"  noise: two plain runs of one prompt differed by up to {1 - t['plain_worst_rep_ratio']:.0%}")
         print(f"  {'method':11s} {'tok/s':>7s} {'speedup':>8s} {'edits':>6s} {'worst':>6s} {'accept':>7s} "
               f"{'tok/pass':>8s} {'k':>5s} {'ceiling':>8s} {'of ceil':>8s} {'e2e':>6s} {'TTFT':>6s} exact")
         for name, m in t["methods"].items():
@@ -403,6 +410,8 @@ def main() -> None:
     parser.add_argument("--draft-max", type=int, default=8)
     parser.add_argument("--p-min", type=float, default=0.75)
     parser.add_argument("--targets", default="q4,q8", help="which targets: q4, q8 or both")
+    parser.add_argument("--no-lookup", dest="lookup", action="store_false",
+                        help="the draft model alone, without copies out of the context (--no-draft-lookup)")
     parser.add_argument("--no-hooks", dest="hooks", action="store_false", help="skip llama-cpp-python's draft_model hook")
     parser.add_argument("--hook-prompts", type=int, default=4, help="prompts run through the hooks (they are slow)")
     parser.add_argument("--hook-pred", type=int, default=4, help="tokens the hooks draft per round")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from edgeinfer import engine
-from edgeinfer.costs import CostBook, PairKey, Tally, expected_round, expected_tokens
+from edgeinfer.costs import CostBook, PairKey, Tally, expected_round, expected_tokens, pair_key
 from edgeinfer.drafters import Draft, ModelDrafter, NgramDrafter
 from edgeinfer.engine import LoadOptions, generate, load
 from edgeinfer.errors import IncompatibleModelsError
@@ -368,6 +369,63 @@ def test_prompt_lookup_trusts_each_kind_of_match_as_far_as_it_has_proved_right()
     assert stepper._source_rejection("3-gram") == pytest.approx(stepper.rejection)
 
 
+class CopyingDraftModel:
+    """A draft model (a draft step costs 30% of a target step) beside prompt lookup, whose copy is scripted."""
+
+    name, step_cost_hint = "small.gguf", 0.3
+
+    def __init__(self, copy: Draft) -> None:
+        self._copy = copy
+
+    def copy(self, history, n):
+        return replace(self._copy, tokens=self._copy.tokens[:n], dists=self._copy.dists[:n])
+
+
+def test_a_draft_model_verifies_a_copy_out_of_the_context_where_the_copy_promises_more():
+    history = list(range(20))
+    cheap = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
+    sure = Draft([5, 6, 7, 8], [None] * 4, source="4-gram")
+    stepper = policy(cheap, accepted=8, rejected=2, drafter=CopyingDraftModel(sure), draft_step=0.015,
+                     catch_up=0.005)
+    stepper.by_source = {"4-gram": Tally(stepper.DECAY, 0.5, 10.0), "2-gram": Tally(stepper.DECAY, 8.0, 10.0)}
+    k, copy = stepper._look_first(history)
+    assert copy == sure and k >= 2  # an edit repeating its prompt: no draft step at all
+    # After a 2-token match copies were mostly wrong: the draft model has its turn, and it drafts.
+    stepper.drafter = CopyingDraftModel(replace(sure, source="2-gram"))
+    k, copy = stepper._look_first(history)
+    assert copy is None and k >= 1
+    # No match in the context: the draft model as always.
+    stepper.drafter = CopyingDraftModel(Draft())
+    assert stepper._look_first(history)[1] is None
+
+
+def test_copies_beside_a_draft_model_keep_the_targets_tokens_and_are_remembered_by_kind(models):
+    target, close = models.target, models.close
+    book = CostBook(None)
+    # Costs that make a copy worth verifying: passes nearly free, the draft's step dear.
+    costs = book.get(pair_key(target.path, close.path.name, target.n_threads, target.n_gpu_layers))
+    for n in range(1, 10):
+        for _ in range(3):
+            costs.observe_pass(n, 0.01 * (1 + 0.05 * n))
+    costs.observe_draft(0.009)
+    options = DraftOptions(ref="close", draft_max=6, p_min=0.0)
+    drafter = ModelDrafter(close, target.n_vocab, target.info.file_size)
+    copies = 0
+    for prompt_text in PROMPTS:
+        prompt = target.tokenize(prompt_text, add_special=False)
+        plain = generate(target, prompt, GREEDY, max_tokens=60)
+        fast = generate(target, prompt, GREEDY, max_tokens=60, stepper_factory=stepper_factory(lambda: drafter, options, 60, book))
+        assert fast.tokens == plain.tokens, prompt_text
+        assert fast.stats["copied"] <= fast.stats["accepted"]
+        copies += fast.stats["copies"]
+    assert copies > 0 and costs.sources  # copies were verified, and what each kind proved is kept
+    # Without lookup the draft model drafts alone.
+    drafter = ModelDrafter(close, target.n_vocab, target.info.file_size, lookup=False)
+    prompt = target.tokenize(PROMPTS[3], add_special=False)
+    fast = generate(target, prompt, GREEDY, max_tokens=60, stepper_factory=stepper_factory(lambda: drafter, options, 60, book))
+    assert fast.stats["copies"] == 0 and fast.tokens == generate(target, prompt, GREEDY, max_tokens=60).tokens
+
+
 def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     book_file = tmp_path / "speculation-costs.json"
     key = PairKey("Some CPU avx2", 2, "target.gguf:1000", "draft.gguf", None)
@@ -379,10 +437,15 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     for _ in range(10):  # 4 tokens proposed, one rejected, the draft's doubt stopped a fifth
         costs.observe_round(4, rejected=True, tests=5, doubted=True)
     book.save()
+    assert CostBook(book_file).get(key).copy_prior("4-gram", default=0.5) == 0.5  # no copy verified yet
+    for _ in range(10):  # copies after a 4-token match: 9 tokens judged, one rejected
+        costs.observe_copy("4-gram", 9, rejected=True)
+    book.save()
 
     again = CostBook(book_file).get(key)
     assert again.ratios(3) == {1: 1.0, 2: 1.4, 3: 1.8} and again.draft_step(0.0) == pytest.approx(0.01)
     assert again.rejection_prior() == pytest.approx(0.25) and again.doubt_prior() == pytest.approx(0.2)
+    assert again.copy_prior("4-gram", default=0.5) == pytest.approx(1 / 9)
     assert CostBook(book_file).peek(PairKey("Another CPU", 2, "target.gguf:1000", "draft.gguf", None)) is None
     book_file.write_text("{ not json")
     assert CostBook(book_file).get(key).measured(1) is None  # a damaged file costs some learning, nothing else
@@ -455,6 +518,8 @@ def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(ti
     fast = json.loads(out)
     assert code == 0 and fast["text"] == plain["text"]
     assert fast["speculative"]["accepted"] > 0 and fast["speculative"]["tokens_per_pass"] > 1
+    code, out, err = cli(*args, "--draft", models.q8, "--draft-max", "5", "--draft-p-min", "0", "--no-draft-lookup")
+    assert code == 0 and json.loads(out)["text"] == plain["text"] and json.loads(out)["speculative"]["copies"] == 0
     code, out, err = cli(*args[:-2], "--draft", "ngram", "--stats", "The dog and the dog and the dog and the")
     assert code == 0 and "speculative (ngram)" in err and "tokens per target pass" in err
 
