@@ -1,7 +1,8 @@
 """Benchmark speculative decoding on real models (not a test): is it a win on this machine?
 
 For each target (the 1.5B Q4_K_M, and the same model requantized to Q8_0) and each
-drafter (the 0.5B model, prompt lookup), greedy, interleaved repetitions over
+drafter (the 0.5B model as `run --draft` uses it, with copies out of the context where
+they promise more; the 0.5B model alone; prompt lookup alone), greedy, interleaved repetitions over
 coding and code-edit prompts: plain tok/s, speculative tok/s, speedup, acceptance,
 tokens per target pass, memory; llama-cpp-python's own `draft_model` hook
 (LlamaPromptLookupDecoding, and a LlamaDraftModel wrapping the 0.5B) as the
@@ -235,9 +236,14 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         for i, prompt in enumerate(tokens):
             target.truncate(0)  # as every timed request starts: the prompt read in one go, not after a cached prefix
             reference[i] = generate(target, prompt, GREEDY, max_tokens=args.max_tokens).tokens
-        drafters = {"draft": ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=args.lookup), "ngram": None}
-        factories = {"draft": stepper_factory(lambda: drafters["draft"], spec, args.max_tokens, book),
-                     "ngram": stepper_factory(lambda: NgramDrafter(), spec, args.max_tokens, book)}
+        # "draft" is the draft model as `run --draft` uses it (with copies out of the context where they
+        # promise more), "draft-alone" as `run --draft --no-draft-lookup`, "ngram" prompt lookup alone.
+        every = {"draft": lambda: ModelDrafter(draft, target.n_vocab, target.info.file_size),
+                 "draft-alone": lambda: ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=False),
+                 "ngram": NgramDrafter}
+        drafters = {m: every[m]() for m in args.methods}
+        factories = {m: stepper_factory(every[m] if m == "ngram" else (lambda d=drafters[m]: d), spec,
+                                        args.max_tokens, book) for m in args.methods}
         # A user's first `run --draft` on this machine, untimed: it measures the pass costs and learns; then,
         # as for every later run, the plan decides whether the pair is worth loading at all.
         plans = {}
@@ -245,14 +251,17 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             target.truncate(0)
             draft.truncate(0)
             generate(target, tokens[-1], GREEDY, max_tokens=args.max_tokens, stepper_factory=factory)
-            plans[method] = plan_speculation(path, args.draft if method == "draft" else None, spec, options, book)
+            plans[method] = plan_speculation(path, None if method == "ngram" else args.draft, spec, options, book)
             if plans[method].skipped:
                 factories[method] = skipped_factory(plans[method])
                 print(f"  {name} {method}: {plans[method].skipped}", flush=True)
         plain_tokens = {}
         for rep in range(args.reps):
             for i, (kind, _) in enumerate(prompts):
-                for method in ("plain", "draft", "ngram"):
+                # Odd repetitions run the methods in reverse order, so that a machine slowly getting busier or
+                # quieter favours none of them in the medians (ABBA).
+                order = ("plain", *args.methods)
+                for method in order if rep % 2 == 0 else order[::-1]:
                     skipped = method != "plain" and plans[method].skipped is not None
                     model = plain_target if method == "plain" or skipped else target
                     model.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
@@ -270,10 +279,11 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
                     print(f"  {name} prompt {i} ({kind}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
                           + (f"  acc {row['acceptance_rate']:.2f} tpp {row['tokens_per_pass']:.2f} k {row['mean_draft_length']}"
                              f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" and not skipped else ""), flush=True)
-        learned = {m: cost_model(target, d or NgramDrafter(), book) for m, d in drafters.items()}
+        learned = {m: cost_model(target, d, book) for m, d in drafters.items()}
         priors = {m: (c.rejection_prior(), c.doubt_prior()) for m, c in learned.items()}
         ratios = {m: c.ratios(args.draft_max + 1) for m, c in learned.items()}
-        draft_costs = learned["draft"].draft_step(0.0), learned["draft"].draft_sync(0.0)  # a step, a round's first
+        model_costs = cost_model(target, ModelDrafter(draft, target.n_vocab, target.info.file_size), book)
+        draft_costs = model_costs.draft_step(0.0), model_costs.draft_sync(0.0)  # a step, a round's first
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
     skipped = {m: p.skipped for m, p in plans.items() if p.skipped}
@@ -312,14 +322,14 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, skip
            "plain_worst_rep_ratio": round(min(spreads), 3) if spreads else None,
            "learned_ratios": learned, "peak_rss_plain_mib": rss_plain, "peak_rss_speculative_mib": rss_spec,
            "methods": {}}
-    for method in ("draft", "ngram"):
+    for method in args.methods:
         rs = rows[method]
         speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs if plain[(r["prompt"], r["rep"])]]
         per_prompt = {p: statistics.median(r["tok_s"] for r in rs if r["prompt"] == p) / plain_by_prompt[p]
                       for p in plain_by_prompt}
         drafted, accepted = sum(r.get("drafted", 0) for r in rs), sum(r.get("accepted", 0) for r in rs)
         reject, doubt = _rates(rs, priors[method])
-        draft_step, sync = draft_costs if method == "draft" else (0.0, 0.0)
+        draft_step, sync = (0.0, 0.0) if method == "ngram" else draft_costs
         ceil, best_k = ceiling(costs, draft_step, reject, doubt, args.draft_max, sync)
         # The ceiling of each prompt from its own acceptance: prompts differ (a code edit is nearly all
         # copying, a new function barely any), and E(k) is not linear in the acceptance, so a ceiling
@@ -410,13 +420,15 @@ def main() -> None:
     parser.add_argument("--draft-max", type=int, default=8)
     parser.add_argument("--p-min", type=float, default=0.75)
     parser.add_argument("--targets", default="q4,q8", help="which targets: q4, q8 or both")
-    parser.add_argument("--no-lookup", dest="lookup", action="store_false",
-                        help="the draft model alone, without copies out of the context (--no-draft-lookup)")
+    parser.add_argument("--methods", default="draft,draft-alone,ngram",
+                        help="draft (the draft model with copies out of the context, as `run --draft`), draft-alone "
+                             "(--no-draft-lookup), ngram (prompt lookup)")
     parser.add_argument("--no-hooks", dest="hooks", action="store_false", help="skip llama-cpp-python's draft_model hook")
     parser.add_argument("--hook-prompts", type=int, default=4, help="prompts run through the hooks (they are slow)")
     parser.add_argument("--hook-pred", type=int, default=4, help="tokens the hooks draft per round")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
+    args.methods = args.methods.split(",")
 
     codes, edits = [("code", p) for p in CODING[: args.prompts]], [("edit", p) for p in EDITS[: args.edits]]
     prompts = [p for i in range(max(len(codes), len(edits))) for p in (codes[i:i + 1] + edits[i:i + 1])]
