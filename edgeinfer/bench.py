@@ -119,7 +119,8 @@ def bench_speculative(name: str, path: Path, options: LoadOptions, plan, *, n_ge
                 if rep:
                     speeds[key].append(result.completion_tokens / (result.total_seconds - result.time_to_first_token + 1e-9))
             progress.advance(1 if rep else 0)
-    label = f"tg{n_gen} code-edit --draft {plan.options.ref}" + (" (speculation off)" if plan.skipped else "")
+    label = (f"tg{n_gen} code-edit --draft {plan.options.ref}" + (" (speculation off)" if plan.skipped else "")
+             + (" (prompt lookup only)" if plan.note else ""))
     return [BenchResult(name, f"tg{n_gen} code-edit", tuple(speeds["plain"])), BenchResult(name, label, tuple(speeds["draft"]))]
 
 

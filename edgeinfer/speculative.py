@@ -128,6 +128,7 @@ class SpeculationPlan:
     draft_path: Path | None = None  # None with options: prompt lookup
     book: CostBook = field(default_factory=lambda: _PROCESS_BOOK)
     skipped: str | None = None  # why speculation will not run although asked for (costs measured earlier)
+    note: str | None = None  # what the plan changed: a draft model set aside for prompt lookup alone
 
     @property
     def drafter_name(self) -> str:
@@ -141,7 +142,10 @@ class SpeculationPlan:
 def plan_speculation(target: Path, draft_path: Path | None, options: DraftOptions | None, load_options: LoadOptions,
                      book: CostBook) -> SpeculationPlan:
     """Speculate, or not: a pair whose remembered costs say that even a drafter that is always right
-    would lose to plain decoding here is not loaded at all, and the target keeps its faster repacked weights."""
+    would lose to plain decoding here is not loaded at all, and the target keeps its faster repacked weights.
+
+    A draft model that cannot win here still leaves copies out of the context (--draft-lookup), which take
+    no draft step: then prompt lookup runs alone, unless it too cannot win."""
     if options is None:
         return SpeculationPlan(None)
     plan = SpeculationPlan(options, draft_path, book)
@@ -152,10 +156,14 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     if can_win(costs, hint, options, options.draft_max):
         return plan
     v = costs.ratios(3)
-    why = (f"speculation off: on this machine even drafts that were always right would be slower than plain decoding "
+    why = (f"on this machine even drafts that were always right would be slower than plain decoding "
            f"(a pass of 2 tokens costs {v.get(2, 0):.2f}x one, a draft step {costs.draft_step(hint) * 1000:.1f} ms "
            f"against {costs.measured(1) * 1000:.1f} ms; measured by earlier runs)")
-    return replace(plan, skipped=why)
+    if draft_path is not None and options.lookup:
+        lookup = plan_speculation(target, None, options, load_options, book)
+        if lookup.verifying:
+            return replace(lookup, note=f"{draft_path.name} not loaded: {why}; copies out of the context only")
+    return replace(plan, skipped=f"speculation off: {why}")
 
 
 def target_load_options(options: LoadOptions, plan: SpeculationPlan) -> LoadOptions:
@@ -187,7 +195,7 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
         return
     try:
         if plan.draft_path is None:
-            yield stepper_factory(lambda: NgramDrafter(), options, max_tokens, plan.book)
+            yield stepper_factory(NgramDrafter, options, max_tokens, plan.book, plan.note)
             return
         draft_load = LoadOptions(n_ctx=target.n_ctx, n_threads=options.n_threads or target.n_threads,
                                  n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None else target_load.n_gpu_layers,
@@ -200,10 +208,12 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
 
 
 def stepper_factory(make_drafter: Callable[[], Drafter], options: DraftOptions, max_tokens: int | None = None,
-                    book: CostBook | None = None) -> Callable[[Model, Sampler], "SpeculativeStepper"]:
+                    book: CostBook | None = None, note: str | None = None) -> Callable[[Model, Sampler], "SpeculativeStepper"]:
     def factory(target: Model, sampler: Sampler) -> SpeculativeStepper:
         drafter = make_drafter()
-        return SpeculativeStepper(target, sampler, drafter, options, cost_model(target, drafter, book), max_tokens)
+        stepper = SpeculativeStepper(target, sampler, drafter, options, cost_model(target, drafter, book), max_tokens)
+        stepper.note = note
+        return stepper
 
     return factory
 
@@ -294,6 +304,7 @@ class SpeculativeStepper:
         # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed.
         self.realized = {"plain": Tally(self.REALIZED_DECAY), "speculative": Tally(self.REALIZED_DECAY)}
         self._catch_up = 0.0
+        self.note: str | None = None  # what the plan changed (a draft model set aside), for the stats
 
     def prepare(self, prompt: Sequence[int]) -> None:
         """The draft reads the prompt now, with the target, rather than in the first round; and on the first
@@ -530,6 +541,7 @@ class SpeculativeStepper:
         rounds = c["speculative_passes"]
         return {
             "drafter": self.drafter.name,
+            **({"note": self.note} if self.note else {}),
             "drafted": c["drafted"],
             "accepted": c["accepted"],
             "rejections": c["rejections"],
@@ -566,7 +578,8 @@ def describe_stats(stats: dict) -> str:
         return f"speculative ({stats['drafter']}): {stats['skipped']}"
     copies = (f", {stats['copied']} of them copied from the context" if stats["copied"] and stats["drafter"] != NGRAM
               else "")
-    return (f"speculative ({stats['drafter']}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
+    who = stats["drafter"] + (f"; {stats['note']}" if stats.get("note") else "")
+    return (f"speculative ({who}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
             f"({stats['acceptance_rate']:.0%}){copies}, {stats['doubts']} stops on doubt, "
             f"{stats['tokens_per_pass']:.2f} tokens per target pass, "
             f"draft length {stats['draft_length']} (mean {stats['mean_draft_length']}), "

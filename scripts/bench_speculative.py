@@ -35,6 +35,7 @@ import subprocess
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -251,10 +252,14 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             target.truncate(0)
             draft.truncate(0)
             generate(target, tokens[-1], GREEDY, max_tokens=args.max_tokens, stepper_factory=factory)
-            plans[method] = plan_speculation(path, None if method == "ngram" else args.draft, spec, options, book)
+            asked = replace(spec, lookup=method != "draft-alone")
+            plans[method] = plan_speculation(path, None if method == "ngram" else args.draft, asked, options, book)
             if plans[method].skipped:
                 factories[method] = skipped_factory(plans[method])
                 print(f"  {name} {method}: {plans[method].skipped}", flush=True)
+            elif plans[method].note:  # the draft model set aside: prompt lookup alone, as `run` would then run
+                factories[method] = stepper_factory(NgramDrafter, spec, args.max_tokens, book, plans[method].note)
+                print(f"  {name} {method}: {plans[method].note}", flush=True)
         plain_tokens = {}
         for rep in range(args.reps):
             for i, (kind, _) in enumerate(prompts):
@@ -286,8 +291,7 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         draft_costs = model_costs.draft_step(0.0), model_costs.draft_sync(0.0)  # a step, a round's first
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
-    skipped = {m: p.skipped for m, p in plans.items() if p.skipped}
-    return summarize(name, path, rows, hooks, costs, draft_costs, ratios, priors, skipped, *peak_rss, args)
+    return summarize(name, path, rows, hooks, costs, draft_costs, ratios, priors, plans, *peak_rss, args)
 
 
 def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
@@ -308,7 +312,7 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
     return rows
 
 
-def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, skipped, rss_plain, rss_spec, args) -> dict:
+def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plans, rss_plain, rss_spec, args) -> dict:
     plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in rows["plain"]}
     plain_total = {(r["prompt"], r["rep"]): r["total_s"] for r in rows["plain"]}
     plain_ttft = {(r["prompt"], r["rep"]): r["ttft_s"] for r in rows["plain"]}
@@ -362,7 +366,8 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, skip
             "exact": all(r["exact"] for r in rs),
             "exact_runs": f"{sum(r['exact'] for r in rs)}/{len(rs)}",
             "same_as_repacked_plain": sum(r["same_as_repacked_plain"] for r in rs) / len(rs),
-            "skipped": skipped.get(method),
+            "skipped": plans[method].skipped,
+            "lookup_only": plans[method].note,
         }
     for method, rs in hooks.items():
         speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs]
@@ -401,7 +406,8 @@ def print_report(report: dict) -> None:
                       f"{m['worst_prompt_speedup']:5.2f}x {m['acceptance_rate']:7.2f} {m['tokens_per_pass']:8.2f} "
                       f"{m['mean_draft_length']:5.1f} {m['ceiling']:7.2f}x {m['of_ceiling']:7.0%} "
                       f"{m['speedup_end_to_end']:5.2f}x {m['first_token_vs_plain']:5.2f}x  {m['exact_runs']}"
-                      + ("  (speculation off: cannot win here)" if m["skipped"] else ""))
+                      + ("  (speculation off: cannot win here)" if m["skipped"] else "")
+                      + ("  (the draft model cannot win here: prompt lookup only)" if m["lookup_only"] else ""))
             else:
                 print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit']:5.2f}x")
 

@@ -457,12 +457,20 @@ def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_fa
 
     args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "20", "-t", "2", "Once upon a time"]
     plain = cli(*args)
-    code, out, err = cli(*args, "--draft", models.q8, "--stats")
+    code, out, err = cli(*args, "--draft", models.q8, "--stats", "--no-draft-lookup")
     assert code == 0 and out == plain.stdout
     assert "speculation off" in err and "slower than plain decoding" in err
-    # Prompt lookup has no such record here: it still runs.
+    # Prompt lookup has no such record here: the draft model is set aside, and copies out of the context remain.
+    code, out, err = cli(*args, "--draft", models.q8, "--stats")
+    assert code == 0 and out == plain.stdout
+    assert f"{models.q8.name} not loaded" in err and "copies out of the context only" in err
+    assert "tokens per target pass" in err
     code, out, err = cli(*args, "--draft", "ngram", "--stats")
     assert code == 0 and out == plain.stdout and "tokens per target pass" in err
+    # Where prompt lookup cannot win either, nothing speculates.
+    remember_costs(edgeinfer_home, tiny_family.target, "ngram", lambda n: 0.01 * n, 0.0)
+    code, out, err = cli(*args, "--draft", models.q8, "--stats")
+    assert code == 0 and out == plain.stdout and "speculation off" in err
 
 
 # --- pairing -------------------------------------------------------------------------
