@@ -188,10 +188,11 @@ class CostModel:
         start again)."""
         return self.rejections.rate(default, enough=3)
 
-    def copy_prior(self, source: str, default: float) -> float:
+    def copy_prior(self, source: str, default: float = 0.1) -> float:
         """The chance a token copied by this kind of match is rejected, as earlier runs saw it: a 2-token
         match on new code is usually wrong, a 4-token one in an edited function usually right, and a
-        generation that starts from what it already knows verifies fewer bad copies before it learns."""
+        generation that starts from what it already knows verifies fewer bad copies before it learns
+        (before any, a hopeful guess: copies must be tried to be judged)."""
         tally = self.sources.get(source)
         return tally.rate(default, enough=3) if tally else default
 

@@ -346,7 +346,7 @@ class SpeculativeStepper:
         else:
             k, draft = self._choose(history), None
         out = self._speculate(history, k, draft) if k else None
-        asked = k and draft is None and not self.free  # the draft model was asked, and read the history
+        asked = bool(k) and draft is None and not self.free  # the draft model was asked, and read the history
         # A round in which a model drafter was asked is speculative whatever it proposed: it paid for the asking.
         kind = "speculative" if out is not None or asked else "plain"
         if out is None:
@@ -396,7 +396,9 @@ class SpeculativeStepper:
         return (0 if self.free else self._choose(history)), None
 
     def _source_rejection(self, source: str) -> float:
-        w, prior = self.prior_weight, self.costs.copy_prior(source, default=self.rejection)
+        # Passing over a copy costs nothing (the draft model, if any, drafts instead): its kind's record may
+        # follow the evidence closely, whatever the drafter.
+        w, prior = self.PRIOR_WEIGHT["free"], self.costs.copy_prior(source)
         return self.by_source.setdefault(source, Tally(self.DECAY, w * prior, w)).rate()
 
     def _speculate(self, history: list[int], k: int, draft: Draft | None = None) -> list[int] | None:
