@@ -262,10 +262,10 @@ def rates(costs: CostModel, step_hint: float, options: DraftOptions, cap: int,
     return out
 
 
-def can_win(costs: CostModel, step_hint: float, options: DraftOptions, cap: int) -> bool:
-    """Could drafts that were always accepted beat plain decoding by the stepper's margin? If not, speculating
-    only costs: neither the plan (loading the draft) nor a probe (asking it) is worth anything."""
-    best = max(rates(costs, step_hint, options, cap, reject=0.0).values())
+def can_win(costs: CostModel, step_hint: float, options: DraftOptions, cap: int, copy: bool = False) -> bool:
+    """Could drafts (copies) that were always accepted beat plain decoding by the stepper's margin? If not,
+    speculating only costs: neither the plan (loading the draft) nor a probe (asking it) is worth anything."""
+    best = max(rates(costs, step_hint, options, cap, reject=0.0, copy=copy).values())
     return best > SpeculativeStepper.HYSTERESIS / costs.measured(1)
 
 
@@ -294,15 +294,19 @@ class SpeculativeStepper:
         w = self.prior_weight  # they start from what earlier runs with this pair saw
         self.rejected = Tally(self.DECAY, w * costs.rejection_prior(), w)
         self.doubted = Tally(self.DECAY, w * costs.doubt_prior(), w)
-        self.off_rounds, self.probe_gap = 0, 8
-        self.k = 0
+        # Copies and the draft model's drafts are switched on and off apart: each has its own record.
+        self.on = {"draft": False, "copy": False}
+        self.off_rounds, self.probe_gap = {"draft": 0, "copy": 0}, {"draft": 8, "copy": 8}
+        self.k = 0  # the length of the latest round that speculated (for the stats)
         self.unseen = 0  # tokens produced since the drafter last read the history: a probe's catch-up
         self.by_source: dict[str, Tally] = {}  # rejected among judged, per kind of copy (its match length)
         self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, speculative_passes=0, probes=0,
                            tokens=0, k_sum=0, copies=0, copied=0)
         self.seconds = 0.0
-        # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed.
-        self.realized = {"plain": Tally(self.REALIZED_DECAY), "speculative": Tally(self.REALIZED_DECAY)}
+        # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed. Copies
+        # out of the context and the draft model's drafts are judged apart: bad copies on new code must
+        # not turn off a draft model that is winning there.
+        self.realized = {kind: Tally(self.REALIZED_DECAY) for kind in ("plain", "draft", "copy")}
         self._catch_up = 0.0
         self.note: str | None = None  # what the plan changed (a draft model set aside), for the stats
 
@@ -348,23 +352,23 @@ class SpeculativeStepper:
         out = self._speculate(history, k, draft) if k else None
         asked = bool(k) and draft is None and not self.free  # the draft model was asked, and read the history
         # A round in which a model drafter was asked is speculative whatever it proposed: it paid for the asking.
-        kind = "speculative" if out is not None or asked else "plain"
+        kind = ("copy" if draft is not None else "draft") if out is not None else ("draft" if asked else "plain")
         if out is None:
             out = self._plain(history)
         self.unseen = 0 if asked else self.unseen + len(out)
         elapsed = time.perf_counter() - start
         # A catch-up (the draft reading the prompt, or what plain rounds produced) is paid once and
         # then sunk: it says nothing about what speculating from here on will deliver.
-        self.realized[kind].add(len(out), elapsed - (self._catch_up if kind == "speculative" else 0.0))
+        self.realized[kind].add(len(out), elapsed - (self._catch_up if kind == "draft" else 0.0))
         self.counts["tokens"] += len(out)
         self.counts["passes"] += 1
         self.seconds += elapsed
         return out
 
-    def _losing(self) -> bool:
-        """Have recent speculative rounds, everything included, delivered fewer tokens per second than
-        plain steps? The cost model predicts; this checks the prediction against the clock."""
-        spec, plain = self.realized["speculative"], self.realized["plain"]  # tokens among seconds
+    def _losing(self, kind: str) -> bool:
+        """Have recent rounds of this kind ("draft" or "copy"), everything included, delivered fewer tokens
+        per second than plain steps? The cost model predicts; this checks the prediction against the clock."""
+        spec, plain = self.realized[kind], self.realized["plain"]  # tokens among seconds
         if spec.events < 6 or spec.trials <= 0:
             return False
         # Speculation on from the first round leaves no plain rounds to compare with: then a plain
@@ -391,7 +395,7 @@ class SpeculativeStepper:
             copying = self._rates(len(copy.tokens), self._source_rejection(copy.source), copy=True)
             drafting = None if self.free else self._rates(cap)
             if drafting is None or max(copying.values()) >= max(drafting.values()):
-                return self._decide(copying, len(copy.tokens)), copy
+                return self._decide(copying, len(copy.tokens), "copy"), copy
             return self._decide(drafting, cap), None
         return (0 if self.free else self._choose(history)), None
 
@@ -504,22 +508,24 @@ class SpeculativeStepper:
             return 0
         return self._decide(rates, cap)
 
-    def _decide(self, rates: dict[int, float], cap: int) -> int:
+    def _decide(self, rates: dict[int, float], cap: int, kind: str = "draft") -> int:
         """The best length of those rated if it beats plain decoding; else 0, or now and then a probe."""
         best = max(rates, key=rates.get)
         # Turning speculation on takes a clear promise; once on, it stays while it is not a loss, since a
         # model drafter that stops must later read everything it missed before it can draft again.
-        plain = (self.HYSTERESIS if not self.k else 1.0) / self.costs.measured(1)
-        if rates[best] > plain and not self._losing():
-            self.off_rounds, self.probe_gap, self.k = 0, 8, best
+        plain = (self.HYSTERESIS if not self.on[kind] else 1.0) / self.costs.measured(1)
+        if rates[best] > plain and not self._losing(kind):
+            self.on[kind], self.off_rounds[kind], self.probe_gap[kind], self.k = True, 0, 8, best
             return best
-        self.k, self.off_rounds = 0, self.off_rounds + 1
-        if not can_win(self.costs, self.drafter.step_cost_hint, self.options, cap):  # perfect drafts would lose too
-            return 0
-        if self.off_rounds >= self.probe_gap and self._affordable():  # has the text become predictable? ask again
-            self.off_rounds, self.probe_gap = 0, min(self.probe_gap * 2, 64)
+        self.on[kind] = False
+        self.off_rounds[kind] += 1
+        if not can_win(self.costs, self.drafter.step_cost_hint, self.options, cap, copy=kind == "copy"):
+            return 0  # perfect drafts would lose too
+        # Has the text become predictable? Ask again now and then (a copy needs no catch-up to be verified).
+        if self.off_rounds[kind] >= self.probe_gap[kind] and (kind == "copy" or self._affordable()):
+            self.off_rounds[kind], self.probe_gap[kind] = 0, min(self.probe_gap[kind] * 2, 64)
             self.counts["probes"] += 1
-            self.realized["speculative"] = Tally(self.REALIZED_DECAY)  # judge the probe on its own result
+            self.realized[kind] = Tally(self.REALIZED_DECAY)  # judge the probe on its own result
             return best
         return 0
 

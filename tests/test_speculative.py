@@ -363,7 +363,7 @@ def test_prompt_lookup_trusts_each_kind_of_match_as_far_as_it_has_proved_right()
     stepper = policy(fair, accepted=5, rejected=5)  # a drafter that costs nothing to ask
     stepper.by_source = {"4-gram": Tally(stepper.DECAY, 1.0, 10.0), "2-gram": Tally(stepper.DECAY, 9.0, 10.0)}
     assert stepper._choose(history, stepper._source_rejection("4-gram"), limit=6) >= 2
-    stepper.k = 0
+    stepper.on["draft"] = False
     assert stepper._choose(history, stepper._source_rejection("2-gram"), limit=6) == 0
     # A kind never seen starts from what earlier runs saw of it (here nothing: a hopeful guess, to be tried).
     assert stepper._source_rejection("3-gram") == pytest.approx(stepper.costs.copy_prior("3-gram")) == 0.1
@@ -397,6 +397,18 @@ def test_a_draft_model_verifies_a_copy_out_of_the_context_where_the_copy_promise
     # No match in the context: the draft model as always.
     stepper.drafter = CopyingDraftModel(Draft())
     assert stepper._look_first(history)[1] is None
+
+
+def test_copies_that_lost_on_new_code_do_not_switch_off_a_draft_model_that_wins_there():
+    history = list(range(20))
+    cheap = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
+    stepper = policy(cheap, accepted=9, rejected=1, drafter=CopyingDraftModel(Draft()), draft_step=0.01)
+    assert stepper._choose(history) >= 2
+    for _ in range(6):  # copies that promised much, verified and mostly rejected: a quarter of plain speed
+        stepper.realized["copy"].add(2, 0.4)
+        stepper._decide({3: 100.0}, 3, "copy")
+    assert not stepper.on["copy"] and stepper._losing("copy")
+    assert stepper._choose(history) >= 2 and stepper.on["draft"]
 
 
 def test_copies_beside_a_draft_model_keep_the_targets_tokens_and_are_remembered_by_kind(models):
