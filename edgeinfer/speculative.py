@@ -245,20 +245,14 @@ class SkippedStepper(PlainStepper):
 def rates(costs: CostModel, step_hint: float, options: DraftOptions, cap: int,
           reject: float, doubt: float = 0.0, copy: bool = False) -> dict[int, float]:
     """Expected tokens per second for each draft length up to cap, from the costs, the chance a proposed
-    token is rejected and the chance the draft stops, unsure, at a position.
-
-    A copy out of the context takes no draft step, but a draft model must later read every token it
-    skipped (its catch-up per token; nothing for prompt lookup alone)."""
-    if copy:
-        step = sync = 0.0
-        per_token = costs.catch_up_per_token(step_hint)
-    else:
-        step, sync, per_token = costs.draft_step(step_hint), costs.draft_sync(step_hint), 0.0
+    token is rejected and the chance the draft stops, unsure, at a position. A copy out of the context
+    takes no draft step."""
+    step, sync = (0.0, 0.0) if copy else (costs.draft_step(step_hint), costs.draft_sync(step_hint))
     passes = {n: costs.pass_cost(n) for n in range(1, cap + 2)}  # once, not once per length and stop
     out = {}
     for k in range(max(1, options.draft_min), cap + 1):
         tokens, seconds = expected_round(k, reject, doubt, step, passes.__getitem__, sync)
-        out[k] = tokens / (seconds + per_token * tokens)
+        out[k] = tokens / seconds
     return out
 
 
@@ -385,19 +379,30 @@ class SpeculativeStepper:
     def _look_first(self, history: list[int]) -> tuple[int, Draft | None]:
         """Copies out of the context cost nothing to ask for: ask first, then judge the copy by how often
         copies of its kind were accepted (after a 4-token match far surer than after a 2-token one).
-        Verify it when it promises more than the draft model would (prompt lookup alone: more than plain
-        decoding); otherwise the draft model, if any, has its turn. Returns (length, the copy or None)."""
+        Verify it when it promises more than the draft model would and more than plain decoding;
+        otherwise the draft model, if any, has its turn. Returns (length, the copy or None)."""
         cap = self._cap(history)
         if cap < max(1, self.options.draft_min) or self.costs.measured(1) is None:
             return (0 if self.free else self._choose(history)), None
         copy = self.drafter.copy(history, cap)
         if copy.tokens:
             copying = self._rates(len(copy.tokens), self._source_rejection(copy.source), copy=True)
-            drafting = None if self.free else self._rates(cap)
-            if drafting is None or max(copying.values()) >= max(drafting.values()):
-                return self._decide(copying, len(copy.tokens), "copy"), copy
-            return self._decide(drafting, cap), None
+            if self.free or self._copy_first(copying, cap):
+                k = self._decide(copying, len(copy.tokens), "copy")
+                if k or self.free:
+                    return k, copy
         return (0 if self.free else self._choose(history)), None
+
+    def _copy_first(self, copying: dict[int, float], cap: int) -> bool:
+        """Should the copy be weighed before the draft model has its turn? Where drafting would not beat
+        plain decoding, yes: against plain steps a copy is judged as it is, since the draft model must
+        later read plain tokens and copied ones alike. Against drafting it also pays that catch-up, as
+        drafted tokens need none."""
+        drafting = self._rates(cap)
+        if not self._promising(drafting, "draft"):
+            return True
+        catch_up = self.costs.catch_up_per_token(self.drafter.step_cost_hint)
+        return 1.0 / (1.0 / max(copying.values()) + catch_up) >= max(drafting.values())
 
     def _source_rejection(self, source: str) -> float:
         # Passing over a copy costs nothing (the draft model, if any, drafts instead): its kind's record may
@@ -508,13 +513,17 @@ class SpeculativeStepper:
             return 0
         return self._decide(rates, cap)
 
+    def _promising(self, rates: dict[int, float], kind: str) -> bool:
+        """Do these rates beat plain decoding, and has this kind of round not been losing to it lately?
+        Turning speculation on takes a clear promise; once on, it stays while it is not a loss, since a
+        model drafter that stops must later read everything it missed before it can draft again."""
+        plain = (self.HYSTERESIS if not self.on[kind] else 1.0) / self.costs.measured(1)
+        return max(rates.values()) > plain and not self._losing(kind)
+
     def _decide(self, rates: dict[int, float], cap: int, kind: str = "draft") -> int:
         """The best length of those rated if it beats plain decoding; else 0, or now and then a probe."""
         best = max(rates, key=rates.get)
-        # Turning speculation on takes a clear promise; once on, it stays while it is not a loss, since a
-        # model drafter that stops must later read everything it missed before it can draft again.
-        plain = (self.HYSTERESIS if not self.on[kind] else 1.0) / self.costs.measured(1)
-        if rates[best] > plain and not self._losing(kind):
+        if self._promising(rates, kind):
             self.on[kind], self.off_rounds[kind], self.probe_gap[kind], self.k = True, 0, 8, best
             return best
         self.on[kind] = False

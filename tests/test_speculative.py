@@ -399,6 +399,19 @@ def test_a_draft_model_verifies_a_copy_out_of_the_context_where_the_copy_promise
     assert stepper._look_first(history)[1] is None
 
 
+def test_a_sure_copy_is_verified_beside_a_draft_model_too_slow_to_draft():
+    # A draft step costs 80% of a target step and reading a skipped token as much as a step: drafting
+    # cannot win, and pricing the copy with that catch-up would pass it over, but plain tokens need the same.
+    history = list(range(20))
+    cheap = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
+    sure = Draft([5, 6, 7, 8], [None] * 4, source="4-gram")
+    stepper = policy(cheap, accepted=5, rejected=5, drafter=CopyingDraftModel(sure), draft_step=0.04,
+                     catch_up=0.05)
+    stepper.by_source = {"4-gram": Tally(stepper.DECAY, 0.5, 10.0)}
+    k, copy = stepper._look_first(history)
+    assert copy == sure and k >= 2
+
+
 def test_copies_that_lost_on_new_code_do_not_switch_off_a_draft_model_that_wins_there():
     history = list(range(20))
     cheap = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
