@@ -381,17 +381,20 @@ class CopyingDraftModel:
         return replace(self._copy, tokens=self._copy.tokens[:n], dists=self._copy.dists[:n])
 
 
+# A target whose verify batches cost 20% more per extra token, and a copy found after a 4-token match.
+BESIDE_COPIES = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
+SURE = Draft([5, 6, 7, 8], [None] * 4, source="4-gram")
+
+
 def test_a_draft_model_verifies_a_copy_out_of_the_context_where_the_copy_promises_more():
     history = list(range(20))
-    cheap = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
-    sure = Draft([5, 6, 7, 8], [None] * 4, source="4-gram")
-    stepper = policy(cheap, accepted=8, rejected=2, drafter=CopyingDraftModel(sure), draft_step=0.015,
+    stepper = policy(BESIDE_COPIES, accepted=8, rejected=2, drafter=CopyingDraftModel(SURE), draft_step=0.015,
                      catch_up=0.005)
     stepper.by_source = {"4-gram": Tally(stepper.DECAY, 0.5, 10.0), "2-gram": Tally(stepper.DECAY, 8.0, 10.0)}
     k, copy = stepper._look_first(history)
-    assert copy == sure and k >= 2  # an edit repeating its prompt: no draft step at all
+    assert copy == SURE and k >= 2  # an edit repeating its prompt: no draft step at all
     # After a 2-token match copies were mostly wrong: the draft model has its turn, and it drafts.
-    stepper.drafter = CopyingDraftModel(replace(sure, source="2-gram"))
+    stepper.drafter = CopyingDraftModel(replace(SURE, source="2-gram"))
     k, copy = stepper._look_first(history)
     assert copy is None and k >= 1
     # No match in the context: the draft model as always.
@@ -403,19 +406,16 @@ def test_a_sure_copy_is_verified_beside_a_draft_model_too_slow_to_draft():
     # A draft step costs 80% of a target step and reading a skipped token as much as a step: drafting
     # cannot win, and pricing the copy with that catch-up would pass it over, but plain tokens need the same.
     history = list(range(20))
-    cheap = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
-    sure = Draft([5, 6, 7, 8], [None] * 4, source="4-gram")
-    stepper = policy(cheap, accepted=5, rejected=5, drafter=CopyingDraftModel(sure), draft_step=0.04,
+    stepper = policy(BESIDE_COPIES, accepted=5, rejected=5, drafter=CopyingDraftModel(SURE), draft_step=0.04,
                      catch_up=0.05)
     stepper.by_source = {"4-gram": Tally(stepper.DECAY, 0.5, 10.0)}
     k, copy = stepper._look_first(history)
-    assert copy == sure and k >= 2
+    assert copy == SURE and k >= 2
 
 
 def test_copies_that_lost_on_new_code_do_not_switch_off_a_draft_model_that_wins_there():
     history = list(range(20))
-    cheap = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
-    stepper = policy(cheap, accepted=9, rejected=1, drafter=CopyingDraftModel(Draft()), draft_step=0.01)
+    stepper = policy(BESIDE_COPIES, accepted=9, rejected=1, drafter=CopyingDraftModel(Draft()), draft_step=0.01)
     assert stepper._choose(history) >= 2
     for _ in range(6):  # copies that promised much, verified and mostly rejected: a quarter of plain speed
         stepper.realized["copy"].add(2, 0.4)
