@@ -193,8 +193,7 @@ class CostModel:
         match on new code is usually wrong, a 4-token one in an edited function usually right, and a
         generation that starts from what it already knows verifies fewer bad copies before it learns
         (before any, a hopeful guess: copies must be tried to be judged)."""
-        tally = self.sources.get(source)
-        return tally.rate(default, enough=3) if tally else default
+        return self.sources.get(source, Tally(self.LONG_DECAY)).rate(default, enough=3)
 
     def doubt_prior(self, default: float = 0.1) -> float:
         """The chance the draft stops, unsure, at a position it reached, as earlier runs saw it."""

@@ -190,12 +190,13 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
     if options is None:
         yield None
         return
-    if plan.skipped:
-        yield skipped_factory(plan)
+    factory = modelless_factory(plan, max_tokens)
+    if plan.skipped:  # nothing measured: nothing to save
+        yield factory
         return
     try:
-        if plan.draft_path is None:
-            yield stepper_factory(NgramDrafter, options, max_tokens, plan.book, plan.note)
+        if factory is not None:
+            yield factory
             return
         draft_load = LoadOptions(n_ctx=target.n_ctx, n_threads=options.n_threads or target.n_threads,
                                  n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None else target_load.n_gpu_layers,
@@ -205,6 +206,16 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
             yield stepper_factory(lambda: drafter, options, max_tokens, plan.book)
     finally:
         plan.book.save()
+
+
+def modelless_factory(plan: SpeculationPlan, max_tokens: int | None = None) -> Callable | None:
+    """The stepper factory of a plan that loads no draft model (speculation off, or prompt lookup, perhaps
+    in place of a draft model that cannot win); None for a plan that needs its draft model loaded."""
+    if plan.skipped:
+        return skipped_factory(plan)
+    if plan.draft_path is None:
+        return stepper_factory(NgramDrafter, plan.options, max_tokens, plan.book, plan.note)
+    return None
 
 
 def stepper_factory(make_drafter: Callable[[], Drafter], options: DraftOptions, max_tokens: int | None = None,
@@ -346,7 +357,10 @@ class SpeculativeStepper:
         out = self._speculate(history, k, draft) if k else None
         asked = bool(k) and draft is None and not self.free  # the draft model was asked, and read the history
         # A round in which a model drafter was asked is speculative whatever it proposed: it paid for the asking.
-        kind = ("copy" if draft is not None else "draft") if out is not None else ("draft" if asked else "plain")
+        if out is not None:
+            kind = "copy" if draft is not None else "draft"
+        else:
+            kind = "draft" if asked else "plain"
         if out is None:
             out = self._plain(history)
         self.unseen = 0 if asked else self.unseen + len(out)
@@ -383,32 +397,38 @@ class SpeculativeStepper:
         otherwise the draft model, if any, has its turn. Returns (length, the copy or None)."""
         cap = self._cap(history)
         if cap < max(1, self.options.draft_min) or self.costs.measured(1) is None:
-            return (0 if self.free else self._choose(history)), None
+            return 0, None  # (as _choose would say: nothing to draft, or v(1) still to measure)
+        drafting = None if self.free else self._rates(cap)
         copy = self.drafter.copy(history, cap)
         if copy.tokens:
             copying = self._rates(len(copy.tokens), self._source_rejection(copy.source), copy=True)
-            if self.free or self._copy_first(copying, cap):
+            if drafting is None or self._copy_first(copying, drafting):
                 k = self._decide(copying, len(copy.tokens), "copy")
-                if k or self.free:
+                if k or drafting is None:
                     return k, copy
-        return (0 if self.free else self._choose(history)), None
+        return (0 if drafting is None else self._decide(drafting, cap)), None
 
-    def _copy_first(self, copying: dict[int, float], cap: int) -> bool:
+    def _copy_first(self, copying: dict[int, float], drafting: dict[int, float]) -> bool:
         """Should the copy be weighed before the draft model has its turn? Where drafting would not beat
         plain decoding, yes: against plain steps a copy is judged as it is, since the draft model must
         later read plain tokens and copied ones alike. Against drafting it also pays that catch-up, as
         drafted tokens need none."""
-        drafting = self._rates(cap)
         if not self._promising(drafting, "draft"):
             return True
         catch_up = self.costs.catch_up_per_token(self.drafter.step_cost_hint)
         return 1.0 / (1.0 / max(copying.values()) + catch_up) >= max(drafting.values())
 
     def _source_rejection(self, source: str) -> float:
-        # Passing over a copy costs nothing (the draft model, if any, drafts instead): its kind's record may
-        # follow the evidence closely, whatever the drafter.
-        w, prior = self.PRIOR_WEIGHT["free"], self.costs.copy_prior(source)
-        return self.by_source.setdefault(source, Tally(self.DECAY, w * prior, w)).rate()
+        return self._source_tally(source).rate()
+
+    def _source_tally(self, source: str) -> Tally:
+        """The record of this kind of copy, started from what earlier runs saw of it. Passing over a copy
+        costs nothing (the draft model, if any, drafts instead): the record may follow the evidence
+        closely, whatever the drafter."""
+        if source not in self.by_source:
+            w = self.PRIOR_WEIGHT["free"]
+            self.by_source[source] = Tally(self.DECAY, w * self.costs.copy_prior(source), w)
+        return self.by_source[source]
 
     def _speculate(self, history: list[int], k: int, draft: Draft | None = None) -> list[int] | None:
         t0 = time.perf_counter()
@@ -466,7 +486,7 @@ class SpeculativeStepper:
         judged = accepted + rejected
         c = self.counts
         if draft.source:  # a copy: its quality is its kind's, not the draft model's
-            self.by_source.setdefault(draft.source, Tally(self.DECAY)).add(rejected, judged)
+            self._source_tally(draft.source).add(rejected, judged)
             self.costs.observe_copy(draft.source, judged, rejected)
             c["copies"] += 1
             c["copied"] += accepted

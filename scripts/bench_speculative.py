@@ -49,7 +49,7 @@ from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
 from edgeinfer.costs import CostBook, expected_round  # noqa: E402
 from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, cost_model,  # noqa: E402
-                                   plan_speculation, skipped_factory, stepper_factory, target_load_options)
+                                   modelless_factory, plan_speculation, stepper_factory, target_load_options)
 from edgeinfer.template import chat_tokens  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
@@ -253,13 +253,11 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             draft.truncate(0)
             generate(target, tokens[-1], GREEDY, max_tokens=args.max_tokens, stepper_factory=factory)
             asked = replace(spec, lookup=method != "draft-alone")
-            plans[method] = plan_speculation(path, None if method == "ngram" else args.draft, asked, options, book)
-            if plans[method].skipped:
-                factories[method] = skipped_factory(plans[method])
-                print(f"  {name} {method}: {plans[method].skipped}", flush=True)
-            elif plans[method].note:  # the draft model set aside: prompt lookup alone, as `run` would then run
-                factories[method] = stepper_factory(NgramDrafter, spec, args.max_tokens, book, plans[method].note)
-                print(f"  {name} {method}: {plans[method].note}", flush=True)
+            plan = plans[method] = plan_speculation(path, None if method == "ngram" else args.draft, asked, options, book)
+            # Speculation off, or the draft model set aside for prompt lookup: what `run` would then run.
+            factories[method] = modelless_factory(plan, args.max_tokens) or factories[method]
+            if plan.skipped or plan.note:
+                print(f"  {name} {method}: {plan.skipped or plan.note}", flush=True)
         plain_tokens = {}
         for rep in range(args.reps):
             for i, (kind, _) in enumerate(prompts):
