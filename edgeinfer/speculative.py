@@ -304,6 +304,8 @@ class SpeculativeStepper:
         self.off_rounds, self.probe_gap = {"draft": 0, "copy": 0}, {"draft": 8, "copy": 8}
         self.k = 0  # the length of the latest round that speculated (for the stats)
         self.unseen = 0  # tokens produced since the drafter last read the history: a probe's catch-up
+        self.copied_behind = False  # copies left the draft model behind since it last read the history
+        self.rent: list[float] | None = None  # [catch-up to beat, plain time spent] while waiting for copies
         self.by_source: dict[str, Tally] = {}  # rejected among judged, per kind of copy (its match length)
         self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, speculative_passes=0, probes=0,
                            tokens=0, k_sum=0, copies=0, copied=0)
@@ -364,6 +366,8 @@ class SpeculativeStepper:
         if out is None:
             out = self._plain(history)
         self.unseen = 0 if asked else self.unseen + len(out)
+        if asked or kind == "copy":  # caught up; or a copy came, and a later gap between copies waits afresh
+            self.copied_behind, self.rent = not asked, None
         elapsed = time.perf_counter() - start
         # A catch-up (the draft reading the prompt, or what plain rounds produced) is paid once and
         # then sunk: it says nothing about what speculating from here on will deliver.
@@ -406,17 +410,41 @@ class SpeculativeStepper:
                 k = self._decide(copying, len(copy.tokens), "copy")
                 if k or drafting is None:
                     return k, copy
-        return (0 if drafting is None else self._decide(drafting, cap)), None
+        k = 0 if drafting is None else self._decide(drafting, cap)
+        if k and self.on["draft"] and self._wait_for_copies(drafting):
+            return 0, None
+        return k, None
+
+    def _wait_for_copies(self, drafting: dict[int, float]) -> bool:
+        """After a run of copies the draft model must read all it skipped before it drafts again, and where
+        an edit repeats its prompt the next copy is often a token or two away. So, as one rents skis before
+        buying: plain steps while what they have cost against drafting at once (the slower token, and one
+        more token to read later) is less than that catch-up; within twice the better choice either way."""
+        if not self.copied_behind:
+            return False
+        hint = self.drafter.step_cost_hint
+        per_token = self.costs.catch_up_per_token(hint)
+        if self.rent is None:  # a round drafting would pay the re-sync anyway: only the rest is at stake
+            self.rent = [self.unseen * per_token - self.costs.draft_sync(hint), 0.0]
+        catch_up, spent = self.rent
+        if spent >= catch_up:
+            return False
+        self.rent[1] += max(0.0, self.costs.measured(1) - 1.0 / max(drafting.values())) + per_token
+        return True
 
     def _copy_first(self, copying: dict[int, float], drafting: dict[int, float]) -> bool:
         """Should the copy be weighed before the draft model has its turn? Where drafting would not beat
         plain decoding, yes: against plain steps a copy is judged as it is, since the draft model must
         later read plain tokens and copied ones alike. Against drafting it also pays that catch-up, as
-        drafted tokens need none."""
+        drafted tokens need none; less the re-sync that the catch-up does in passing and that a drafting
+        round pays anyway."""
         if not self._promising(drafting, "draft"):
             return True
-        catch_up = self.costs.catch_up_per_token(self.drafter.step_cost_hint)
-        return 1.0 / (1.0 / max(copying.values()) + catch_up) >= max(drafting.values())
+        hint = self.drafter.step_cost_hint
+        k = max(copying, key=copying.get)
+        tokens = copying[k] * self.costs.pass_cost(k + 1)  # expected per round: a copy's round is one pass
+        catch_up = max(0.0, tokens * self.costs.catch_up_per_token(hint) - self.costs.draft_sync(hint))
+        return tokens / (tokens / copying[k] + catch_up) >= max(drafting.values())
 
     def _source_rejection(self, source: str) -> float:
         return self._source_tally(source).rate()

@@ -413,6 +413,34 @@ def test_a_sure_copy_is_verified_beside_a_draft_model_too_slow_to_draft():
     assert copy == SURE and k >= 2
 
 
+def test_a_copy_is_charged_only_the_catch_up_beyond_the_re_sync_that_drafting_pays_anyway():
+    # Reading a skipped token costs the draft a quarter of a target step. Charged in full, that catch-up
+    # would pass over a copy promising 50 tokens a second against drafting's 31; but the draft's next
+    # round re-syncs in the same batch, a cost every drafting round pays.
+    history = list(range(20))
+    stepper = policy(BESIDE_COPIES, accepted=9, rejected=1, drafter=CopyingDraftModel(SURE), draft_step=0.01,
+                     catch_up=0.012)
+    stepper.by_source = {"4-gram": Tally(stepper.DECAY, 0.5, 10.0)}
+    assert stepper._look_first(history) == (4, SURE)
+
+
+def test_a_draft_model_left_behind_by_copies_waits_a_few_plain_steps_for_the_next_copy():
+    history = list(range(20))
+    stepper = policy(BESIDE_COPIES, accepted=9, rejected=1, drafter=CopyingDraftModel(Draft()), draft_step=0.01,
+                     catch_up=0.01)
+    assert stepper._look_first(history)[0] >= 2  # in step with the history: it drafts at once
+    # A run of copies went by: 40 tokens for the draft to read (0.4 s, 8 plain steps). Where an edit repeats
+    # its prompt the next copy is a token or two away, so it steps plainly for a while; each plain step costs
+    # 0.018 s more than drafting would and leaves one more token to read: within 0.39 s, it drafts again.
+    stepper.copied_behind, stepper.unseen = True, 40
+    waited = 0
+    while stepper._look_first(history)[0] == 0 and waited < 100:
+        waited += 1
+        stepper.unseen += 1
+    assert 10 <= waited <= 15
+    assert stepper._look_first(history)[0] >= 2
+
+
 def test_copies_that_lost_on_new_code_do_not_switch_off_a_draft_model_that_wins_there():
     history = list(range(20))
     stepper = policy(BESIDE_COPIES, accepted=9, rejected=1, drafter=CopyingDraftModel(Draft()), draft_step=0.01)
