@@ -305,7 +305,7 @@ class SpeculativeStepper:
         self.k = 0  # the length of the latest round that speculated (for the stats)
         self.unseen = 0  # tokens produced since the drafter last read the history: a probe's catch-up
         self.copied_behind = False  # copies left the draft model behind since it last read the history
-        self.rent: list[float] | None = None  # [catch-up to beat, plain time spent] while waiting for copies
+        self.rent: tuple[float, float] | None = None  # (catch-up to beat, plain time spent) waiting for copies
         self.by_source: dict[str, Tally] = {}  # rejected among judged, per kind of copy (its match length)
         self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, speculative_passes=0, probes=0,
                            tokens=0, k_sum=0, copies=0, copied=0)
@@ -425,11 +425,11 @@ class SpeculativeStepper:
         hint = self.drafter.step_cost_hint
         per_token = self.costs.catch_up_per_token(hint)
         if self.rent is None:  # a round drafting would pay the re-sync anyway: only the rest is at stake
-            self.rent = [self.unseen * per_token - self.costs.draft_sync(hint), 0.0]
+            self.rent = (self.unseen * per_token - self.costs.draft_sync(hint), 0.0)
         catch_up, spent = self.rent
         if spent >= catch_up:
             return False
-        self.rent[1] += max(0.0, self.costs.measured(1) - 1.0 / max(drafting.values())) + per_token
+        self.rent = (catch_up, spent + max(0.0, self.costs.measured(1) - 1.0 / max(drafting.values())) + per_token)
         return True
 
     def _copy_first(self, copying: dict[int, float], drafting: dict[int, float]) -> bool:
