@@ -359,12 +359,11 @@ class SpeculativeStepper:
         out = self._speculate(history, k, draft) if k else None
         asked = bool(k) and draft is None and not self.free  # the draft model was asked, and read the history
         # A round in which a model drafter was asked is speculative whatever it proposed: it paid for the asking.
-        if out is not None:
-            kind = "copy" if draft is not None else "draft"
-        else:
-            kind = "draft" if asked else "plain"
         if out is None:
+            kind = "draft" if asked else "plain"
             out = self._plain(history)
+        else:
+            kind = "copy" if draft is not None else "draft"
         self.unseen = 0 if asked else self.unseen + len(out)
         if asked or kind == "copy":  # caught up; or a copy came, and a later gap between copies waits afresh
             self.copied_behind, self.rent = not asked, None
@@ -422,14 +421,13 @@ class SpeculativeStepper:
         more token to read later) is less than that catch-up; within twice the better choice either way."""
         if not self.copied_behind:
             return False
-        hint = self.drafter.step_cost_hint
-        per_token = self.costs.catch_up_per_token(hint)
-        if self.rent is None:  # a round drafting would pay the re-sync anyway: only the rest is at stake
-            self.rent = (self.unseen * per_token - self.costs.draft_sync(hint), 0.0)
+        if self.rent is None:
+            self.rent = (self._catch_up_cost(self.unseen, beyond_sync=True), 0.0)
         catch_up, spent = self.rent
         if spent >= catch_up:
             return False
-        self.rent = (catch_up, spent + max(0.0, self.costs.measured(1) - 1.0 / max(drafting.values())) + per_token)
+        slower = max(0.0, self.costs.measured(1) - 1.0 / max(drafting.values()))
+        self.rent = (catch_up, spent + slower + self._catch_up_cost(1))
         return True
 
     def _copy_first(self, copying: dict[int, float], drafting: dict[int, float]) -> bool:
@@ -440,11 +438,16 @@ class SpeculativeStepper:
         round pays anyway."""
         if not self._promising(drafting, "draft"):
             return True
-        hint = self.drafter.step_cost_hint
         k = max(copying, key=copying.get)
         tokens = copying[k] * self.costs.pass_cost(k + 1)  # expected per round: a copy's round is one pass
-        catch_up = max(0.0, tokens * self.costs.catch_up_per_token(hint) - self.costs.draft_sync(hint))
-        return tokens / (tokens / copying[k] + catch_up) >= max(drafting.values())
+        return tokens / (tokens / copying[k] + self._catch_up_cost(tokens, beyond_sync=True)) >= max(drafting.values())
+
+    def _catch_up_cost(self, tokens: float, beyond_sync: bool = False) -> float:
+        """Seconds for the draft model to read this many tokens it skipped; beyond_sync: only what exceeds
+        the re-sync that the catch-up does in passing and that a drafting round pays anyway."""
+        hint = self.drafter.step_cost_hint
+        seconds = tokens * self.costs.catch_up_per_token(hint)
+        return max(0.0, seconds - self.costs.draft_sync(hint)) if beyond_sync else seconds
 
     def _source_rejection(self, source: str) -> float:
         return self._source_tally(source).rate()
@@ -589,8 +592,7 @@ class SpeculativeStepper:
     def _affordable(self) -> bool:
         """A probe first makes a model drafter read every token it missed: worth it only while that costs
         no more than PROBE_BUDGET plain steps. Prompt lookup reads for free and may always probe."""
-        catch_up = self.unseen * self.costs.catch_up_per_token(self.drafter.step_cost_hint)
-        return catch_up <= self.PROBE_BUDGET * self.costs.measured(1)
+        return self._catch_up_cost(self.unseen) <= self.PROBE_BUDGET * self.costs.measured(1)
 
     def _rates(self, cap: int, reject: float | None = None, copy: bool = False) -> dict[int, float] | None:
         """Expected tokens per second for each draft length 1..cap, from the costs and the recent rates
