@@ -73,6 +73,8 @@ class ModelDrafter:
 
     def prepare(self, prompt: Sequence[int]) -> int:
         self._copies = NgramDrafter() if self.lookup else None
+        if self._copies is not None:
+            self._copies.prepare(prompt)
         backlog = len(prompt) - len(self.model.cached)
         self.model.prefill(prompt)
         return backlog
@@ -137,6 +139,12 @@ class NgramDrafter:
     Code edits, summaries and quotes repeat long spans of their prompt; then this
     drafter is nearly free and nearly always right. The index of n-grams grows
     with the history, one position per token, so a lookup costs O(1).
+
+    A copy's kind says where it comes from as well as how long a match it follows:
+    out of the prompt, an edit's copies were right 88-96% of the time after a 3- or
+    4-token match; out of the answer itself (a repeated `return`, a second loop)
+    20-40%, in edits and new code alike. Pooled, the good kind taught the stepper
+    to verify the bad one.
     """
 
     name = "ngram"
@@ -146,8 +154,10 @@ class NgramDrafter:
         self.sizes = range(n_max, n_min - 1, -1)
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # positions of history whose n-grams are in the index
+        self._prompt_len = 0  # positions before this are the prompt's; after, the answer's
 
     def prepare(self, prompt: Sequence[int]) -> int:
+        self._prompt_len = len(prompt)
         return 0  # the index grows with the history at each proposal
 
     def time_step(self, prompt: Sequence[int]) -> float | None:
@@ -164,7 +174,8 @@ class NgramDrafter:
             end = self._index.get(tuple(history[-size:]))
             if end is not None:
                 tokens = list(history[end + 1 : end + 1 + n])
-                return Draft(tokens, [None] * len(tokens), source=f"{size}-gram")
+                origin = "prompt" if end < self._prompt_len else "answer"
+                return Draft(tokens, [None] * len(tokens), source=f"{size}-gram from the {origin}")
         return Draft()
 
     def _extend(self, history: Sequence[int]) -> None:

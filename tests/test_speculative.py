@@ -369,6 +369,18 @@ def test_prompt_lookup_trusts_each_kind_of_match_as_far_as_it_has_proved_right()
     assert stepper._source_rejection("3-gram") == pytest.approx(stepper.costs.copy_prior("3-gram")) == 0.1
 
 
+def test_prompt_lookup_tells_a_copy_of_the_prompt_from_a_copy_of_its_own_answer():
+    prompt = [1, 2, 3, 4, 5, 6]
+    lookup = NgramDrafter()
+    lookup.prepare(prompt)
+    # An edit: the answer repeats the prompt's "2 3", and the copy goes on as the prompt did.
+    assert lookup.copy(prompt + [2, 3], 2) == Draft([4, 5], [None, None], source="2-gram from the prompt")
+    # New code: the answer repeats "7 8", which it wrote itself; a different kind, with its own record.
+    lookup = NgramDrafter()
+    lookup.prepare(prompt)
+    assert lookup.copy(prompt + [7, 8, 9, 7, 8], 2) == Draft([9, 7], [None, None], source="2-gram from the answer")
+
+
 class CopyingDraftModel:
     """A draft model (a draft step costs 30% of a target step) beside prompt lookup, whose copy is scripted."""
 
