@@ -19,6 +19,11 @@ the store. Each drafter first runs one untimed request, as a user's first `run -
 on a machine does (it measures the pass costs and the acceptance, kept in the cost
 book); the timed requests then start from that memory, and a pair the plan finds
 hopeless runs as `run` would run it then: plain, on the repacked target.
+Each speculative request is paired with the plain request of the same prompt and repetition, run
+beside it: per prompt, the figure is the median of those paired speedups with a 90% bootstrap interval.
+Where a method came out slower than plain on a prompt, a second look runs more pairs (--confirm) of
+exactly those, so that the worst prompt is judged on enough runs to tell a loss from a busy minute;
+overall figures use the main repetitions only, where every prompt counts equally.
 The ceiling is computed per prompt from that prompt's acceptance; the pooled one
 (one acceptance over all prompts) is in the JSON too. Speed is generation tok/s (after the first token: the draft model reads
 the prompt during prompt processing, as llama.cpp's speculative example counts it);
@@ -53,6 +58,7 @@ from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, co
 from edgeinfer.template import chat_tokens  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
+FLOOR = 0.97  # the issue's "never slower": every drafter on every prompt at least this fraction of plain
 
 CODING = [
     "Write a Python function that merges two sorted lists into one sorted list, with a docstring and type hints.",
@@ -258,30 +264,54 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             factories[method] = modelless_factory(plan, args.max_tokens) or factories[method]
             if plan.skipped or plan.note:
                 print(f"  {name} {method}: {plan.skipped or plan.note}", flush=True)
-        plain_tokens = {}
+        plain_tokens: dict[int, list[int]] = {}
+
+        def timed(method: str, i: int, rep: int) -> dict:
+            """One request, timed; a method's row carries the plain run it is paired with (filled in later)."""
+            skipped = method != "plain" and plans[method].skipped is not None
+            model = plain_target if method == "plain" or skipped else target
+            model.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
+            draft.truncate(0)
+            result = generate(model, tokens[i], GREEDY, max_tokens=args.max_tokens,
+                              stepper_factory=factories.get(method))
+            if method == "plain":
+                plain_tokens.setdefault(i, result.tokens)
+            row = {"prompt": i, "kind": prompts[i][0], "rep": rep, "confirm": rep >= args.reps,
+                   "tok_s": result.generation_tokens_per_second, "total_s": result.total_seconds,
+                   "ttft_s": result.time_to_first_token, "tokens": result.completion_tokens,
+                   "exact": result.tokens == (plain_tokens[i] if skipped else reference[i]),
+                   "same_as_repacked_plain": result.tokens == plain_tokens[i], **result.stats}
+            print(f"  {name} prompt {i} ({row['kind']}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
+                  + (f"  acc {row['acceptance_rate']:.2f} tpp {row['tokens_per_pass']:.2f} k {row['mean_draft_length']}"
+                     f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" and not skipped else ""), flush=True)
+            return row
+
+        def pair(rows_: list[dict], plain_row: dict) -> None:
+            for row in rows_:
+                row.update(plain_tok_s=plain_row["tok_s"], plain_total_s=plain_row["total_s"],
+                           plain_ttft_s=plain_row["ttft_s"])
+
         for rep in range(args.reps):
-            for i, (kind, _) in enumerate(prompts):
+            for i in range(len(prompts)):
                 # Odd repetitions run the methods in reverse order, so that a machine slowly getting busier or
                 # quieter favours none of them in the medians (ABBA).
                 order = ("plain", *args.methods)
-                for method in order if rep % 2 == 0 else order[::-1]:
-                    skipped = method != "plain" and plans[method].skipped is not None
-                    model = plain_target if method == "plain" or skipped else target
-                    model.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
-                    draft.truncate(0)
-                    result = generate(model, tokens[i], GREEDY, max_tokens=args.max_tokens,
-                                      stepper_factory=factories.get(method))
-                    if method == "plain":
-                        plain_tokens.setdefault(i, result.tokens)
-                    row = {"prompt": i, "kind": kind, "rep": rep, "tok_s": result.generation_tokens_per_second,
-                           "total_s": result.total_seconds, "ttft_s": result.time_to_first_token,
-                           "tokens": result.completion_tokens,
-                           "exact": result.tokens == (plain_tokens[i] if skipped else reference[i]),
-                           "same_as_repacked_plain": result.tokens == plain_tokens[i], **result.stats}
+                done = {m: timed(m, i, rep) for m in (order if rep % 2 == 0 else order[::-1])}
+                pair([done[m] for m in args.methods], done["plain"])
+                for method, row in done.items():
                     rows.setdefault(method, []).append(row)
-                    print(f"  {name} prompt {i} ({kind}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
-                          + (f"  acc {row['acceptance_rate']:.2f} tpp {row['tokens_per_pass']:.2f} k {row['mean_draft_length']}"
-                             f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" and not skipped else ""), flush=True)
+        # A second look where a method seemed slower than plain on a prompt: more pairs (plain and that
+        # method back to back, ABBA) for exactly those, so that the worst prompt is not just the unluckiest.
+        suspects = [(m, i) for m in args.methods for i in range(len(prompts))
+                    if statistics.median(paired([r for r in rows[m] if r["prompt"] == i])) < 1.0]
+        for extra in range(args.confirm if suspects else 0):
+            rep = args.reps + extra
+            for method, i in suspects:
+                order = ("plain", method) if extra % 2 == 0 else (method, "plain")
+                done = {m: timed(m, i, rep) for m in order}
+                pair([done[method]], done["plain"])
+                rows[method].append(done[method])
+                rows["plain"].append(done["plain"])
         learned = {m: cost_model(target, d, book) for m, d in drafters.items()}
         priors = {m: (c.rejection_prior(), c.doubt_prior()) for m, c in learned.items()}
         ratios = {m: c.ratios(args.draft_max + 1) for m, c in learned.items()}
@@ -311,12 +341,10 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
 
 
 def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plans, rss_plain, rss_spec, args) -> dict:
-    plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in rows["plain"]}
-    plain_total = {(r["prompt"], r["rep"]): r["total_s"] for r in rows["plain"]}
-    plain_ttft = {(r["prompt"], r["rep"]): r["ttft_s"] for r in rows["plain"]}
-    plain_by_prompt = {p: statistics.median(v for (q, _), v in plain.items() if q == p) for p, _ in plain}
+    main = {m: [r for r in rs if not r["confirm"]] for m, rs in rows.items()}  # every prompt equally often
+    plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in main["plain"]}
     # The noise floor: how far apart two plain runs of the same prompt came out (1.0: identical).
-    spreads = [min(vs) / max(vs) for p in plain_by_prompt if len(vs := [v for (q, _), v in plain.items() if q == p]) > 1]
+    spreads = [min(vs) / max(vs) for p in {p for p, _ in plain} if len(vs := [v for (q, _), v in plain.items() if q == p]) > 1]
     out = {"target": name, "path": str(path), "plain_tok_s": statistics.median(plain.values()),
            "pass_cost_ratios": {n: round(c / costs[1], 2) for n, c in costs.items()},
            "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(draft_costs[0] * 1000, 1),
@@ -325,10 +353,13 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plan
            "learned_ratios": learned, "peak_rss_plain_mib": rss_plain, "peak_rss_speculative_mib": rss_spec,
            "methods": {}}
     for method in args.methods:
-        rs = rows[method]
-        speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs if plain[(r["prompt"], r["rep"])]]
-        per_prompt = {p: statistics.median(r["tok_s"] for r in rs if r["prompt"] == p) / plain_by_prompt[p]
-                      for p in plain_by_prompt}
+        rs, every = main[method], rows[method]
+        speedups = paired(rs)
+        # Per prompt, every pair it got (the second look's too): the median speedup and its 90% interval.
+        by_prompt = {p: paired([r for r in every if r["prompt"] == p]) for p in sorted({r["prompt"] for r in every})}
+        per_prompt = {p: statistics.median(v) for p, v in by_prompt.items()}
+        intervals = {p: median_interval(v) for p, v in by_prompt.items()}
+        worst = min(per_prompt, key=per_prompt.get)
         drafted, accepted = sum(r.get("drafted", 0) for r in rs), sum(r.get("accepted", 0) for r in rs)
         reject, doubt = _rates(rs, priors[method])
         draft_step, sync = (0.0, 0.0) if method == "ngram" else draft_costs
@@ -337,19 +368,25 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plan
         # copying, a new function barely any), and E(k) is not linear in the acceptance, so a ceiling
         # from the pooled acceptance would promise edits' gains on every prompt.
         ceilings = {p: ceiling(costs, draft_step, *_rates([r for r in rs if r["prompt"] == p], (reject, doubt)),
-                               args.draft_max, sync)[0] for p in plain_by_prompt}
-        edits = [s for r, s in zip(rs, speedups) if r["kind"] == "edit"]
+                               args.draft_max, sync)[0] for p in per_prompt}
+        edits = paired([r for r in rs if r["kind"] == "edit"])
         out["methods"][method] = {
             "tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
             "speedup": round(statistics.median(speedups), 3),
             "speedup_geomean": round(float(np.exp(np.mean(np.log(speedups)))), 3),
             "speedup_code_edit": round(statistics.median(edits), 3) if edits else None,
-            "speedup_end_to_end": round(statistics.median(
-                plain_total[(r["prompt"], r["rep"])] / r["total_s"] for r in rs), 3),
-            "first_token_vs_plain": round(statistics.median(
-                r["ttft_s"] / plain_ttft[(r["prompt"], r["rep"])] for r in rs), 3),
-            "worst_prompt_speedup": round(min(per_prompt.values()), 3),
+            "speedup_end_to_end": round(statistics.median(r["plain_total_s"] / r["total_s"] for r in rs), 3),
+            "first_token_vs_plain": round(statistics.median(r["ttft_s"] / r["plain_ttft_s"] for r in rs), 3),
+            "worst_prompt": worst,
+            "worst_prompt_speedup": round(per_prompt[worst], 3),
+            "worst_prompt_interval": [round(x, 3) for x in intervals[worst]],
+            "worst_prompt_pairs": len(by_prompt[worst]),
+            # Prompts on which the method is slower than the floor beyond the noise: the whole interval below.
+            "below_floor": [p for p in per_prompt if intervals[p][1] < FLOOR],
+            "second_look_pairs": len(every) - len(rs),
             "per_prompt_speedup": {p: round(v, 3) for p, v in per_prompt.items()},
+            "per_prompt_interval": {p: [round(x, 3) for x in v] for p, v in intervals.items()},
+            "per_prompt_pairs": {p: len(v) for p, v in by_prompt.items()},
             "copied_share": round(sum(r.get("copied", 0) for r in rs) / accepted, 3) if accepted else 0.0,
             "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
             "per_token_acceptance": round(1 - reject, 3),
@@ -361,19 +398,32 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plan
             "ceiling": round(statistics.median(ceilings.values()), 3),
             "of_ceiling": round(statistics.median(per_prompt[p] / ceilings[p] for p in per_prompt), 3),
             "worst_of_ceiling": round(min(per_prompt[p] / ceilings[p] for p in per_prompt), 3),
-            "exact": all(r["exact"] for r in rs),
-            "exact_runs": f"{sum(r['exact'] for r in rs)}/{len(rs)}",
-            "same_as_repacked_plain": sum(r["same_as_repacked_plain"] for r in rs) / len(rs),
+            "exact": all(r["exact"] for r in every),
+            "exact_runs": f"{sum(r['exact'] for r in every)}/{len(every)}",
+            "same_as_repacked_plain": sum(r["same_as_repacked_plain"] for r in every) / len(every),
             "skipped": plans[method].skipped,
             "lookup_only": plans[method].note,
         }
-    for method, rs in hooks.items():
+    for method, rs in hooks.items():  # run after the rest, so paired with the plain run of the same repetition
         speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs]
         out["methods"][method] = {"tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
                                   "speedup": round(statistics.median(speedups), 3),
                                   "speedup_code_edit": round(statistics.median(
                                       [s for r, s in zip(rs, speedups) if r["kind"] == "edit"] or [0]), 3)}
     return out
+
+
+def paired(rows: list[dict]) -> list[float]:
+    """Each run's speedup over the plain run beside it: the same prompt, a minute apart at most, so that
+    a machine busy for a while slows both (medians of each side apart let it slow one)."""
+    return [r["tok_s"] / r["plain_tok_s"] for r in rows if r["plain_tok_s"]]
+
+
+def median_interval(values: list[float], level: float = 0.9, draws: int = 4000) -> tuple[float, float]:
+    """A bootstrap interval for the median of these values, seeded so that the same runs give the same interval."""
+    samples = np.random.default_rng(0).choice(values, size=(draws, len(values)))
+    low, high = np.quantile(np.median(samples, axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def _rates(rows: list[dict], fallback: tuple[float, float]) -> tuple[float, float]:
@@ -408,6 +458,13 @@ def print_report(report: dict) -> None:
                       + ("  (the draft model cannot win here: prompt lookup only)" if m["lookup_only"] else ""))
             else:
                 print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit']:5.2f}x")
+        for name, m in t["methods"].items():
+            if "worst_prompt" in m:
+                low, high = m["worst_prompt_interval"]
+                print(f"  {name}: worst prompt {m['worst_prompt']} at {m['worst_prompt_speedup']:.3f}x "
+                      f"(90% interval {low:.3f}-{high:.3f}, {m['worst_prompt_pairs']} pairs; "
+                      f"{m['second_look_pairs']} second-look pairs in all); below {FLOOR}x beyond the noise: "
+                      f"{', '.join(map(str, m['below_floor'])) or 'no prompt'}")
 
 
 def main() -> None:
@@ -418,6 +475,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="coding prompts (at most 8)")
     parser.add_argument("--edits", type=int, default=4, help="code-edit prompts (at most 4)")
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--confirm", type=int, default=4,
+                        help="extra plain/method pairs for each prompt on which a method came out slower than plain")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=2048)
