@@ -72,8 +72,9 @@ class ModelDrafter:
         return self._copies.copy(history, n) if self._copies is not None else Draft()
 
     def prepare(self, prompt: Sequence[int]) -> int:
-        self._copies = NgramDrafter() if self.lookup else None
-        if self._copies is not None:
+        self._copies = None
+        if self.lookup:
+            self._copies = NgramDrafter()
             self._copies.prepare(prompt)
         backlog = len(prompt) - len(self.model.cached)
         self.model.prefill(prompt)

@@ -439,8 +439,9 @@ class SpeculativeStepper:
         if not self._promising(drafting, "draft"):
             return True
         k = max(copying, key=copying.get)
-        tokens = copying[k] * self.costs.pass_cost(k + 1)  # expected per round: a copy's round is one pass
-        return tokens / (tokens / copying[k] + self._catch_up_cost(tokens, beyond_sync=True)) >= max(drafting.values())
+        seconds = self.costs.pass_cost(k + 1)  # a copy's round is one pass
+        tokens = copying[k] * seconds  # expected per round
+        return tokens / (seconds + self._catch_up_cost(tokens, beyond_sync=True)) >= max(drafting.values())
 
     def _catch_up_cost(self, tokens: float, beyond_sync: bool = False) -> float:
         """Seconds for the draft model to read this many tokens it skipped; beyond_sync: only what exceeds

@@ -276,9 +276,8 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
                               stepper_factory=factories.get(method))
             if method == "plain":
                 plain_tokens.setdefault(i, result.tokens)
-            row = {"prompt": i, "kind": prompts[i][0], "rep": rep, "confirm": rep >= args.reps,
-                   "tok_s": result.generation_tokens_per_second, "total_s": result.total_seconds,
-                   "ttft_s": result.time_to_first_token, "tokens": result.completion_tokens,
+            row = {"prompt": i, "kind": prompts[i][0], "rep": rep, "tok_s": result.generation_tokens_per_second,
+                   "total_s": result.total_seconds, "ttft_s": result.time_to_first_token, "tokens": result.completion_tokens,
                    "exact": result.tokens == (plain_tokens[i] if skipped else reference[i]),
                    "same_as_repacked_plain": result.tokens == plain_tokens[i], **result.stats}
             print(f"  {name} prompt {i} ({row['kind']}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
@@ -286,30 +285,26 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
                      f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" and not skipped else ""), flush=True)
             return row
 
-        def pair(rows_: list[dict], plain_row: dict) -> None:
-            for row in rows_:
-                row.update(plain_tok_s=plain_row["tok_s"], plain_total_s=plain_row["total_s"],
-                           plain_ttft_s=plain_row["ttft_s"])
-
         for rep in range(args.reps):
             for i in range(len(prompts)):
                 # Odd repetitions run the methods in reverse order, so that a machine slowly getting busier or
                 # quieter favours none of them in the medians (ABBA).
                 order = ("plain", *args.methods)
                 done = {m: timed(m, i, rep) for m in (order if rep % 2 == 0 else order[::-1])}
-                pair([done[m] for m in args.methods], done["plain"])
                 for method, row in done.items():
+                    if method != "plain":
+                        row["plain"] = done["plain"]  # the plain run beside it
                     rows.setdefault(method, []).append(row)
         # A second look where a method seemed slower than plain on a prompt: more pairs (plain and that
         # method back to back, ABBA) for exactly those, so that the worst prompt is not just the unluckiest.
         suspects = [(m, i) for m in args.methods for i in range(len(prompts))
                     if statistics.median(paired([r for r in rows[m] if r["prompt"] == i])) < 1.0]
-        for extra in range(args.confirm if suspects else 0):
+        for extra in range(args.confirm):
             rep = args.reps + extra
             for method, i in suspects:
                 order = ("plain", method) if extra % 2 == 0 else (method, "plain")
                 done = {m: timed(m, i, rep) for m in order}
-                pair([done[method]], done["plain"])
+                done[method]["plain"] = done["plain"]
                 rows[method].append(done[method])
                 rows["plain"].append(done["plain"])
         learned = {m: cost_model(target, d, book) for m, d in drafters.items()}
@@ -341,7 +336,7 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
 
 
 def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plans, rss_plain, rss_spec, args) -> dict:
-    main = {m: [r for r in rs if not r["confirm"]] for m, rs in rows.items()}  # every prompt equally often
+    main = {m: [r for r in rs if r["rep"] < args.reps] for m, rs in rows.items()}  # every prompt equally often
     plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in main["plain"]}
     # The noise floor: how far apart two plain runs of the same prompt came out (1.0: identical).
     spreads = [min(vs) / max(vs) for p in {p for p, _ in plain} if len(vs := [v for (q, _), v in plain.items() if q == p]) > 1]
@@ -375,8 +370,8 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plan
             "speedup": round(statistics.median(speedups), 3),
             "speedup_geomean": round(float(np.exp(np.mean(np.log(speedups)))), 3),
             "speedup_code_edit": round(statistics.median(edits), 3) if edits else None,
-            "speedup_end_to_end": round(statistics.median(r["plain_total_s"] / r["total_s"] for r in rs), 3),
-            "first_token_vs_plain": round(statistics.median(r["ttft_s"] / r["plain_ttft_s"] for r in rs), 3),
+            "speedup_end_to_end": round(statistics.median(r["plain"]["total_s"] / r["total_s"] for r in rs), 3),
+            "first_token_vs_plain": round(statistics.median(r["ttft_s"] / r["plain"]["ttft_s"] for r in rs), 3),
             "worst_prompt": worst,
             "worst_prompt_speedup": round(per_prompt[worst], 3),
             "worst_prompt_interval": [round(x, 3) for x in intervals[worst]],
@@ -404,7 +399,7 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plan
             "skipped": plans[method].skipped,
             "lookup_only": plans[method].note,
         }
-    for method, rs in hooks.items():  # run after the rest, so paired with the plain run of the same repetition
+    for method, rs in hooks.items():  # run after the rest: against the plain run of the same prompt and repetition
         speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs]
         out["methods"][method] = {"tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
                                   "speedup": round(statistics.median(speedups), 3),
@@ -416,7 +411,7 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plan
 def paired(rows: list[dict]) -> list[float]:
     """Each run's speedup over the plain run beside it: the same prompt, a minute apart at most, so that
     a machine busy for a while slows both (medians of each side apart let it slow one)."""
-    return [r["tok_s"] / r["plain_tok_s"] for r in rows if r["plain_tok_s"]]
+    return [r["tok_s"] / r["plain"]["tok_s"] for r in rows if r["plain"]["tok_s"]]
 
 
 def median_interval(values: list[float], level: float = 0.9, draws: int = 4000) -> tuple[float, float]:
