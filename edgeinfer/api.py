@@ -19,7 +19,7 @@ from edgeinfer.progress import ProgressReporter
 from edgeinfer.sampling import SamplingParams
 from edgeinfer.costs import CostBook
 from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, plan_speculation, resolve_draft,
-                                   speculation, target_load_options)
+                                   speculation)
 from edgeinfer.template import Message, chat_tokens, raw_tokens
 
 
@@ -51,7 +51,7 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
     path = locate(lib, request.model, pull_missing=True, progress=progress)
     cache = lib.store.inspect_cache
     plan = checked_plan(lib, request.model, path, request.draft, request.load, progress)
-    with load(path, target_load_options(request.load, plan), cache) as model, \
+    with load(path, request.load, cache) as model, \
             speculation(model, plan, request.load, request.max_tokens, cache) as stepper_factory:
         tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
         return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop,
@@ -68,7 +68,7 @@ def open_chat(model: str | None = None, *, system: str | None = None, sampling: 
     load_options = load_options or LoadOptions()
     path = locate(lib, model, pull_missing=True, progress=progress)
     plan = checked_plan(lib, model, path, draft, load_options, progress)
-    with load(path, target_load_options(load_options, plan), lib.store.inspect_cache) as loaded, \
+    with load(path, load_options, lib.store.inspect_cache) as loaded, \
             speculation(loaded, plan, load_options, max_tokens, lib.store.inspect_cache) as factory:
         conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
         yield ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop, stepper_factory=factory)

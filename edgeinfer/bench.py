@@ -94,28 +94,24 @@ def bench_speculative(name: str, path: Path, options: LoadOptions, plan, *, n_ge
                       progress: ProgressReporter | None = None) -> list[BenchResult]:
     """Greedy generation on a code-edit prompt, plain and speculative, interleaved: tg tok/s of each.
 
-    Plain decoding runs on the target loaded as `run` loads it; speculation on the
-    target loaded as `run --draft` loads it (see target_load_options): each as a user
-    gets it, so a pair that earlier runs found hopeless here is benchmarked as skipped.
+    Both on one loaded target, with the plan a user's `run --draft` gets, so a pair that
+    earlier runs found hopeless here is benchmarked as skipped.
     """
     from edgeinfer.engine import generate
-    from edgeinfer.speculative import speculation, target_load_options
+    from edgeinfer.speculative import speculation
     from edgeinfer.template import chat_tokens
 
     progress = progress or SilentProgress()
     greedy = SamplingParams(temperature=0)
-    spec_options = target_load_options(options, plan)
-    with load(path, options, cache_file) as model, load(path, spec_options, cache_file) as verifier, \
-            speculation(verifier, plan, spec_options, n_gen, cache_file) as factory:
+    with load(path, options, cache_file) as model, speculation(model, plan, options, n_gen, cache_file) as factory:
         prompt = chat_tokens(model, [{"role": "user", "content": SPECULATION_PROMPT}])
-        runs = {"plain": (model, None), "draft": (verifier, factory)}
+        runs = {"plain": None, "draft": factory}
         speeds: dict[str, list[float]] = {k: [] for k in runs}
         progress.start(f"{name}: tg{n_gen} plain and with --draft {plan.options.ref}", repetitions)
         for rep in range(repetitions + 1):  # the first round warms both paths up and is not counted
             for key in (list(runs) if rep % 2 else list(runs)[::-1]):
-                target, factory_for = runs[key]
-                target.truncate(0)
-                result = generate(target, prompt, greedy, max_tokens=n_gen, stepper_factory=factory_for)
+                model.truncate(0)
+                result = generate(model, prompt, greedy, max_tokens=n_gen, stepper_factory=runs[key])
                 if rep:
                     speeds[key].append(result.completion_tokens / (result.total_seconds - result.time_to_first_token + 1e-9))
             progress.advance(1 if rep else 0)

@@ -101,6 +101,9 @@ class CostModel:
         self.rejections = Tally(self.LONG_DECAY)  # rejected among judged proposed tokens
         self.doubts = Tally(self.LONG_DECAY)  # stops below --draft-p-min among tests of it
         self.sources: dict[str, Tally] = {}  # rejected among judged, per kind of copy (prompt lookup's match length)
+        # The largest pass whose logits agree bit for bit with one-token steps, of the sizes tried: none is
+        # verified beyond it, for a batch that rounds differently could break a near-tie another way.
+        self.exact: tuple[int, int] | None = None  # (agreeing, tried)
         self.updated = 0.0  # when this was last measured (seconds since the epoch)
 
     # --- observing ---------------------------------------------------------------
@@ -199,6 +202,17 @@ class CostModel:
         """The chance the draft stops, unsure, at a position it reached, as earlier runs saw it."""
         return self.doubts.rate(default, enough=3)
 
+    def observe_exactness(self, agreeing: int, tried: int) -> None:
+        self.exact = (agreeing, tried)
+
+    def knows_exactness(self, upto: int) -> bool:
+        """Is it known which passes of up to `upto` tokens score exactly as one-token steps do?"""
+        return self.exact is not None and (self.exact[0] < self.exact[1] or self.exact[1] >= upto)
+
+    def verify_cap(self, draft_max: int) -> int:
+        """The most tokens a round may draft: --draft-max, within the passes known to be exact."""
+        return draft_max if self.exact is None else min(draft_max, self.exact[0] - 1)
+
     def ratios(self, upto: int) -> dict[int, float]:
         v1 = self.measured(1)
         return {n: round(self.measured(n) / v1, 2) for n in range(1, upto + 1) if v1 and self.measured(n)}
@@ -210,7 +224,8 @@ class CostModel:
                 "passes": {str(n): list(v) for n, v in self.passes.items()}, "draft_steps": list(self.draft_steps),
                 "draft_syncs": list(self.draft_syncs), "catch_ups": list(self.catch_ups),
                 "rejections": self.rejections.to_json(), "doubts": self.doubts.to_json(),
-                "sources": {k: t.to_json() for k, t in self.sources.items()}, "updated": self.updated}
+                "sources": {k: t.to_json() for k, t in self.sources.items()},
+                **({"exact": list(self.exact)} if self.exact else {}), "updated": self.updated}
 
     @classmethod
     def from_json(cls, data: dict) -> "CostModel":
@@ -226,6 +241,8 @@ class CostModel:
         model.rejections = Tally(cls.LONG_DECAY, *data.get("rejections", ()))
         model.doubts = Tally(cls.LONG_DECAY, *data.get("doubts", ()))
         model.sources = {k: Tally(cls.LONG_DECAY, *v) for k, v in data.get("sources", {}).items()}
+        if len(exact := data.get("exact", ())) == 2:
+            model.exact = (int(exact[0]), int(exact[1]))
         model.updated = float(data.get("updated", 0.0))
         return model
 

@@ -9,6 +9,7 @@ speculative decoding), and streams their text.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import signal
 import threading
@@ -66,13 +67,26 @@ class Model:
         self.n_threads = options.threads
         self.n_gpu_layers = options.n_gpu_layers
         self._model = self._load_model(path, options)
-        self._ctx = self._new_context(options)
+        self._owns_model = True
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
+        self._open_context()
+
+    def _open_context(self) -> None:
+        ll = self._ll
+        self._ctx = self._new_context()
+        self._memory = ll.llama_get_memory(self._ctx)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self.cached: list[int] = []  # the tokens whose keys and values sit in the KV cache, in order
+
+    def scratch(self, n_ctx: int) -> "Model":
+        """A second, small context on the same weights, for measurements that must leave this context's
+        KV cache (a prompt already read) alone. Closing it frees its context only."""
+        other = copy.copy(self)
+        other.n_ctx, other.n_batch, other._owns_model = n_ctx, min(self.n_batch, n_ctx), False
+        other._open_context()
+        return other
 
     def _load_model(self, path: Path, options: LoadOptions):
         ll = self._ll
@@ -85,7 +99,7 @@ class Model:
             raise InvalidModelError(f"llama.cpp could not load {path.name} (unsupported architecture or tensor layout?)")
         return model
 
-    def _new_context(self, options: LoadOptions):
+    def _new_context(self):
         ll = self._ll
         params = ll.llama_context_default_params()
         params.n_ctx = self.n_ctx
@@ -200,7 +214,8 @@ class Model:
         if getattr(self, "_ctx", None):
             self._ll.llama_batch_free(self._batch)
             self._ll.llama_free(self._ctx)
-            self._ll.llama_model_free(self._model)
+            if self._owns_model:
+                self._ll.llama_model_free(self._model)
             self._ctx = None
 
     def __enter__(self) -> "Model":

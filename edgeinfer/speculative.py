@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from edgeinfer.costs import CostBook, CostModel, Tally, expected_round, pair_key
 from edgeinfer.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, step_cost_hint
 from edgeinfer.engine import LoadOptions, Model, PlainStepper, load
@@ -32,6 +34,8 @@ from edgeinfer.errors import IncompatibleModelsError, UsageError
 from edgeinfer.sampling import Sampler
 
 NGRAM, AUTO = "ngram", "auto"
+NOT_EXACT = ("llama.cpp scores a pass of 2 tokens differently from two one-token steps with this model here, "
+             "so verifying drafts could change the answer; nothing is verified")
 _VOCAB_SLACK = 128  # converters pad vocabularies to a multiple of 64 or 128; those ids are never produced
 
 
@@ -142,7 +146,8 @@ class SpeculationPlan:
 def plan_speculation(target: Path, draft_path: Path | None, options: DraftOptions | None, load_options: LoadOptions,
                      book: CostBook) -> SpeculationPlan:
     """Speculate, or not: a pair whose remembered costs say that even a drafter that is always right
-    would lose to plain decoding here is not loaded at all, and the target keeps its faster repacked weights.
+    would lose to plain decoding here is not loaded at all; nor one whose target scores no pass of two
+    tokens exactly as two one-token steps (verifying could then change the answer).
 
     A draft model that cannot win here still leaves copies out of the context (--draft-lookup), which take
     no draft step: then prompt lookup runs alone, unless it too cannot win."""
@@ -150,10 +155,15 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
         return SpeculationPlan(None)
     plan = SpeculationPlan(options, draft_path, book)
     costs = book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers))
-    if not options.adaptive or costs is None or not costs.fresh or costs.measured(2) is None:
+    if costs is None or not costs.fresh:
+        return plan
+    cap = costs.verify_cap(options.draft_max)
+    if cap < 1:
+        return replace(plan, skipped=f"speculation off: {NOT_EXACT}")
+    if not options.adaptive or costs.measured(2) is None:
         return plan
     hint = step_cost_hint(draft_path.stat().st_size, target.stat().st_size) if draft_path is not None else 0.0
-    if can_win(costs, hint, options, options.draft_max):
+    if can_win(costs, hint, options, cap):
         return plan
     v = costs.ratios(3)
     why = (f"on this machine even drafts that were always right would be slower than plain decoding "
@@ -166,17 +176,23 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     return replace(plan, skipped=f"speculation off: {why}")
 
 
-def target_load_options(options: LoadOptions, plan: SpeculationPlan) -> LoadOptions:
-    """How to load a target that will verify drafts: without weight repacking.
+def exact_batch(target: Model, tokens: Sequence[int], upto: int) -> int:
+    """The largest pass, of up to `upto` tokens, whose logits agree bit for bit with one-token steps.
 
-    With repacked weights, llama.cpp computes a batch of tokens and a single token
-    with different kernels whose logits differ (by up to 0.46 on Qwen2.5-1.5B Q4_K_M
-    on an AVX2 CPU), so a verify batch could pick another token than one-token decoding
-    would at a near-tie. Unrepacked, batches of up to 7 tokens agree with one-token steps to the
-    bit at short contexts (not everywhere: llama.cpp's batch-of-8+ and long-context attention
-    kernels still round differently). The price: one-token steps 0-5% slower (48.4 against 49.8 ms there).
-    """
-    return replace(options, repack=False) if plan.verifying else options
+    Verifying a draft in one pass is exact only if the pass scores each position as a one-token step
+    would; llama.cpp does not promise that. Where it repacks weights (Q4_K on AVX2: passes of 4 or more
+    tokens go through a 4-row kernel) the logits move by up to 0.5 on Qwen2.5-1.5B, enough to break a
+    near-tie the other way; some types differ even unrepacked (IQ4_NL), and passes of 8 or more take yet
+    another kernel. Which sizes agree depends on the CPU, the type and the build, so it is measured,
+    on a scratch context that leaves the prompt's cache alone."""
+    seq = (list(tokens) * upto)[:upto]
+    with target.scratch(max(32, 2 * upto)) as scratch:
+        singles = np.stack([scratch.decode([t])[0].copy() for t in seq])
+        for n in range(2, upto + 1):
+            scratch.truncate(0)
+            if not np.array_equal(scratch.decode(seq[:n], all_logits=True), singles[:n]):
+                return n - 1
+    return upto
 
 
 @contextmanager
@@ -319,11 +335,17 @@ class SpeculativeStepper:
 
     def prepare(self, prompt: Sequence[int]) -> None:
         """The draft reads the prompt now, with the target, rather than in the first round; and on the first
-        use of this pair on this machine, the target's pass costs are measured before they decide anything."""
+        use of this pair on this machine, which passes are exact and what they cost are measured before
+        they decide anything."""
         start = time.perf_counter()
         read = self.drafter.prepare(prompt)
         reading = time.perf_counter() - start
-        if self.options.adaptive and self.costs.measured(2) is None:
+        upto = self.options.draft_max + 1
+        if not self.costs.knows_exactness(upto):
+            self.costs.observe_exactness(exact_batch(self.target, prompt, upto), upto)
+        if self._verify_cap() < 1:
+            self.note = NOT_EXACT
+        if self.options.adaptive and self.costs.measured(2) is None and self._verify_cap() > 0:
             self._calibrate(prompt)
         if read > 2 and not self.costs.catch_ups:
             # A first guess at what reading a backlog costs the draft, the price of a probe (low: a long
@@ -338,7 +360,7 @@ class SpeculativeStepper:
         decide between a speed-up and a loss, and an answer of a hundred tokens cannot win those back.
         """
         base = len(self.target.cached)
-        sizes = min(self.options.draft_max + 1, self.target.n_ctx - base - 1, self.target.n_batch, len(prompt))
+        sizes = min(self._verify_cap() + 1, self.target.n_ctx - base - 1, self.target.n_batch, len(prompt))
         for n in range(1, sizes + 1):
             start = time.perf_counter()
             self.target.decode(prompt[:n], all_logits=True)
@@ -347,6 +369,9 @@ class SpeculativeStepper:
         step = self.drafter.time_step(prompt)
         if step is not None:
             self.costs.observe_draft(step)
+
+    def _verify_cap(self) -> int:
+        return self.costs.verify_cap(self.options.draft_max)
 
     def advance(self, history: list[int]) -> list[int]:
         start = time.perf_counter()
@@ -546,8 +571,9 @@ class SpeculativeStepper:
         return 0.0 if self.free else self.doubted.rate()
 
     def _cap(self, history: list[int]) -> int:
-        """The longest draft this round may verify: --draft-max, the context, the batch, --max-tokens."""
-        cap = min(self.options.draft_max, self.target.n_ctx - len(history), self.target.n_batch - 1)
+        """The longest draft this round may verify: --draft-max, the exact passes, the context, the batch,
+        --max-tokens."""
+        cap = min(self._verify_cap(), self.target.n_ctx - len(history), self.target.n_batch - 1)
         if self.max_tokens is not None:
             cap = min(cap, self.max_tokens - (len(history) - self.prompt_len) - 1)
         return cap
@@ -625,6 +651,7 @@ class SpeculativeStepper:
             "probes": c["probes"],
             "tokens_per_second": round(c["tokens"] / self.seconds, 2) if self.seconds else 0.0,
             "pass_cost_ratios": self.costs.ratios(self.options.draft_max + 1),
+            "exact_pass_limit": self._verify_cap() + 1,  # the largest pass verified: one that scores exactly
             "draft_step_ms": round(self.costs.draft_step(self.drafter.step_cost_hint) * 1000, 2),
             "draft_sync_ms": round(self.costs.draft_sync(self.drafter.step_cost_hint) * 1000, 2),
         }

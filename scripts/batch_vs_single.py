@@ -1,9 +1,10 @@
 """Do llama.cpp's batch and one-token passes give the same logits for a model (not a test)?
 
 Speculative decoding verifies drafts in a batch; it is exact only if a batch scores
-each position exactly as one-token decoding would. This prints the largest logit
-difference between the two, with llama.cpp's weight repacking on (as `run` loads a
-model) and off (as `run --draft` loads the target), and a one-token step's time.
+each position exactly as one-token decoding would (`run --draft` measures which pass
+sizes do, and verifies no longer ones). This prints the largest logit difference
+between a 4-token pass and one-token steps, with llama.cpp's weight repacking on (as
+`run` loads a model) and off, and a one-token step's time.
 
     .venv/bin/python scripts/batch_vs_single.py qwen2.5-coder-1.5b-instruct [--threads 2]
 """

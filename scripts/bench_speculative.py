@@ -18,7 +18,7 @@ when missing); the Q8_0 target is made with edgeinfer's own quantizer, once, int
 the store. Each drafter first runs one untimed request, as a user's first `run --draft`
 on a machine does (it measures the pass costs and the acceptance, kept in the cost
 book); the timed requests then start from that memory, and a pair the plan finds
-hopeless runs as `run` would run it then: plain, on the repacked target.
+hopeless runs as `run` would run it then: plain.
 Each speculative request is paired with the plain request of the same prompt and repetition, run
 beside it: per prompt, the figure is the median of those paired speedups with a 90% bootstrap interval.
 Where a method came out slower than plain on a prompt, a second look runs more pairs (--confirm) of
@@ -53,8 +53,8 @@ from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
 from edgeinfer.costs import CostBook, expected_round  # noqa: E402
-from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, cost_model,  # noqa: E402
-                                   modelless_factory, plan_speculation, stepper_factory, target_load_options)
+from edgeinfer.speculative import (DraftOptions, check_pair, cost_model, exact_batch,  # noqa: E402
+                                   modelless_factory, plan_speculation, stepper_factory)
 from edgeinfer.template import chat_tokens  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
@@ -159,6 +159,8 @@ def ceiling(costs: dict[int, float], step: float, reject: float, doubt: float, m
             sync: float | None = None) -> tuple[float, int]:
     """The best speedup over plain decoding any fixed draft length k could give with these pass costs,
     this draft step and the rejection and doubt rates observed (the same round model the stepper uses)."""
+    if max_k < 1:  # no pass of 2 tokens scores exactly: nothing may be verified
+        return 1.0, 0
     def speedup(k: int) -> float:
         tokens, seconds = expected_round(k, reject, doubt, step, costs.__getitem__, sync)
         return tokens * costs[1] / seconds
@@ -229,16 +231,14 @@ def run_hook(llm, prompt: list[int], max_tokens: int) -> tuple[float, int]:
 def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int], args) -> dict:
     options = LoadOptions(n_ctx=args.ctx, n_threads=args.threads)
     spec = DraftOptions(ref="bench", draft_max=args.draft_max, p_min=args.p_min)
-    spec_options = target_load_options(options, SpeculationPlan(spec))
     book = CostBook(None)  # this run's memory of costs, as a user's home keeps it between runs
     rows: dict[str, list[dict]] = {}
-    # Plain decoding on the target as `run` loads it; speculation on the target as `run --draft` loads it.
-    with load(path, options) as plain_target, load(path, spec_options) as target:
+    with load(path, options) as target:
         tokens = [chat_tokens(target, [{"role": "user", "content": p}]) for _, p in prompts]
-        for model in (plain_target, target):
-            generate(model, tokens[0], GREEDY, max_tokens=8)  # warm the page cache and llama.cpp's buffers
+        generate(target, tokens[0], GREEDY, max_tokens=8)  # warm the page cache and llama.cpp's buffers
         costs = pass_costs(target)
-        # What exactness means: the verifying target's own greedy answer, decoded one token at a time.
+        limit = exact_batch(target, tokens[0], args.draft_max + 1)  # the largest pass the stepper will verify
+        # What exactness means: the target's own greedy answer, decoded one token at a time.
         reference = {}
         for i, prompt in enumerate(tokens):
             target.truncate(0)  # as every timed request starts: the prompt read in one go, not after a cached prefix
@@ -264,22 +264,17 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             factories[method] = modelless_factory(plan, args.max_tokens) or factories[method]
             if plan.skipped or plan.note:
                 print(f"  {name} {method}: {plan.skipped or plan.note}", flush=True)
-        plain_tokens: dict[int, list[int]] = {}
 
         def timed(method: str, i: int, rep: int) -> dict:
             """One request, timed; a method's row carries the plain run it is paired with (filled in later)."""
             skipped = method != "plain" and plans[method].skipped is not None
-            model = plain_target if method == "plain" or skipped else target
-            model.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
+            target.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
             draft.truncate(0)
-            result = generate(model, tokens[i], GREEDY, max_tokens=args.max_tokens,
+            result = generate(target, tokens[i], GREEDY, max_tokens=args.max_tokens,
                               stepper_factory=factories.get(method))
-            if method == "plain":
-                plain_tokens.setdefault(i, result.tokens)
             row = {"prompt": i, "kind": prompts[i][0], "rep": rep, "tok_s": result.generation_tokens_per_second,
                    "total_s": result.total_seconds, "ttft_s": result.time_to_first_token, "tokens": result.completion_tokens,
-                   "exact": result.tokens == (plain_tokens[i] if skipped else reference[i]),
-                   "same_as_repacked_plain": result.tokens == plain_tokens[i], **result.stats}
+                   "exact": result.tokens == reference[i], **result.stats}
             print(f"  {name} prompt {i} ({row['kind']}) rep {rep} {method:5s} {row['tok_s']:6.2f} tok/s"
                   + (f"  acc {row['acceptance_rate']:.2f} tpp {row['tokens_per_pass']:.2f} k {row['mean_draft_length']}"
                      f"{'' if row['exact'] else '  NOT EXACT'}" if method != "plain" and not skipped else ""), flush=True)
@@ -314,7 +309,7 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         draft_costs = model_costs.draft_step(0.0), model_costs.draft_sync(0.0)  # a step, a round's first
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
-    return summarize(name, path, rows, hooks, costs, draft_costs, ratios, priors, plans, *peak_rss, args)
+    return summarize(name, path, rows, hooks, costs, limit, draft_costs, ratios, priors, plans, *peak_rss, args)
 
 
 def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
@@ -335,14 +330,16 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
     return rows
 
 
-def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plans, rss_plain, rss_spec, args) -> dict:
+def summarize(name, path, rows, hooks, costs, limit, draft_costs, learned, priors, plans, rss_plain, rss_spec,
+              args) -> dict:
     main = {m: [r for r in rs if r["rep"] < args.reps] for m, rs in rows.items()}  # every prompt equally often
     plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in main["plain"]}
     # The noise floor: how far apart two plain runs of the same prompt came out (1.0: identical).
     spreads = [min(vs) / max(vs) for p in {p for p, _ in plain} if len(vs := [v for (q, _), v in plain.items() if q == p]) > 1]
     out = {"target": name, "path": str(path), "plain_tok_s": statistics.median(plain.values()),
            "pass_cost_ratios": {n: round(c / costs[1], 2) for n, c in costs.items()},
-           "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "draft_step_ms": round(draft_costs[0] * 1000, 1),
+           "pass_cost_ms": {n: round(c * 1000, 1) for n, c in costs.items()}, "exact_pass_limit": limit,
+           "draft_step_ms": round(draft_costs[0] * 1000, 1),
            "draft_sync_ms": round(draft_costs[1] * 1000, 1),
            "plain_worst_rep_ratio": round(min(spreads), 3) if spreads else None,
            "learned_ratios": learned, "peak_rss_plain_mib": rss_plain, "peak_rss_speculative_mib": rss_spec,
@@ -358,12 +355,12 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plan
         drafted, accepted = sum(r.get("drafted", 0) for r in rs), sum(r.get("accepted", 0) for r in rs)
         reject, doubt = _rates(rs, priors[method])
         draft_step, sync = (0.0, 0.0) if method == "ngram" else draft_costs
-        ceil, best_k = ceiling(costs, draft_step, reject, doubt, args.draft_max, sync)
+        ceil, best_k = ceiling(costs, draft_step, reject, doubt, min(args.draft_max, limit - 1), sync)
         # The ceiling of each prompt from its own acceptance: prompts differ (a code edit is nearly all
         # copying, a new function barely any), and E(k) is not linear in the acceptance, so a ceiling
         # from the pooled acceptance would promise edits' gains on every prompt.
         ceilings = {p: ceiling(costs, draft_step, *_rates([r for r in rs if r["prompt"] == p], (reject, doubt)),
-                               args.draft_max, sync)[0] for p in per_prompt}
+                               min(args.draft_max, limit - 1), sync)[0] for p in per_prompt}
         edits = paired([r for r in rs if r["kind"] == "edit"])
         out["methods"][method] = {
             "tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
@@ -395,7 +392,6 @@ def summarize(name, path, rows, hooks, costs, draft_costs, learned, priors, plan
             "worst_of_ceiling": round(min(per_prompt[p] / ceilings[p] for p in per_prompt), 3),
             "exact": all(r["exact"] for r in every),
             "exact_runs": f"{sum(r['exact'] for r in every)}/{len(every)}",
-            "same_as_repacked_plain": sum(r["same_as_repacked_plain"] for r in every) / len(every),
             "skipped": plans[method].skipped,
             "lookup_only": plans[method].note,
         }
@@ -437,7 +433,8 @@ def print_report(report: dict) -> None:
     for t in report["targets"]:
         ratios = "  ".join(f"{n}:{r:.2f}" for n, r in t["pass_cost_ratios"].items())
         print(f"\n{t['target']}: plain {t['plain_tok_s']:.2f} tok/s; v(1) {t['pass_cost_ms'][1]} ms; "
-              f"v(n)/v(1) {ratios}; draft step {t['draft_step_ms']} ms (re-sync {t['draft_sync_ms']} ms); peak RSS of `edgeinfer run`: plain {t['peak_rss_plain_mib']} MiB, "
+              f"v(n)/v(1) {ratios}; passes of up to {t['exact_pass_limit']} tokens score exactly as one-token steps; "
+              f"draft step {t['draft_step_ms']} ms (re-sync {t['draft_sync_ms']} ms); peak RSS of `edgeinfer run`: plain {t['peak_rss_plain_mib']} MiB, "
               f"with draft {t['peak_rss_speculative_mib']} MiB")
         if t["plain_worst_rep_ratio"]:
             print(f"  noise: two plain runs of one prompt differed by up to {1 - t['plain_worst_rep_ratio']:.0%}")

@@ -1,8 +1,10 @@
 """Speculative decoding on real llama.cpp with tiny models: exact, adaptive, and refused for strangers.
 
-The pairs: the tiny target with its own Q8_0 quantization as draft (agrees nearly
-always), with an unrelated model of the same vocabulary (agrees almost never),
-and with prompt lookup (no draft model at all).
+The pairs: the tiny target (a generated model quantized to Q8_0: on llama.cpp's CPU
+kernels F32 and F16 weights score a pass of 2 tokens differently from two one-token
+steps, so an F32 target could verify nothing exactly) with its own Q4_K_M
+quantization as draft (agrees nearly always), with an unrelated model of the same
+vocabulary (agrees almost never), and with prompt lookup (no draft model at all).
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edgeinfer import engine
+from edgeinfer import engine, speculative
 from edgeinfer.costs import CostBook, PairKey, Tally, expected_round, expected_tokens, pair_key
 from edgeinfer.drafters import Draft, ModelDrafter, NgramDrafter
 from edgeinfer.engine import LoadOptions, generate, load
 from edgeinfer.errors import IncompatibleModelsError
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.speculative import (CostModel, DraftOptions, SpeculationPlan, SpeculativeStepper, check_pair,
-                                   stepper_factory, target_load_options)
+                                   stepper_factory)
 from tinymodel import make_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
@@ -49,13 +51,13 @@ def quantize(source: Path, dest: Path, ftype_name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tiny_family, tmp_path_factory):
-    """The target loaded once, and its drafts: its own Q8_0 (close) and an unrelated seed (far)."""
+    """The target loaded once, and its drafts: its own Q4_K_M (close) and an unrelated seed (far)."""
     folder = tmp_path_factory.mktemp("speculative")
     q8 = quantize(tiny_family.target, folder / "tiny-target-q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0")
+    q4 = quantize(tiny_family.target, folder / "tiny-target-q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M")
     options = LoadOptions(n_ctx=512, n_threads=2)
-    with load(tiny_family.target, options) as target, load(q8, options) as close, \
-            load(tiny_family.unrelated, options) as far:
-        yield SimpleNamespace(target=target, close=close, far=far, q8=q8, options=options, folder=folder)
+    with load(q8, options) as target, load(q4, options) as close, load(tiny_family.unrelated, options) as far:
+        yield SimpleNamespace(target=target, close=close, far=far, q4=q4, options=options, folder=folder)
 
 
 def drafter_for(models, which: str):
@@ -91,27 +93,34 @@ def test_greedy_speculation_gives_exactly_the_targets_tokens(models, which):
         assert fast.stats["acceptance_rate"] < 0.3
 
 
-def test_a_verifying_target_is_loaded_without_weight_repacking(models):
-    """Where llama.cpp repacks Q4_K weights (AVX2, AVX-512, ARM), its batch and one-token kernels round
-    differently (logits apart by up to 0.46 on the real Qwen2.5-1.5B Q4_K_M here: scripts/batch_vs_single.py);
-    a target loaded to verify drafts must not repack, or a near-tie could change the answer. On rows as short
-    as the tiny model's the two kernels happen to agree, so the load option itself is checked too."""
-    verifying = SpeculationPlan(DraftOptions(ref="ngram"))
-    assert target_load_options(models.options, verifying).repack is False
-    assert target_load_options(models.options, SpeculationPlan(None)).repack is True
-    q4 = quantize(models.target.path, models.folder / "tiny-target-q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M")
-    with load(q4, target_load_options(models.options, verifying)) as target:
+def test_a_target_verifies_no_pass_longer_than_those_it_scores_exactly_as_one_token_steps(models):
+    """Where llama.cpp repacks Q4_K weights (AVX2, AVX-512), passes of 4 or more tokens go through a kernel
+    that rounds differently from one-token steps (by up to 0.5 on the real Qwen2.5-1.5B Q4_K_M: enough to
+    break a near-tie another way), and passes of 8 or more differ for every type here. The stepper measures
+    which passes agree, bit for bit, and verifies no longer ones."""
+    with load(models.q4, models.options) as target:  # as `run` loads it: repacked where llama.cpp repacks
         tokens = target.tokenize(PROMPTS[3], add_special=False)
-        target.prefill(tokens[:-4])
-        singles = [target.decode([t])[0].copy() for t in tokens[-4:]]
-        target.truncate(len(tokens) - 4)
-        batch = target.decode(tokens[-4:], all_logits=True).copy()
-        assert np.array_equal(batch, np.stack(singles))
+        limit = speculative.exact_batch(target, tokens, 9)
+        assert 2 <= limit < 9
+        singles = np.stack([target.decode([t])[0].copy() for t in tokens[: limit + 1]])
+        target.truncate(0)
+        assert np.array_equal(target.decode(tokens[:limit], all_logits=True), singles[:limit])
+        target.truncate(0)
+        assert not np.array_equal(target.decode(tokens[: limit + 1], all_logits=True), singles)
+        target.truncate(0)
 
-        prompt = target.tokenize(PROMPTS[0], add_special=False)
-        plain = generate(target, prompt, GREEDY, max_tokens=60)
-        fast = run_pair(target, NgramDrafter(), prompt, draft_max=4, max_tokens=60)
-        assert fast.tokens == plain.tokens
+        book = CostBook(None)
+        for drafter in (NgramDrafter(), ModelDrafter(models.close, target.n_vocab, target.info.file_size)):
+            options = DraftOptions(ref=drafter.name, draft_max=8, p_min=0.0, adaptive=False)  # always the longest
+            for prompt_text in PROMPTS[:4]:
+                prompt = target.tokenize(prompt_text, add_special=False)
+                plain = generate(target, prompt, GREEDY, max_tokens=40)
+                fast = generate(target, prompt, GREEDY, max_tokens=40,
+                                stepper_factory=stepper_factory(lambda: drafter, options, 40, book))
+                assert fast.tokens == plain.tokens
+                assert fast.stats["exact_pass_limit"] == limit
+            costs = speculative.cost_model(target, drafter, book)
+            assert costs.exact == (limit, 9) and max(costs.passes) <= limit  # no longer pass was ever run
 
 
 def test_the_adaptive_length_keeps_the_output_exact(models):
@@ -130,8 +139,9 @@ def test_end_of_generation_and_stop_strings_inside_an_accepted_block(tiny_family
     # special_logit 7 makes <|im_end|> win after a few tokens on some prompts.
     stopper = make_tiny_model(models.folder / "tiny-stopper.gguf", special_logit=7.0)
     stopper_q8 = quantize(stopper, models.folder / "tiny-stopper-q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0")
+    stopper_q4 = quantize(stopper, models.folder / "tiny-stopper-q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M")
     ended = 0
-    with load(stopper, models.options) as target, load(stopper_q8, models.options) as draft:
+    with load(stopper_q8, models.options) as target, load(stopper_q4, models.options) as draft:
         drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size)
         for prompt_text in PROMPTS:
             prompt = target.tokenize(prompt_text, add_special=False)
@@ -160,7 +170,7 @@ def test_max_tokens_and_a_full_context_end_as_in_plain_decoding(tiny_family, mod
         fast = run_pair(target, drafter_for(models, "close"), prompt, draft_max=8, max_tokens=max_tokens)
         assert fast.tokens == plain.tokens and fast.finish_reason == "length"
     small = LoadOptions(n_ctx=48, n_threads=2)
-    with load(tiny_family.target, small) as target, load(models.q8, small) as draft:
+    with load(models.target.path, small) as target, load(models.q4, small) as draft:
         prompt = target.tokenize(PROMPTS[3], add_special=False)
         plain = generate(target, prompt, GREEDY)
         fast = run_pair(target, ModelDrafter(draft, target.n_vocab, 1), prompt, draft_max=8)
@@ -518,23 +528,23 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
 
 def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_family, models, edgeinfer_home, cli):
     # What earlier runs measured on this machine: verifying 2 tokens costs twice one, drafting a token 40%.
-    remember_costs(edgeinfer_home, tiny_family.target, Path(models.q8).name, lambda n: 0.01 * n, 0.004)
+    remember_costs(edgeinfer_home, models.target.path, Path(models.q4).name, lambda n: 0.01 * n, 0.004)
 
-    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "20", "-t", "2", "Once upon a time"]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "Once upon a time"]
     plain = cli(*args)
-    code, out, err = cli(*args, "--draft", models.q8, "--stats", "--no-draft-lookup")
+    code, out, err = cli(*args, "--draft", models.q4, "--stats", "--no-draft-lookup")
     assert code == 0 and out == plain.stdout
     assert "speculation off" in err and "slower than plain decoding" in err
     # Prompt lookup has no such record here: the draft model is set aside, and copies out of the context remain.
-    code, out, err = cli(*args, "--draft", models.q8, "--stats")
+    code, out, err = cli(*args, "--draft", models.q4, "--stats")
     assert code == 0 and out == plain.stdout
-    assert f"{models.q8.name} not loaded" in err and "copies out of the context only" in err
+    assert f"{models.q4.name} not loaded" in err and "copies out of the context only" in err
     assert "tokens per target pass" in err
     code, out, err = cli(*args, "--draft", "ngram", "--stats")
     assert code == 0 and out == plain.stdout and "tokens per target pass" in err
     # Where prompt lookup cannot win either, nothing speculates.
-    remember_costs(edgeinfer_home, tiny_family.target, "ngram", lambda n: 0.01 * n, 0.0)
-    code, out, err = cli(*args, "--draft", models.q8, "--stats")
+    remember_costs(edgeinfer_home, models.target.path, "ngram", lambda n: 0.01 * n, 0.0)
+    code, out, err = cli(*args, "--draft", models.q4, "--stats")
     assert code == 0 and out == plain.stdout and "speculation off" in err
 
 
@@ -557,6 +567,19 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_weights_load(tiny
         run(request)
 
 
+def test_a_target_that_scores_no_pass_exactly_verifies_nothing_and_says_so(tiny_family, edgeinfer_home, cli):
+    """On llama.cpp's CPU kernels an F32 model scores a pass of 2 tokens differently from two one-token
+    steps: the first --draft run finds that out and verifies nothing; later runs do not even try."""
+    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "20", "-t", "2", "--draft", "ngram",
+            "--stats", "The dog and the dog and the dog and the"]
+    plain = cli(*args[:-4], args[-1])
+    for _ in range(2):
+        code, out, err = cli(*args)
+        assert code == 0 and out == plain.stdout
+        assert "scores a pass of 2 tokens differently" in err
+    assert "speculation off" in err and "0/0 drafted" not in err  # the second run: plain from the start
+
+
 def remember_costs(home: Path, target: Path, drafter: str, pass_cost, draft_step: float) -> None:
     """Put in the home's cost book what earlier runs would have measured on some machine (2 threads)."""
     from edgeinfer.costs import pair_key
@@ -571,33 +594,33 @@ def remember_costs(home: Path, target: Path, drafter: str, pass_cost, draft_step
 
 
 def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(tiny_family, models, edgeinfer_home, cli):
-    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "30", "-t", "2", "--json",
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "30", "-t", "2", "--json",
             "Once upon a time"]
     plain = json.loads(cli(*args).stdout)
     # A fresh home: the first --draft run calibrates, and on models this tiny a draft step costs about as much
     # as a target step, so whether the draft drafts at all is the cost model's call. The answer must be the
     # target's either way, and what the run measured is kept for the next one.
-    code, out, err = cli(*args, "--draft", models.q8, "--draft-max", "5", "--draft-p-min", "0")
+    code, out, err = cli(*args, "--draft", models.q4, "--draft-max", "5", "--draft-p-min", "0")
     fast = json.loads(out)
     assert code == 0 and fast["text"] == plain["text"]
-    assert fast["speculative"]["drafter"] == models.q8.name and fast["speculative"]["target_passes"] > 0
+    assert fast["speculative"]["drafter"] == models.q4.name and fast["speculative"]["target_passes"] > 0
     assert (edgeinfer_home / "speculation-costs.json").is_file()
 
     # On a machine where earlier runs found verification nearly free and the draft cheap, it drafts, and
     # nearly everything its own quantization proposes is accepted.
     (edgeinfer_home / "speculation-costs.json").unlink()
-    remember_costs(edgeinfer_home, tiny_family.target, models.q8.name, lambda n: 0.01 * (1 + 0.05 * n), 0.001)
-    code, out, err = cli(*args, "--draft", models.q8, "--draft-max", "5", "--draft-p-min", "0")
+    remember_costs(edgeinfer_home, models.target.path, models.q4.name, lambda n: 0.01 * (1 + 0.05 * n), 0.001)
+    code, out, err = cli(*args, "--draft", models.q4, "--draft-max", "5", "--draft-p-min", "0")
     fast = json.loads(out)
     assert code == 0 and fast["text"] == plain["text"]
     assert fast["speculative"]["accepted"] > 0 and fast["speculative"]["tokens_per_pass"] > 1
-    code, out, err = cli(*args, "--draft", models.q8, "--draft-max", "5", "--draft-p-min", "0", "--no-draft-lookup")
+    code, out, err = cli(*args, "--draft", models.q4, "--draft-max", "5", "--draft-p-min", "0", "--no-draft-lookup")
     assert code == 0 and json.loads(out)["text"] == plain["text"] and json.loads(out)["speculative"]["copies"] == 0
     code, out, err = cli(*args[:-2], "--draft", "ngram", "--stats", "The dog and the dog and the dog and the")
     assert code == 0 and "speculative (ngram)" in err and "tokens per target pass" in err
 
 
-def test_run_refuses_an_incompatible_draft_in_one_line(tiny_family, edgeinfer_home, cli):
-    result = cli("run", "--raw", "-m", tiny_family.target, "--draft", tiny_family.other_vocab, "-n", "5", "hi")
+def test_run_refuses_an_incompatible_draft_in_one_line(tiny_family, models, edgeinfer_home, cli):
+    result = cli("run", "--raw", "-m", models.target.path, "--draft", tiny_family.other_vocab, "-n", "5", "hi")
     assert result.exit_code == 8
     assert "cannot pair" in result.error_line
