@@ -509,6 +509,7 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     for n, seconds in {1: 0.05, 2: 0.07, 3: 0.09}.items():
         costs.observe_pass(n, seconds)
     costs.observe_draft(0.01)
+    costs.observe_exactness(3, 9)  # passes of up to 3 tokens scored as one-token steps; 4 did not
     for _ in range(10):  # 4 tokens proposed, one rejected, the draft's doubt stopped a fifth
         costs.observe_round(4, rejected=True, tests=5, doubted=True)
     book.save()
@@ -521,6 +522,9 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     assert again.ratios(3) == {1: 1.0, 2: 1.4, 3: 1.8} and again.draft_step(0.0) == pytest.approx(0.01)
     assert again.rejection_prior() == pytest.approx(0.25) and again.doubt_prior() == pytest.approx(0.2)
     assert again.copy_prior("4-gram", default=0.5) == pytest.approx(1 / 9)
+    assert again.knows_exactness(17) and again.verify_cap(8) == 2  # a size that failed bounds every longer one
+    again.observe_exactness(9, 9)
+    assert again.knows_exactness(9) and not again.knows_exactness(17)  # all agreed: --draft-max 16 must look further
     assert CostBook(book_file).peek(PairKey("Another CPU", 2, "target.gguf:1000", "draft.gguf", None)) is None
     book_file.write_text("{ not json")
     assert CostBook(book_file).get(key).measured(1) is None  # a damaged file costs some learning, nothing else
