@@ -53,7 +53,7 @@ from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
 from edgeinfer.costs import CostBook, expected_round  # noqa: E402
-from edgeinfer.speculative import (DraftOptions, check_pair, cost_model, exact_batch,  # noqa: E402
+from edgeinfer.speculative import (DraftOptions, check_pair, cost_model,  # noqa: E402
                                    modelless_factory, plan_speculation, stepper_factory)
 from edgeinfer.template import chat_tokens  # noqa: E402
 
@@ -237,7 +237,6 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         tokens = [chat_tokens(target, [{"role": "user", "content": p}]) for _, p in prompts]
         generate(target, tokens[0], GREEDY, max_tokens=8)  # warm the page cache and llama.cpp's buffers
         costs = pass_costs(target)
-        limit = exact_batch(target, tokens[0], args.draft_max + 1)  # the largest pass the stepper will verify
         # What exactness means: the target's own greedy answer, decoded one token at a time.
         reference = {}
         for i, prompt in enumerate(tokens):
@@ -306,6 +305,8 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         priors = {m: (c.rejection_prior(), c.doubt_prior()) for m, c in learned.items()}
         ratios = {m: c.ratios(args.draft_max + 1) for m, c in learned.items()}
         model_costs = cost_model(target, ModelDrafter(draft, target.n_vocab, target.info.file_size), book)
+        # The largest pass the steppers verified: each method's first request measured it on this target.
+        limit = min(c.verify_cap(args.draft_max) for c in learned.values()) + 1
         draft_costs = model_costs.draft_step(0.0), model_costs.draft_sync(0.0)  # a step, a round's first
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
@@ -355,12 +356,13 @@ def summarize(name, path, rows, hooks, costs, limit, draft_costs, learned, prior
         drafted, accepted = sum(r.get("drafted", 0) for r in rs), sum(r.get("accepted", 0) for r in rs)
         reject, doubt = _rates(rs, priors[method])
         draft_step, sync = (0.0, 0.0) if method == "ngram" else draft_costs
-        ceil, best_k = ceiling(costs, draft_step, reject, doubt, min(args.draft_max, limit - 1), sync)
+        max_k = min(args.draft_max, limit - 1)
+        ceil, best_k = ceiling(costs, draft_step, reject, doubt, max_k, sync)
         # The ceiling of each prompt from its own acceptance: prompts differ (a code edit is nearly all
         # copying, a new function barely any), and E(k) is not linear in the acceptance, so a ceiling
         # from the pooled acceptance would promise edits' gains on every prompt.
         ceilings = {p: ceiling(costs, draft_step, *_rates([r for r in rs if r["prompt"] == p], (reject, doubt)),
-                               min(args.draft_max, limit - 1), sync)[0] for p in per_prompt}
+                               max_k, sync)[0] for p in per_prompt}
         edits = paired([r for r in rs if r["kind"] == "edit"])
         out["methods"][method] = {
             "tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
