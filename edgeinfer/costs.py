@@ -204,6 +204,7 @@ class CostModel:
 
     def observe_exactness(self, agreeing: int, tried: int) -> None:
         self.exact = (agreeing, tried)
+        self.updated = time.time()
 
     def knows_exactness(self, upto: int) -> bool:
         """Is it known which passes of up to `upto` tokens score exactly as one-token steps do?"""
@@ -272,6 +273,15 @@ class PairKey:
     def text(self) -> str:
         return json.dumps([self.cpu, self.threads, self.target, self.drafter, self.gpu_layers])
 
+    @staticmethod
+    def same_target(text: str, other: str) -> bool:
+        """Do two keys' texts name the same target, CPU, threads and offload (whatever the drafter)?"""
+        try:
+            a, b = json.loads(text), json.loads(other)
+        except ValueError:
+            return False
+        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == 5 and a[:3] + a[4:] == b[:3] + b[4:]
+
 
 def pair_key(target: Path, drafter: str, threads: int, gpu_layers: int | None) -> PairKey:
     from edgeinfer import machine
@@ -293,16 +303,33 @@ class CostBook:
         self._stored: dict | None = None  # the file as first read: the plan and the steppers share one read
 
     def peek(self, key: PairKey) -> CostModel | None:
-        """The remembered model, or None: nothing is created."""
+        """The remembered model, or None: nothing is created (but what another drafter's runs found out
+        about this target: a new drafter starts from it)."""
         text = key.text()
         if text not in self._models:
             if self._stored is None:
                 self._stored = self._read()
             stored = self._stored.get(text)
-            if not stored:
+            model = CostModel.from_json(stored) if stored else self._target_facts(text)
+            if model is None:
                 return None
-            self._models[text] = CostModel.from_json(stored)
+            self._models[text] = model
         return self._models[text]
+
+    def _target_facts(self, text: str) -> CostModel | None:
+        """Which passes are exact is the target's (on this CPU, threads and offload), not the pair's: measured
+        with one drafter, it holds for the next, which then neither measures it again nor, where no pass is
+        exact, loads at all."""
+        known = [m for k, m in self._models.items() if PairKey.same_target(k, text)]
+        known += [CostModel.from_json(d) for k, d in self._stored.items()
+                  if k not in self._models and isinstance(d, dict) and PairKey.same_target(k, text)]
+        known = [m for m in known if m.exact is not None and m.fresh]
+        if not known:
+            return None
+        latest = max(known, key=lambda m: m.updated)
+        model = CostModel()
+        model.exact, model.updated = latest.exact, latest.updated
+        return model
 
     def get(self, key: PairKey) -> CostModel:
         """The remembered model, or a new one that this book will save."""

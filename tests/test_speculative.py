@@ -526,6 +526,10 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     again.observe_exactness(9, 9)
     assert again.knows_exactness(9) and not again.knows_exactness(17)  # all agreed: --draft-max 16 must look further
     assert CostBook(book_file).peek(PairKey("Another CPU", 2, "target.gguf:1000", "draft.gguf", None)) is None
+    # Which passes are exact belongs to the target: another drafter starts knowing it, and nothing else.
+    other = CostBook(book_file).peek(PairKey("Some CPU avx2", 2, "target.gguf:1000", "ngram", None))
+    assert other.verify_cap(8) == 2 and other.measured(1) is None and other.rejection_prior() == pytest.approx(0.1)
+    assert CostBook(book_file).peek(PairKey("Some CPU avx2", 1, "target.gguf:1000", "ngram", None)) is None
     book_file.write_text("{ not json")
     assert CostBook(book_file).get(key).measured(1) is None  # a damaged file costs some learning, nothing else
 
@@ -582,6 +586,10 @@ def test_a_target_that_scores_no_pass_exactly_verifies_nothing_and_says_so(tiny_
         assert code == 0 and out == plain.stdout
         assert "scores a pass of 2 tokens differently" in err
     assert "speculation off" in err and "0/0 drafted" not in err  # the second run: plain from the start
+    # What it found is the target's: another drafter is not even loaded.
+    code, out, err = cli(*args[:-3], str(tiny_family.unrelated), *args[-2:])
+    assert code == 0 and out == plain.stdout
+    assert "speculation off" in err and "scores a pass of 2 tokens differently" in err and "0/0 drafted" not in err
 
 
 def remember_costs(home: Path, target: Path, drafter: str, pass_cost, draft_step: float) -> None:
