@@ -304,6 +304,8 @@ class SpeculativeStepper:
     PRIOR_WEIGHT = {"model": 20.0, "free": 3.0}
     REALIZED_DECAY = 0.8  # the measured speed of each kind of round forgets at this rate per round
     PROBE_BUDGET = 2.0  # a probe may make the drafter catch up on at most this many plain steps' worth of time
+    EXPLORE_GAP = 24  # speculative rounds before a neighbouring draft length whose pass was not timed is tried
+    EXPLORE_FLOOR = 0.7  # ... if it promises at least this share of the best length's speed
 
     def __init__(self, target: Model, sampler: Sampler, drafter: Drafter, options: DraftOptions,
                  costs: CostModel, max_tokens: int | None = None) -> None:
@@ -324,7 +326,8 @@ class SpeculativeStepper:
         self.rent: tuple[float, float] | None = None  # (catch-up to beat, plain time spent) waiting for copies
         self.by_source: dict[str, Tally] = {}  # rejected among judged, per kind of copy (its match length)
         self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, speculative_passes=0, probes=0,
-                           tokens=0, k_sum=0, copies=0, copied=0)
+                           tokens=0, k_sum=0, copies=0, copied=0, explored=0)
+        self.timed: dict[int, int] = {}  # pass size -> the speculative round that last timed one
         self.seconds = 0.0
         # What each kind of round really delivered, catch-ups and all: (tokens, seconds), decayed. Copies
         # out of the context and the draft model's drafts are judged apart: bad copies on new code must
@@ -507,6 +510,7 @@ class SpeculativeStepper:
         # Logits at every position of the batch: each one verifies the draft token after it.
         rows = self.target.decode([history[-1], *draft.tokens], all_logits=True)
         self.costs.observe_pass(len(draft.tokens) + 1, time.perf_counter() - t1)
+        self.timed[len(draft.tokens) + 1] = self.counts["speculative_passes"]
         out, accepted = self._verify(rows, draft, history)
         self.target.truncate(len(history) + accepted)  # the rejected tail leaves the target's cache
         self._record(draft, accepted, k, rejected=accepted < len(draft.tokens) and not self.target.is_eog(out[-1]))
@@ -602,6 +606,7 @@ class SpeculativeStepper:
         """The best length of those rated if it beats plain decoding; else 0, or now and then a probe."""
         best = max(rates, key=rates.get)
         if self._promising(rates, kind):
+            best = self._explore(rates, best)
             self.on[kind], self.off_rounds[kind], self.probe_gap[kind], self.k = True, 0, 8, best
             return best
         self.on[kind] = False
@@ -615,6 +620,25 @@ class SpeculativeStepper:
             self.realized[kind] = Tally(self.REALIZED_DECAY)  # judge the probe on its own result
             return best
         return 0
+
+    def _explore(self, rates: dict[int, float], best: int) -> int:
+        """The best length, or now and then a neighbour whose pass has not been timed for a while.
+
+        A length's cost rests on the few passes of its size timed so far (one, from calibration, on a
+        pair's first run), and a size that a busy moment made look dear is never chosen, so never timed
+        again, in this run or, through the cost book, the next: a Q4_K_M pass of 3 tokens once timed at
+        2.9 steps instead of 2.3 kept prompt lookup to 1-token copies on code edits for a whole benchmark.
+        A neighbour that promises at least EXPLORE_FLOOR of the best speed, once in EXPLORE_GAP rounds,
+        costs at most 1.3% of the speed (if the estimate was right); the pass it times settles which of the two is better."""
+        now = self.counts["speculative_passes"]
+        stale = [n for n in (best + 1, best - 1) if n in rates and rates[n] >= self.EXPLORE_FLOOR * rates[best]
+                 and now - self.timed.get(n + 1, 0) >= self.EXPLORE_GAP]
+        if not stale:
+            return best
+        n = min(stale, key=lambda m: self.timed.get(m + 1, 0))
+        self.timed[n + 1] = now  # asked for: a draft that stops short of it does not ask again at once
+        self.counts["explored"] += 1
+        return n
 
     def _affordable(self) -> bool:
         """A probe first makes a model drafter read every token it missed: worth it only while that costs
@@ -649,6 +673,7 @@ class SpeculativeStepper:
             "draft_length": self.k,
             "mean_draft_length": round(c["k_sum"] / rounds, 2) if rounds else 0.0,
             "probes": c["probes"],
+            "explored": c["explored"],  # rounds that tried a neighbouring length to time its pass again
             "tokens_per_second": round(c["tokens"] / self.seconds, 2) if self.seconds else 0.0,
             "pass_cost_ratios": self.costs.ratios(self.options.draft_max + 1),
             "exact_pass_limit": self._verify_cap() + 1,  # the largest pass verified: one that scores exactly

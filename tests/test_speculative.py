@@ -463,6 +463,24 @@ def test_a_draft_model_left_behind_by_copies_waits_a_few_plain_steps_for_the_nex
     assert stepper._look_first(history)[0] >= 2
 
 
+def test_a_draft_length_once_timed_as_dear_is_tried_again_now_and_then():
+    """One busy moment during calibration must not keep a length out of use for good: on a pair's first
+    run a pass of 3 tokens timed at 2.9 steps (2.3 is usual for Q4_K_M here) made 1-token drafts look
+    best, and a length never chosen is never timed again."""
+    history = list(range(20))
+    stepper = policy({1: 0.05, 2: 0.05 * 1.63, 3: 0.05 * 2.88}, accepted=19, rejected=1, draft_max=2)
+    assert stepper._choose(history) == 1
+    stepper.counts["speculative_passes"] = 30  # rounds went by without a pass of 3
+    assert stepper._choose(history) == 2 and stepper.counts["explored"] == 1
+    assert stepper._choose(history) == 1  # once, until another EXPLORE_GAP rounds pass
+    stepper.counts["speculative_passes"] = 60
+    assert stepper._choose(history) == 2
+    # A neighbour that promises far less than the best is left alone.
+    hopeless = policy({1: 0.05, 2: 0.05 * 1.63, 3: 0.05 * 5.0}, accepted=19, rejected=1, draft_max=2)
+    hopeless.counts["speculative_passes"] = 30
+    assert hopeless._choose(history) == 1 and hopeless.counts["explored"] == 0
+
+
 def test_copies_that_lost_on_new_code_do_not_switch_off_a_draft_model_that_wins_there():
     history = list(range(20))
     stepper = policy(BESIDE_COPIES, accepted=9, rejected=1, drafter=CopyingDraftModel(Draft()), draft_step=0.01)
