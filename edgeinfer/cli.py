@@ -39,6 +39,27 @@ class _ErrorsToMessages(TyperGroup):
             stderr.print("interrupted")
             raise typer.Exit(130) from None
 
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's own errors (a value that is not a number, an unknown option or command, a missing
+        argument) as one line too, where Typer would draw a boxed panel under the usage text."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        from rich.markup import escape
+        from typer.exceptions import TyperException
+
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except TyperException as exc:  # (the base of Typer's click exceptions)
+            if type(exc).__name__ != "NoArgsIsHelpError":  # (that one has printed the help already)
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                stderr.print(f"[bold red]error:[/] {escape(exc.format_message())}{escape(hint)}", markup=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            stderr.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     cls=_ErrorsToMessages,

@@ -238,3 +238,15 @@ def test_a_corrupt_manifest_is_one_line_not_a_traceback(cli, edgeinfer_home):
 
     assert result.exit_code == 1
     assert "manifest" in result.error_line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "--temperature", "warm", "hi"], "Invalid value for '--temperature'"),
+    (["run", "--no-such-option", "hi"], "No such option: --no-such-option"),
+    (["rm"], "Missing argument"),
+    (["pul", "x"], "No such command 'pul'"),
+])
+def test_an_option_typer_cannot_parse_is_one_line_too(cli, edgeinfer_home, args, words):
+    code, out, err = cli(*args)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1 and "--help" in err
