@@ -35,18 +35,25 @@ class RunRequest:
     load: LoadOptions = field(default_factory=LoadOptions)
     draft: DraftOptions | None = None  # speculative decoding: a draft model, or "ngram" (prompt lookup)
 
+    def __post_init__(self) -> None:
+        """Checked here, as the request is made: before a missing model is pulled for it."""
+        if not self.prompt.strip():
+            raise UsageError("empty prompt: give one as an argument, on stdin, or with --file")
+        check_max_tokens(self.max_tokens)
+
     def messages(self) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return [*system, {"role": "user", "content": self.prompt}]
 
 
+def check_max_tokens(max_tokens: int | None) -> None:
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+
+
 def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
         progress: ProgressReporter | None = None, lib: Library | None = None) -> GenerationResult:
     """Answer one prompt, streaming text through `on_text`; a catalog model is pulled first if missing."""
-    if not request.prompt.strip():
-        raise UsageError("empty prompt: give one as an argument, on stdin, or with --file")
-    if request.max_tokens is not None and request.max_tokens < 1:
-        raise UsageError("--max-tokens must be at least 1")
     lib = lib or Library.open()
     path = locate(lib, request.model, pull_missing=True, progress=progress)
     cache = lib.store.inspect_cache
@@ -64,6 +71,7 @@ def open_chat(model: str | None = None, *, system: str | None = None, sampling: 
               draft: DraftOptions | None = None, progress: ProgressReporter | None = None,
               lib: Library | None = None) -> Iterator[ChatSession]:
     """A chat session on a loaded model (pulled first if missing), with its draft if asked; both closed on exit."""
+    check_max_tokens(max_tokens)
     lib = lib or Library.open()
     load_options = load_options or LoadOptions()
     path = locate(lib, model, pull_missing=True, progress=progress)

@@ -186,7 +186,7 @@ MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help=
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable).")]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores).")]
-GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload (default: all on a GPU build, 0 on CPU).")]
+GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")]
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")]
@@ -207,12 +207,7 @@ def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat
 
 def _load_options(ctx_size: int | None, threads: int | None, gpu_layers: int | None, verbose: bool):
     from edgeinfer.engine import LoadOptions
-    from edgeinfer.errors import UsageError
 
-    if ctx_size is not None and ctx_size < 16:
-        raise UsageError("--ctx-size must be at least 16")
-    if threads is not None and threads < 1:
-        raise UsageError("--threads must be at least 1")
     return LoadOptions(n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, verbose=verbose)
 
 
@@ -335,13 +330,15 @@ def chat(
 ) -> None:
     """Hold a conversation in the terminal (/help lists the commands)."""
     from edgeinfer import chatui, config
-    from edgeinfer.api import open_chat
+    from edgeinfer.api import check_max_tokens, open_chat
 
     speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
                                draft_lookup)
+    sampling, load_options = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed), \
+        _load_options(ctx_size, threads, gpu_layers, verbose)
+    check_max_tokens(max_tokens)  # bad options are told before a missing model is pulled
     _pull_with_progress(model, speculate)
-    with open_chat(model, system=system, sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
-                   load_options=_load_options(ctx_size, threads, gpu_layers, verbose), max_tokens=max_tokens,
+    with open_chat(model, system=system, sampling=sampling, load_options=load_options, max_tokens=max_tokens,
                    stop=tuple(stop or ()), draft=speculate) as session:
         chatui.loop(session, stderr, config.history_file(), _chat_stats)
 
@@ -381,11 +378,11 @@ def bench(
         raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
     speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
                                draft_lookup)
-    lib, results = _library(), []
+    lib, results, load_options = _library(), [], _load_options(None, threads, gpu_layers, verbose)
     for ref in models or [None]:
         _pull_with_progress(ref, speculate)
         path = locate(lib, ref, pull_missing=False)
-        name, load_options = ref or lib.catalog.default, _load_options(None, threads, gpu_layers, verbose)
+        name = ref or lib.catalog.default
         with count_progress(stderr) as progress:
             results += bench_model(name, path, load_options, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                                    cache_file=lib.store.inspect_cache, progress=progress)

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from edgeinfer import machine
-from edgeinfer.errors import GenerationError, InvalidModelError
+from edgeinfer.errors import GenerationError, InvalidModelError, UsageError
 from edgeinfer.ggufinfo import GGUFInfo, inspect
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.textstream import TextStream
@@ -41,6 +41,14 @@ class LoadOptions:
     # Let llama.cpp repack weights for its CPU kernels (Q4_0, Q4_K, IQ4_NL on AVX2, AVX-512, ARM): faster,
     # but a batch of tokens and one token then go through kernels that round differently.
     repack: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_ctx is not None and self.n_ctx < 16:
+            raise UsageError("--ctx-size must be at least 16")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise UsageError("--threads must be at least 1")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
+            raise UsageError("--gpu-layers must be -1 (all), 0 or more")
 
     @property
     def threads(self) -> int:

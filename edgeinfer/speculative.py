@@ -59,6 +59,10 @@ class DraftOptions:
             raise UsageError("--draft-min must be between 0 and --draft-max")
         if not 0 <= self.p_min <= 1:
             raise UsageError("--draft-p-min must be in [0, 1]")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise UsageError("--draft-threads must be at least 1")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
+            raise UsageError("--draft-gpu-layers must be -1 (all), 0 or more")
 
 
 # --- pairing ----------------------------------------------------------------------

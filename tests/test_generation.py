@@ -110,12 +110,24 @@ def test_stats_go_to_stderr_and_stdout_stays_clean(tiny_model, cli, edgeinfer_ho
         (("run", "-m", "{tiny}", "hi", "--max-tokens", "0"), 2, "--max-tokens"),
         (("run", "-m", "{tiny}", "hi", "--ctx-size", "4"), 2, "--ctx-size"),
         (("run", "-m", "{tiny}", "hi", "-f", "/no/such/file"), 2, "cannot read --file"),
+        (("run", "-m", "{tiny}", "hi", "--gpu-layers", "-7"), 2, "--gpu-layers"),
+        (("run", "-m", "{tiny}", "hi", "--draft", "ngram", "--draft-threads", "0"), 2, "--draft-threads"),
+        (("chat", "-m", "{tiny}", "--max-tokens", "0"), 2, "--max-tokens"),
+        (("chat", "-m", "{tiny}", "--threads", "0"), 2, "--threads"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, code, words, tiny_model, cli, edgeinfer_home):
     result = cli(*[a.replace("{tiny}", str(tiny_model)) for a in args])
     assert result.exit_code == code, result.stderr
     assert words in result.error_line
+
+
+@pytest.mark.parametrize("command", [("run", ""), ("run", "-n", "0", "hi"), ("chat", "-n", "0"), ("run", "-c", "4", "hi"),
+                                     ("bench", "-t", "0")])
+def test_bad_input_is_told_before_a_missing_model_is_pulled(command, cli, edgeinfer_home, wheelhouse):
+    result = cli(*command)  # the default model, not in the store yet
+    assert result.exit_code == 2, result.stderr
+    assert not (edgeinfer_home / ".partial").exists() and "Pulling" not in result.stderr
 
 
 def test_prompt_longer_than_the_context_names_both_lengths(tiny_model, cli, edgeinfer_home):
