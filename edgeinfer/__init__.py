@@ -1,7 +1,7 @@
 """edgeinfer: run quantized language models on the machine in front of you, through llama.cpp.
 
 Everything the CLI does is a function of this package: `edgeinfer.models.pull`,
-`edgeinfer.engine.Engine.generate`, `edgeinfer.quantize.quantize`, ...
+`edgeinfer.api.run`, `edgeinfer.engine.generate`, `edgeinfer.quantize.quantize`, ...
 Heavy dependencies (llama_cpp, numpy, huggingface_hub) are imported only where needed.
 """
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from edgeinfer.chat import ChatSession, Conversation
 from edgeinfer.errors import EdgeinferError
@@ -78,12 +80,13 @@ def _command(line: str, session: ChatSession, console: Console, stats_line: Call
         elif name == "/reset":
             session.reset()
             console.print("conversation cleared")
-        elif name == "/save" and arg:
+        elif name in ("/save", "/load") and not arg:
+            console.print(f"{name} needs a file: {name} FILE", highlight=False)
+        elif name == "/save":
             session.conversation.save(Path(arg).expanduser())
             console.print(f"saved to {arg}")
-        elif name == "/load" and arg:
-            session.replace(Conversation.load(Path(arg).expanduser()))
-            console.print(f"loaded {len(session.conversation.turns)} messages from {arg}")
+        elif name == "/load":
+            _load(session, arg, console)
         elif name == "/stats":
             console.print(stats_line(session.last) if session.last else "no answer yet", highlight=False)
         else:
@@ -91,6 +94,15 @@ def _command(line: str, session: ChatSession, console: Console, stats_line: Call
     except EdgeinferError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
     return None
+
+
+def _load(session: ChatSession, arg: str, console: Console) -> None:
+    """Continue a saved conversation with this session's model, saying so if it was held with another."""
+    current, saved = session.conversation.model, Conversation.load(Path(arg).expanduser())
+    session.replace(replace(saved, model=current) if saved.model and saved.model != current else saved)
+    console.print(f"loaded {len(saved.turns)} messages from {arg}", highlight=False)
+    if saved.model and saved.model != current:
+        console.print(f"[yellow]saved with {escape(saved.model)}; continuing with {escape(current)}[/]", highlight=False)
 
 
 def _terminal_reader(history_file: Path) -> Callable[[], str | None]:

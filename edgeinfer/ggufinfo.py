@@ -64,7 +64,7 @@ def validate(path: Path) -> "gguf.GGUFReader":  # noqa: F821 - gguf is imported 
 
 
 def inspect(path: Path, cache_file: Path | None = None) -> GGUFInfo:
-    """Validated metadata, remembered per (path, size, mtime) so a second run starts at once.
+    """Validated metadata, remembered per file (device, inode) with its size and mtime, so a second run starts at once.
 
     The gguf reader walks every vocabulary string in Python (seconds for a
     150k-token vocabulary); a file that has not changed need not be walked again.

@@ -106,6 +106,19 @@ def test_load_of_a_file_that_is_not_a_conversation_is_an_error_not_an_exit(tiny_
     assert result.stdout.strip()  # the next message was still answered
 
 
+def test_save_and_load_without_a_file_say_what_they_need_and_a_load_names_another_model(tiny_model, edgeinfer_home,
+                                                                                        tmp_path):
+    saved = tmp_path / "other.json"
+    saved.write_text(json.dumps({"version": 1, "model": "some-other-model", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}))
+    result = run_edgeinfer("chat", "-m", tiny_model, "-n", "4", input=f"/save\n/load\n/load {saved}\nhi\n")
+    assert result.exit_code == 0
+    assert "/save needs a file" in result.stderr and "/load needs a file" in result.stderr
+    assert "loaded 2 messages" in result.stderr
+    assert f"saved with some-other-model; continuing with {tiny_model}" in result.stderr
+    assert result.stdout.strip()
+
+
 @pytest.mark.parametrize("model", ["no-such-model"])
 def test_chat_with_an_unknown_model_is_one_clear_line(model, cli, edgeinfer_home):
     result = cli("chat", "-m", model)
