@@ -159,6 +159,8 @@ def _pull_spec(store: Store, spec: ModelSpec, progress: ProgressReporter) -> Pul
         shutil.rmtree(staging, ignore_errors=True)
         _remember_metadata(model.path, store)
         return PullResult(model, already_present=False)
+    if not any(p.is_file() for p in staging.rglob("*")):  # nothing to resume: no empty folder left behind
+        shutil.rmtree(staging, ignore_errors=True)
     raise _all_sources_failed(spec, failures)
 
 

@@ -303,6 +303,8 @@ def test_a_mirror_that_cannot_deliver_fails_cleanly(hub, tiny_bytes, edgeinfer_h
     assert done.exit_code == exit_code
     assert all(word in done.error_line for word in words), done.error_line
     assert ggufs_under(edgeinfer_home) == []
+    # What is left to resume stays; a folder with nothing to resume does not.
+    assert all(any(p.is_file() for p in left.rglob("*")) for left in (edgeinfer_home / ".partial").glob("*"))
 
 
 # --- atomicity --------------------------------------------------------------------------
