@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from edgeinfer import __version__
@@ -135,9 +136,10 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     table.add_column("present", no_wrap=True)
     table.add_column("path / description")
     for row in rows:
-        where = str(row.path) if row.present else row.description
+        # A path cut short is no path: it folds; a description may be cut.
+        where = Text(str(row.path), overflow="fold") if row.present else Text(row.description, overflow="ellipsis", no_wrap=True)
         table.add_row(row.name, row.quantization, _size(row.size), "yes" if row.present else "-", where)
-    stdout.print(table)
+    (stdout if stdout.is_terminal else Console(width=1000, highlight=False)).print(table)  # a pipe: whole lines
 
 
 @app.command()
