@@ -319,7 +319,7 @@ class _Quantizer:
         here = str(Path(__file__).resolve().parent.parent)  # this edgeinfer, wherever it was imported from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from edgeinfer.quantize import _child_main; _child_main()"],
+            [sys.executable, "-c", "from edgeinfer.quantize import _child_main; _child_main()", str(self.orphaned or "")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True, env=env,
         )
         return self
@@ -340,7 +340,7 @@ class _Quantizer:
         final.parent.mkdir(parents=True, exist_ok=True)
         partial = final.with_name(f".{final.name}.incomplete")
         job = {"source": str(source), "partial": str(partial), "ftype": ftype, "threads": threads or 0,
-               "imatrix": str(imatrix) if imatrix else None, "orphaned": str(self.orphaned) if self.orphaned else None}
+               "imatrix": str(imatrix) if imatrix else None}
         try:
             try:
                 self.process.stdin.write(json.dumps(job).encode() + b"\n")
@@ -381,9 +381,9 @@ class _Quantizer:
     def _failure(self, source: Path, report: _QuantizerReport | None) -> EdgeinferError:
         from edgeinfer.ggufinfo import validate
 
+        validate(source)  # a broken file: say what is wrong with it, rather than how llama.cpp failed on it
         if self.error:
             return EdgeinferError(f"llama.cpp's quantizer failed: {self.error}")
-        validate(source)  # a crash on a broken file: say what is wrong with the file
         self.stderr.seek(0)
         last = self.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
         return EdgeinferError(f"llama.cpp's quantizer failed: {last[0] if last else f'exit code {self.process.returncode}'}")
@@ -396,18 +396,21 @@ def _child_main() -> None:
     import sys
     import threading
 
+    orphaned = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None  # the parent's working folder
     llama_cpp = _llama_bindings()
     line = sys.stdin.buffer.readline()
-    if not line:
-        os._exit(0)  # the parent gave up before sending a job
+    if not line:  # the parent ended before sending a job (done with an error, or killed while converting)
+        if orphaned:
+            shutil.rmtree(orphaned, ignore_errors=True)
+        os._exit(0)
     job = json.loads(line)
     partial = Path(job["partial"])
 
     def watch_parent() -> None:
         sys.stdin.buffer.read()  # returns at EOF: the parent is gone (or done)
         partial.unlink(missing_ok=True)  # a partial file must not outlive it
-        if job["orphaned"]:
-            shutil.rmtree(job["orphaned"], ignore_errors=True)
+        if orphaned:
+            shutil.rmtree(orphaned, ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch_parent, daemon=True).start()

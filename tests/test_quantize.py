@@ -197,6 +197,16 @@ def test_bad_options_fail_before_any_work(cli, edgeinfer_home, hf_model, args, m
     assert stored_files(edgeinfer_home) == []
 
 
+@pytest.mark.parametrize("damage, message", [("truncated", "truncated"), ("not-gguf", "not a GGUF file")])
+def test_a_broken_gguf_source_is_named_as_such(cli, edgeinfer_home, tiny_model, tmp_path, damage, message):
+    broken = tmp_path / "broken.gguf"
+    data = tiny_model.read_bytes()
+    broken.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"<html>not a model</html>" * 100)
+    run = cli("quantize", broken, "--no-eval")
+    assert run.exit_code == 6 and message in run.error_line
+    assert stored_files(edgeinfer_home) == []
+
+
 def test_a_missing_source_is_a_usage_error(cli, edgeinfer_home, tmp_path):
     run = cli("quantize", tmp_path / "nowhere")
     assert run.exit_code == 2 and "is not a folder, a .gguf file or a hub repository" in run.error_line
@@ -246,6 +256,25 @@ def test_ctrl_c_midway_leaves_no_output(medium_model, tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     assert stored_files(tmp_path / "home") == []
     assert not partial.exists()
+
+
+def test_a_quantization_killed_while_converting_leaves_nothing(medium_model, tmp_path):
+    home = tmp_path / "home"
+    env = subprocess_env({"EDGEINFER_HOME": str(home)})
+    process = subprocess.Popen([sys.executable, "-m", "edgeinfer", "quantize", str(medium_model), "--no-eval", "-t", "1"],
+                               env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work = home / "models" / "Medium-Q4_K_M" / ".Medium-Q4_K_M.gguf.work"
+    deadline = time.monotonic() + 60
+    while not (work.is_dir() and any(work.iterdir())):  # the conversion has begun writing
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while stored_files(home) and time.monotonic() < deadline:  # the quantizer, still waiting for its job, cleans up
+        time.sleep(0.05)
+    assert stored_files(home) == [] and not work.exists()
 
 
 def test_a_killed_quantization_leaves_no_output(medium_model, tmp_path):
