@@ -124,7 +124,7 @@ def parse_reference(text: str, catalog: Catalog) -> Reference:
     path = Path(text).expanduser()
     if text.lower().endswith(".gguf") and (path.exists() or text.startswith((".", "/", "~"))):
         return LocalRef(path)
-    stripped = _strip_hub_prefix(text)
+    stripped = strip_hub_prefix(text)
     if m := _HUB_QUANT.match(stripped):
         return HubQuantRef(m["repo"], m["quant"])
     if m := _HUB_FILE.match(stripped):
@@ -136,7 +136,8 @@ def parse_reference(text: str, catalog: Catalog) -> Reference:
     return NameRef(text)
 
 
-def _strip_hub_prefix(text: str) -> str:
+def strip_hub_prefix(text: str) -> str:
+    """OWNER/NAME... from a reference that may be written as a hub address (https://huggingface.co/OWNER/NAME...)."""
     for prefix in _HUB_PREFIXES:
         if text.startswith(prefix):
             return text[len(prefix) :]

@@ -452,7 +452,7 @@ def _stream_to_stdout(text: str) -> None:
 
 @app.command()
 def quantize(
-    source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a hub repository (OWNER/NAME or OWNER/NAME@REVISION) or a .gguf file.")],
+    source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a hub repository (OWNER/NAME or OWNER/NAME@REVISION), a .gguf file or a model reference.")],
     bits: Annotated[Optional[int], typer.Option("--bits", help="4 (Q4_K_M, the default) or 8 (Q8_0).")] = None,
     qtype: Annotated[Optional[str], typer.Option("--type", help="Any llama.cpp type: Q4_0, Q4_K_S, Q5_K_M, Q6_K, ... (overrides --bits).")] = None,
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat).")] = None,

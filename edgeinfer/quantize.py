@@ -58,7 +58,7 @@ _BITS_ESTIMATE = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q
 _HF_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
 _PRECISION_SUFFIX = re.compile(r"[-_.](f32|f16|bf16|fp16|fp32|q\d\w*|iq\d\w*)$", re.IGNORECASE)
-_HUB_REPO = re.compile(r"^(?:https://huggingface\.co/|hf\.co/)?(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+_HUB_REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def quantize(
         from edgeinfer.imatrix import read_imatrix
 
         read_imatrix(Path(imatrix))  # refuse a bad file now, before a long conversion
-    src = _locate_source(source, progress)
+    src = _locate_source(source, store, progress)
     name = f"{src.name}-{qtype}"
     final = _output_path(output, store, name)
     if final.exists() and not force:
@@ -194,19 +194,37 @@ def type_for(bits: int | None, qtype: str | None) -> str:
 # --- the source ---------------------------------------------------------------------
 
 
-def _locate_source(source: str | Path, progress: ProgressReporter) -> _Source:
+def _locate_source(source: str | Path, store: Store, progress: ProgressReporter) -> _Source:
+    """A folder or file on disk; a hub repository of safetensors (OWNER/NAME[@REVISION]); or, as everywhere
+    else, a model reference (a catalog or store name, OWNER/REPO:QUANT, OWNER/REPO/FILE.gguf), pulled if
+    missing: its GGUF is requantized."""
+    from edgeinfer.catalog import strip_hub_prefix
+
     path = Path(source).expanduser()
     if path.is_dir():
         return _hf_folder(path, label=str(path.resolve()))
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise UsageError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise UsageError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
-        return _Source("gguf", path, str(path.resolve()), _PRECISION_SUFFIX.sub("", path.stem), path.stat().st_size)
-    match = _HUB_REPO.match(str(source))
-    if match is None or str(source).startswith((".", "/", "~")):
-        raise UsageError(f"{source} is not a folder, a .gguf file or a hub repository (owner/name)")
-    folder = _download_hub_model(match["repo"], match["rev"] or "main", progress)
-    return _hf_folder(folder, label=f"hf:{match['repo']}@{match['rev'] or 'main'}", name=match["repo"].split("/")[1])
+        return _gguf(path, str(path.resolve()))
+    if str(source).startswith((".", "/", "~")):
+        raise UsageError(f"no such folder or file: {path}")
+    match = _HUB_REPO.match(strip_hub_prefix(str(source)))
+    if match is not None:
+        folder = _download_hub_model(match["repo"], match["rev"] or "main", progress)
+        return _hf_folder(folder, label=f"hf:{match['repo']}@{match['rev'] or 'main'}", name=match["repo"].split("/")[1])
+    return _gguf(_located(str(source), store, progress), str(source))
+
+
+def _located(ref: str, store: Store, progress: ProgressReporter) -> Path:
+    from edgeinfer.catalog import load_catalog
+    from edgeinfer.models import Library, locate
+
+    return locate(Library(catalog=load_catalog(store.root / "models.toml"), store=store), ref, progress=progress)
+
+
+def _gguf(path: Path, label: str) -> _Source:
+    return _Source("gguf", path, label, _PRECISION_SUFFIX.sub("", path.stem), path.stat().st_size)
 
 
 def _hf_folder(folder: Path, label: str, name: str | None = None) -> _Source:

@@ -209,7 +209,17 @@ def test_a_broken_gguf_source_is_named_as_such(cli, edgeinfer_home, tiny_model, 
 
 def test_a_missing_source_is_a_usage_error(cli, edgeinfer_home, tmp_path):
     run = cli("quantize", tmp_path / "nowhere")
-    assert run.exit_code == 2 and "is not a folder, a .gguf file or a hub repository" in run.error_line
+    assert run.exit_code == 2 and "no such folder or file" in run.error_line
+    run = cli("quantize", "smollm2-135m-instrct")  # a model reference, as everywhere: with its suggestions
+    assert run.exit_code == 3 and "did you mean smollm2-135m-instruct" in run.error_line
+
+
+def test_a_model_in_the_store_is_requantized_by_name(cli, edgeinfer_home, hf_model):
+    assert cli("quantize", hf_model, "--bits", "8", "--no-eval").exit_code == 0
+    run = cli("quantize", "TinyLlama-Q8_0", "--bits", "4", "--no-eval")  # its name in the store
+    assert run.exit_code == 0, run.stderr
+    assert "already quantized (Q8_0)" in run.stderr
+    assert (edgeinfer_home / "models" / "TinyLlama-Q4_K_M" / "TinyLlama-Q4_K_M.gguf").is_file()
 
 
 def test_not_enough_disk_space_is_found_before_starting(cli, edgeinfer_home, hf_model, tmp_path):
@@ -291,12 +301,13 @@ def test_a_killed_quantization_leaves_no_output(medium_model, tmp_path):
 # --- the hub ------------------------------------------------------------------------------------
 
 
-def test_a_hub_repository_is_fetched_without_its_pickles(hub, edgeinfer_home, hf_model):
+@pytest.mark.parametrize("prefix", ["", "https://huggingface.co/"])
+def test_a_hub_repository_is_fetched_without_its_pickles(hub, edgeinfer_home, hf_model, prefix):
     for file in hf_model.iterdir():
         hub.add_file("someone/TinyHub", file.name, file.read_bytes(), lfs=file.suffix == ".safetensors")
     hub.add_file("someone/TinyHub", "pytorch_model.bin", b"pickle bytes that must never be fetched")
     hub.add_file("someone/TinyHub", "README.md", b"# Tiny", lfs=False)
-    run = run_edgeinfer("quantize", "someone/TinyHub", "--bits", "8", "--no-eval", "-t", "1")
+    run = run_edgeinfer("quantize", f"{prefix}someone/TinyHub", "--bits", "8", "--no-eval", "-t", "1")
     assert run.exit_code == 0, run.stderr
     assert (edgeinfer_home / "models" / "TinyHub-Q8_0" / "TinyHub-Q8_0.gguf").is_file()
     fetched = {r.path.rsplit("/", 1)[-1] for r in hub.gets()}
