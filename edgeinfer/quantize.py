@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,6 +106,7 @@ class _Source:
     label: str  # recorded in the store: where it came from
     name: str  # the model's name, for the output's
     size: int
+    download: Path | None = None  # a hub download's staging folder: removed once the output is whole
 
 
 def quantize(
@@ -152,6 +153,8 @@ def quantize(
             report = quantizer.run(unquantized, final, ftype, threads, imatrix, progress)
             seconds_quantize = time.perf_counter() - started
         model = store.register(name, final, sha256=sha256_file(final), source=f"quantize:{src.label}", quantization=qtype)
+        if src.download is not None:  # (kept after a failure, so that the next attempt resumes it)
+            shutil.rmtree(src.download, ignore_errors=True)
         started = time.perf_counter()
         quality = _evaluate(unquantized, final, threads, progress) if evaluate else None
         seconds_eval = time.perf_counter() - started
@@ -211,8 +214,9 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
         raise UsageError(f"no such folder or file: {path}")
     match = _HUB_REPO.match(strip_hub_prefix(str(source)))
     if match is not None:
-        folder = _download_hub_model(match["repo"], match["rev"] or "main", progress)
-        return _hf_folder(folder, label=f"hf:{match['repo']}@{match['rev'] or 'main'}", name=match["repo"].split("/")[1])
+        folder = _download_hub_model(match["repo"], match["rev"] or "main", store, progress)
+        src = _hf_folder(folder, label=f"hf:{match['repo']}@{match['rev'] or 'main'}", name=match["repo"].split("/")[1])
+        return replace(src, download=folder)
     return _gguf(_located(str(source), store, progress), str(source))
 
 
@@ -234,12 +238,15 @@ def _hf_folder(folder: Path, label: str, name: str | None = None) -> _Source:
     return _Source("hf", folder, label, name or folder.resolve().name, size)
 
 
-def _download_hub_model(repo: str, revision: str, progress: ProgressReporter) -> Path:
-    """The files a conversion needs (never pickles, never other formats), into the Hugging Face cache."""
+def _download_hub_model(repo: str, revision: str, store: Store, progress: ProgressReporter) -> Path:
+    """The files a conversion needs (never pickles, never other formats), as `pull` fetches a model: into
+    the store's staging folder, resumable, the weights verified against the sha256 the hub publishes."""
     from huggingface_hub import HfApi, hf_hub_download
 
-    from edgeinfer.sources import hub_access
+    from edgeinfer.catalog import HubSource
+    from edgeinfer.sources import fetch_from_hub, hub_access
 
+    staging = store.staging_dir(f"quantize/{repo}@{revision}")
     with hub_access(repo):
         files = [f for f in HfApi().list_repo_files(repo, revision=revision) if "/" not in f]
         wanted = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in _HF_FILES)]
@@ -247,12 +254,12 @@ def _download_hub_model(repo: str, revision: str, progress: ProgressReporter) ->
             pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
             why = " (only pickle checkpoints, which edgeinfer refuses to load)" if pickles else ""
             raise ConversionError(f"{repo} has no .safetensors weights{why}")
-        progress.start(f"downloading {repo}", len(wanted))
-        local = None
         for file in wanted:
-            local = Path(hf_hub_download(repo, file, revision=revision))
-            progress.advance(1)
-    return local.parent
+            if file.endswith(".safetensors"):  # large, and stored in LFS, whose ETag is their sha256
+                fetch_from_hub(HubSource(repo, file, revision), staging, progress)
+            else:  # small text files, kept in git: no sha256 to check them against
+                hf_hub_download(repo, file, revision=revision, local_dir=staging)
+    return staging
 
 
 def _output_path(output: Path | None, store: Store, name: str) -> Path:

@@ -312,3 +312,13 @@ def test_a_hub_repository_is_fetched_without_its_pickles(hub, edgeinfer_home, hf
     assert (edgeinfer_home / "models" / "TinyHub-Q8_0" / "TinyHub-Q8_0.gguf").is_file()
     fetched = {r.path.rsplit("/", 1)[-1] for r in hub.gets()}
     assert "model.safetensors" in fetched and "pytorch_model.bin" not in fetched and "README.md" not in fetched
+    assert not any((edgeinfer_home / ".partial").rglob("*.safetensors"))  # the download went once the output was whole
+
+
+def test_hub_weights_that_do_not_match_their_sha256_are_refused(hub, edgeinfer_home, hf_model):
+    for file in hf_model.iterdir():
+        hub.add_file("someone/TinyHub", file.name, file.read_bytes(), lfs=file.suffix == ".safetensors")
+    hub.serve_wrong_bytes("someone/TinyHub", "model.safetensors")
+    run = run_edgeinfer("quantize", "someone/TinyHub", "--bits", "8", "--no-eval", "-t", "1")
+    assert run.exit_code == 5 and "checksum" in run.error_line
+    assert stored_files(edgeinfer_home) == []
