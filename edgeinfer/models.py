@@ -155,26 +155,27 @@ def _pull_spec(store: Store, spec: ModelSpec, progress: ProgressReporter) -> Pul
             if source is not spec.sources[-1]:  # (the last one's failure is in the error)
                 progress.note(f"{exc}; trying the next source")
             continue
+        _check_gguf(fetched.path, store, staging)
         model = store.place(spec.name, fetched.path, final, sha256=fetched.sha256, source=fetched.label,
                             quantization=spec.quantization)
         shutil.rmtree(staging, ignore_errors=True)
-        _remember_metadata(model.path, store)
         return PullResult(model, already_present=False)
     if not any(p.is_file() for p in staging.rglob("*")):  # nothing to resume: no empty folder left behind
         shutil.rmtree(staging, ignore_errors=True)
     raise _all_sources_failed(spec, failures)
 
 
-def _remember_metadata(path: Path, store: Store) -> None:
-    """Read the GGUF metadata now, while the user waits for the download anyway, so the first
-    run starts at once. A file that is not a sound GGUF is reported when it is used, not here:
-    its checksum matched, so it is what the source published."""
+def _check_gguf(staged: Path, store: Store, staging: Path) -> None:
+    """Check the GGUF before it takes a name in the store, while the user waits for the download anyway
+    (its metadata, remembered, then makes the first run start at once). A file that is no sound GGUF is
+    what its source published, since its checksum matched, but no model either: it is not kept."""
     from edgeinfer.ggufinfo import inspect
 
     try:
-        inspect(path, store.inspect_cache)
-    except InvalidModelError:
-        pass
+        inspect(staged, store.inspect_cache)
+    except InvalidModelError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InvalidModelError(f"the source's file is not a usable model: {exc}") from None
 
 
 def _fetch(source, spec: ModelSpec, staging: Path, progress: ProgressReporter) -> Fetched:

@@ -137,6 +137,16 @@ def test_checksum_mismatch_removes_the_file_and_exits_5(tiny_repo, edgeinfer_hom
     assert listed(f"hf.co/{REPO}/tiny-Q4_K_M.gguf") is None
 
 
+def test_a_published_file_that_is_no_gguf_is_not_kept(hub, edgeinfer_home):
+    hub.add_file(REPO, "tiny-Q4_K_M.gguf", b"<html>an error page, published by mistake</html>" * 50)
+
+    done = run_edgeinfer("pull", f"{REPO}:Q4_K_M")
+
+    assert done.exit_code == 6
+    assert "not a usable model" in done.error_line and "GGUF" in done.error_line
+    assert ggufs_under(edgeinfer_home) == [] and listed(f"hf.co/{REPO}/tiny-Q4_K_M.gguf") is None
+
+
 def test_after_a_checksum_mismatch_a_good_download_succeeds(tiny_repo, tiny_bytes):
     tiny_repo.serve_wrong_bytes(REPO, "tiny-Q4_K_M.gguf")
     assert run_edgeinfer("pull", f"{REPO}:Q4_K_M").exit_code == 5
