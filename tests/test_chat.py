@@ -124,3 +124,33 @@ def test_chat_with_an_unknown_model_is_one_clear_line(model, cli, edgeinfer_home
     result = cli("chat", "-m", model)
     assert result.exit_code == 3
     assert "unknown model" in result.error_line
+
+
+def test_each_turn_reads_only_what_the_cache_does_not_hold(tiny_model):
+    """Turn N evaluates its new tokens, not the whole conversation again (the KV cache is kept between turns)."""
+    from edgeinfer.chat import ChatSession, Conversation
+    from edgeinfer.engine import LoadOptions, load
+    from edgeinfer.sampling import SamplingParams
+
+    with load(tiny_model, LoadOptions(n_ctx=1024, n_threads=2)) as model:
+        session = ChatSession(model, Conversation(model="tiny", sampling=SamplingParams(temperature=0)), max_tokens=8)
+        evaluated, decode = [], model.decode
+        model.decode = lambda tokens, **kw: (evaluated.append(len(tokens)), decode(tokens, **kw))[1]
+        first = session.ask("Tell me about the sea and the ships that sail on it.").result.prompt_tokens
+        evaluated.clear()
+        second = session.ask("And the sky?").result.prompt_tokens
+        assert evaluated[0] < second - first  # the new turn's tokens (and what the answer's retokenising changed)
+
+
+def test_a_conversation_that_outgrows_the_context_drops_old_turns_and_keeps_the_system_message(tiny_model):
+    from edgeinfer.chat import ChatSession, Conversation
+    from edgeinfer.engine import LoadOptions, load
+    from edgeinfer.sampling import SamplingParams
+
+    with load(tiny_model, LoadOptions(n_ctx=128, n_threads=2)) as model:
+        conversation = Conversation(model="tiny", sampling=SamplingParams(temperature=0), system="Be brief.")
+        session = ChatSession(model, conversation, max_tokens=8)
+        dropped = sum(session.ask(f"Message number {i}: tell me a story about the sea.").dropped_turns for i in range(8))
+        assert dropped > 0
+        assert conversation.messages()[0] == {"role": "system", "content": "Be brief."}
+        assert conversation.turns[-2]["content"].startswith("Message number 7")

@@ -189,3 +189,12 @@ def test_ctrl_c_ends_run_with_the_text_so_far_and_exit_130(tiny_model, edgeinfer
     child.close()
     assert child.exitstatus == 130
     assert "Traceback" not in child.before
+
+
+def test_llama_cpps_own_log_stays_silent_unless_asked_for(tiny_model, edgeinfer_home):
+    """In a real process, where llama.cpp writes to the file descriptor itself, not through Python."""
+    args = ("run", "-m", tiny_model, "--raw", "--temperature", "0", "-n", "4", "Once upon a time")
+    quiet = run_edgeinfer(*args)
+    assert quiet.exit_code == 0 and quiet.stdout.strip() and quiet.stderr == ""
+    loud = run_edgeinfer(*args, "--verbose")
+    assert loud.exit_code == 0 and loud.stdout == quiet.stdout and "llama_" in loud.stderr
