@@ -114,6 +114,8 @@ def test_stats_go_to_stderr_and_stdout_stays_clean(tiny_model, cli, edgeinfer_ho
         (("run", "-m", "{tiny}", "hi", "--draft", "ngram", "--draft-threads", "0"), 2, "--draft-threads"),
         (("chat", "-m", "{tiny}", "--max-tokens", "0"), 2, "--max-tokens"),
         (("chat", "-m", "{tiny}", "--threads", "0"), 2, "--threads"),
+        (("run", "-m", "{tiny}", "hi", "--threads", "100000"), 2, "--threads must be between 1 and 512"),
+        (("run", "-m", "{tiny}", "hi", "--draft", "ngram", "--draft-threads", "100000"), 2, "--draft-threads"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, code, words, tiny_model, cli, edgeinfer_home):
