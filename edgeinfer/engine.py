@@ -103,10 +103,7 @@ class Model:
         gpu = options.n_gpu_layers
         params.n_gpu_layers = (-1 if ll.llama_supports_gpu_offload() else 0) if gpu is None else gpu
         params.use_extra_bufts = options.repack
-        model = ll.llama_model_load_from_file(str(path).encode(), params)
-        if not model:
-            raise InvalidModelError(f"llama.cpp could not load {path.name} (unsupported architecture or tensor layout?)")
-        return model
+        return load_model_file(path, params)
 
     def _new_context(self):
         ll = self._ll
@@ -392,23 +389,45 @@ def _consume(model: Model, tokens: list[int], history: list[int], produced: list
 
 # --- llama.cpp's process-wide state -------------------------------------------------
 
-_backend = {"ready": False, "callback": None}
+_backend = {"ready": False, "callback": None, "errors": []}
+_LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
 
 
 def _init_backend(verbose: bool) -> None:
-    """Initialise llama.cpp once; route its log to stderr only when asked (--verbose)."""
+    """Initialise llama.cpp once; route its log to stderr only when asked (--verbose), keeping its errors."""
+    import os
+
     import llama_cpp
 
+    # Should llama.cpp abort (a bug, or a file no check foresaw), one line on stderr, not a debugger's
+    # backtrace on stdout, where it would take the place of an answer or of --json.
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     if not _backend["ready"]:
         llama_cpp.llama_backend_init()
         _backend["ready"] = True
 
     @llama_cpp.llama_log_callback
     def _log(level, text, _user):
+        message = text.decode("utf-8", errors="replace")
+        if level == _LOG_ERROR:
+            _backend["errors"].append(message.strip())
         if verbose:
             import sys
 
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.write(message)
 
     _backend["callback"] = _log  # keep a reference: llama.cpp holds only the C pointer
     llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
+
+
+def load_model_file(path: Path, params) -> object:
+    """llama.cpp's model from a checked GGUF, or an InvalidModelError that says why llama.cpp refused it
+    (the first error it logged, e.g. a tensor it found missing), though its log is not shown."""
+    import llama_cpp
+
+    _backend["errors"] = []
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        why = next(iter(_backend["errors"]), "unsupported architecture or tensor layout?")
+        raise InvalidModelError(f"llama.cpp could not load {path.name}: {why.split('error loading model: ')[-1]}")
+    return model

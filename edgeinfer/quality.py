@@ -99,16 +99,13 @@ class _Model:
         self.path, self.n_ctx, self.threads = path, n_ctx, threads
 
     def __enter__(self) -> "_Model":
-        import logging
-
         import llama_cpp
 
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter stays off stderr
-        llama_cpp.llama_backend_init()
+        from edgeinfer.engine import _init_backend, load_model_file
+
+        _init_backend(False)  # llama.cpp's log stays off stderr, as in `run`
         self._lib = llama_cpp
-        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), llama_cpp.llama_model_default_params())
-        if not self.model:
-            raise InvalidModelError(f"llama.cpp could not load {self.path}")
+        self.model = load_model_file(self.path, llama_cpp.llama_model_default_params())
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx
         params.n_batch = params.n_ubatch = _CHUNK

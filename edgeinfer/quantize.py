@@ -142,6 +142,8 @@ def quantize(
     src = _locate_source(source, store, progress)
     name = f"{src.name}-{qtype}"
     final = _output_path(output, store, name)
+    if final.exists() and src.path.is_file() and final.samefile(src.path):
+        raise UsageError(f"the output {final} is the source itself; write the quantized model elsewhere")
     if final.exists() and not force:
         raise UsageError(f"{final} already exists; pass --force to replace it")
     work = final.parent / f".{final.name}.work"
@@ -156,7 +158,7 @@ def quantize(
         if src.download is not None:  # (kept after a failure, so that the next attempt resumes it)
             shutil.rmtree(src.download, ignore_errors=True)
         started = time.perf_counter()
-        quality = _evaluate(unquantized, final, threads, progress) if evaluate else None
+        quality = _evaluate(unquantized, final, threads, progress, store, name) if evaluate else None
         seconds_eval = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -209,7 +211,7 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
     if path.is_file() and path.suffix.lower() != ".gguf":
         raise UsageError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
     if path.is_file():
-        return _gguf(path, str(path.resolve()))
+        return _gguf(path, str(path.resolve()), store)
     if str(source).startswith((".", "/", "~")):
         raise UsageError(f"no such folder or file: {path}")
     match = _HUB_REPO.match(strip_hub_prefix(str(source)))
@@ -217,7 +219,7 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
         folder = _download_hub_model(match["repo"], match["rev"] or "main", store, progress)
         src = _hf_folder(folder, label=f"hf:{match['repo']}@{match['rev'] or 'main'}", name=match["repo"].split("/")[1])
         return replace(src, download=folder)
-    return _gguf(_located(str(source), store, progress), str(source))
+    return _gguf(_located(str(source), store, progress), str(source), store)
 
 
 def _located(ref: str, store: Store, progress: ProgressReporter) -> Path:
@@ -227,7 +229,12 @@ def _located(ref: str, store: Store, progress: ProgressReporter) -> Path:
     return locate(Library(catalog=load_catalog(store.root / "models.toml"), store=store), ref, progress=progress)
 
 
-def _gguf(path: Path, label: str) -> _Source:
+def _gguf(path: Path, label: str, store: Store) -> _Source:
+    """A GGUF source, checked with the gguf reader before llama.cpp's quantizer reads it (the verdict is
+    remembered, as for every model: a file in the store was checked when it was pulled)."""
+    from edgeinfer.ggufinfo import inspect
+
+    inspect(path, store.inspect_cache)
     return _Source("gguf", path, label, _PRECISION_SUFFIX.sub("", path.stem), path.stat().st_size)
 
 
@@ -280,9 +287,8 @@ def _unquantized_gguf(src: _Source, work: Path, final: Path, qtype: str,
                       progress: ProgressReporter) -> tuple[Path, float, tuple[str, ...]]:
     """The GGUF the quantizer reads: the source itself, or a lossless conversion of it into `work`.
 
-    A GGUF source is not parsed here: reading a large vocabulary with the gguf
-    package takes seconds, and the quantizer, in its own process, reports the
-    tensor types itself. A file that crashes it is examined afterwards.
+    A GGUF source was checked with the gguf reader when it was located; the quantizer, in its own
+    process, reports the tensor types itself.
     """
     if src.kind == "gguf":
         check_free_space(final.parent, int(src.size * min(1.0, _BITS_ESTIMATE.get(qtype, 8.5) / 16)) + (16 << 20))
@@ -296,13 +302,18 @@ def _unquantized_gguf(src: _Source, work: Path, final: Path, qtype: str,
     return result.path, result.seconds, result.warnings
 
 
-def _evaluate(unquantized: Path, final: Path, threads: int | None, progress: ProgressReporter) -> QualityReport:
+def _evaluate(unquantized: Path, final: Path, threads: int | None, progress: ProgressReporter, store: Store,
+              name: str) -> QualityReport:
     from edgeinfer.quality import compare
 
     try:
         return compare(unquantized, final, threads=threads, progress=progress)
     except KeyboardInterrupt:
         raise Interrupted(f"quality evaluation interrupted; the quantized model is complete at {final}") from None
+    except EdgeinferError:
+        store.remove(name)  # an output that llama.cpp cannot load is no model: neither kept nor listed
+        final.unlink(missing_ok=True)
+        raise
 
 
 def _count_parameters(folder: Path) -> int:
@@ -342,7 +353,8 @@ class _Quantizer:
 
         self.stderr = tempfile.TemporaryFile()
         here = str(Path(__file__).resolve().parent.parent)  # this edgeinfer, wherever it was imported from
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
+               "GGML_NO_BACKTRACE": "1"}  # an abort prints one line, not a debugger's backtrace
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from edgeinfer.quantize import _child_main; _child_main()", str(self.orphaned or "")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True, env=env,
@@ -390,7 +402,10 @@ class _Quantizer:
 
         started = False
         for line in self.process.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:  # not ours: what a crashing llama.cpp printed; the exit code tells
+                continue
             if "tensor" in message:
                 if not started:
                     progress.start("quantizing", message["of"], completed=message["tensor"] - 1)
@@ -456,7 +471,7 @@ def _child_main() -> None:
             send({"tensor": int(m[1]), "of": int(m[2])})
         elif (m := _SIZE_LINE.search(line)) is not None:
             bits_per_weight = float(m[1])
-        elif level == 3:  # GGML_LOG_LEVEL_ERROR
+        elif level == 4:  # GGML_LOG_LEVEL_ERROR
             errors.append(line.strip())
 
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))

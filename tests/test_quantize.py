@@ -207,6 +207,23 @@ def test_a_broken_gguf_source_is_named_as_such(cli, edgeinfer_home, tiny_model, 
     assert stored_files(edgeinfer_home) == []
 
 
+def test_an_output_that_llama_cpp_cannot_load_is_neither_kept_nor_listed(cli, edgeinfer_home, tmp_path):
+    from tinymodel import make_tiny_model
+
+    source = make_tiny_model(tmp_path / "headless.gguf", drop=("output_norm.weight",))  # a sound file, no model
+    run = cli("quantize", source, "--bits", "8")
+    assert run.exit_code == 6 and "output_norm.weight" in run.error_line
+    assert stored_files(edgeinfer_home) == [] and cli("list", "--json").stdout.count("headless") == 0
+
+
+def test_the_source_is_never_its_own_output(cli, edgeinfer_home, tiny_model, tmp_path):
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(tiny_model.read_bytes())
+    run = cli("quantize", source, "--bits", "8", "--output", source, "--force")
+    assert run.exit_code == 2 and "is the source itself" in run.error_line
+    assert source.read_bytes() == tiny_model.read_bytes()
+
+
 def test_a_missing_source_is_a_usage_error(cli, edgeinfer_home, tmp_path):
     run = cli("quantize", tmp_path / "nowhere")
     assert run.exit_code == 2 and "no such folder or file" in run.error_line

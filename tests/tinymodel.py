@@ -172,6 +172,7 @@ def make_tiny_model(
     f16: bool = False,
     name: str | None = None,
     chat_template: str | None = CHATML_TEMPLATE,
+    drop: tuple[str, ...] = (),
 ) -> Path:
     """Write a tiny llama GGUF to `path` and return the path.
 
@@ -191,6 +192,7 @@ def make_tiny_model(
         than newline) or of non-ASCII bytes, so generated text is printable
         ASCII; False lets stray UTF-8 bytes through (for tests of decoding).
     f16: store the matrices as F16 instead of F32 (norms stay F32).
+    drop: tensors to leave out (a model llama.cpp refuses to load, though the file itself is sound).
     """
     import gguf
 
@@ -228,6 +230,8 @@ def make_tiny_model(
         writer.add_chat_template(chat_template)
 
     for tensor_name, array in tensors.items():
+        if tensor_name in drop:
+            continue
         if f16 and array.ndim == 2:
             array = array.astype(np.float16)
         writer.add_tensor(tensor_name, array)
