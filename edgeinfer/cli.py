@@ -13,9 +13,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from edgeinfer import __version__
 from edgeinfer.errors import EdgeinferError
@@ -39,15 +41,21 @@ class _ErrorsToMessages(TyperGroup):
         except KeyboardInterrupt:
             stderr.print("interrupted")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
+        except Exception as exc:  # a bug, or an OSError the library did not foresee: one line all the same
+            if _state["debug"]:
+                stderr.print_exception()
+            where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+            what = f"{exc.strerror}{where}" if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+            stderr.print(f"[bold red]error:[/] {escape(what)} (unexpected: --debug shows where)", markup=True)
+            raise typer.Exit(1) from None
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Click's own errors (a value that is not a number, an unknown option or command, a missing
         argument) as one line too, where Typer would draw a boxed panel under the usage text."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
-        from rich.markup import escape
-        from typer.exceptions import TyperException
-
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except TyperException as exc:  # (the base of Typer's click exceptions)
@@ -183,7 +191,7 @@ TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k most likely to
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens whose probability reaches p.")]
 MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely.")]
 RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalty for tokens among the last 64 (1: off).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same output.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same output (-1: random).")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens.")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable).")]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")]
@@ -229,18 +237,31 @@ def _read_prompt(prompt: str | None, files: list[Path] | None) -> str:
 
     parts = [prompt] if prompt else []
     if not sys.stdin.isatty():
-        try:
-            piped = sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError("stdin is not UTF-8 text") from None
+        piped = _read_text(sys.stdin.buffer, "stdin")
         if piped.strip():
             parts.append(piped)
     for path in files or []:
         try:
-            parts.append(f"{path.name}:\n{path.read_text(encoding='utf-8')}")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read --file {path}: {getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
+            with path.open("rb") as handle:
+                parts.append(f"{path.name}:\n{_read_text(handle, f'--file {path}')}")
+        except OSError as exc:
+            raise UsageError(f"cannot read --file {path}: {exc.strerror}") from None
     return "\n\n".join(parts)
+
+
+_TEXT_LIMIT = 16 << 20  # more text than any context holds: a mistake (-f /dev/zero would read forever)
+
+
+def _read_text(handle, what: str) -> str:
+    from edgeinfer.errors import UsageError
+
+    data = handle.read(_TEXT_LIMIT + 1)
+    if len(data) > _TEXT_LIMIT:
+        raise UsageError(f"{what} holds more than {_TEXT_LIMIT >> 20} MiB of text, more than any context holds")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} is not UTF-8 text") from None
 
 
 def _stats_line(result) -> str:

@@ -142,6 +142,7 @@ def quantize(
     src = _locate_source(source, store, progress)
     name = f"{src.name}-{qtype}"
     final = _output_path(output, store, name)
+    _check_writable(final)
     if final.exists() and src.path.is_file() and final.samefile(src.path):
         raise UsageError(f"the output {final} is the source itself; write the quantized model elsewhere")
     if final.exists() and not force:
@@ -205,6 +206,8 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
     missing: its GGUF is requantized."""
     from edgeinfer.catalog import strip_hub_prefix
 
+    if not str(source).strip():
+        raise UsageError("empty source: give a model folder, a hub repository, a .gguf file or a model reference")
     path = Path(source).expanduser()
     if path.is_dir():
         return _hf_folder(path, label=str(path.resolve()))
@@ -215,7 +218,7 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
     if str(source).startswith((".", "/", "~")):
         raise UsageError(f"no such folder or file: {path}")
     match = _HUB_REPO.match(strip_hub_prefix(str(source)))
-    if match is not None:
+    if match is not None and not str(source).lower().endswith(".gguf"):  # (dir/missing.gguf is a path)
         folder = _download_hub_model(match["repo"], match["rev"] or "main", store, progress)
         src = _hf_folder(folder, label=f"hf:{match['repo']}@{match['rev'] or 'main'}", name=match["repo"].split("/")[1])
         return replace(src, download=folder)
@@ -278,6 +281,15 @@ def _output_path(output: Path | None, store: Store, name: str) -> Path:
     if output.suffix.lower() != ".gguf":
         raise UsageError(f"--output {output} should end in .gguf (or name an existing folder)")
     return output.resolve()
+
+
+def _check_writable(final: Path) -> None:
+    """Can the output be written there at all? Asked before minutes of work, not after."""
+    folder = final.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {final}: {folder} is {'not a folder' if not folder.is_dir() else 'not writable'}")
 
 
 # --- converting --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "--min-p must be in [0, 1]"),
             (self.repeat_penalty > 0, "--repeat-penalty must be > 0"),
             (self.repeat_last_n >= 0, "--repeat-last-n must be >= 0"),
+            (self.seed is None or self.seed >= -1, "--seed must be -1 (random, as in llama.cpp) or >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -46,7 +47,7 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(None if params.seed == -1 else params.seed)
 
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
         if self.params.greedy and self.params.repeat_penalty == 1.0:

@@ -115,6 +115,8 @@ def test_stats_go_to_stderr_and_stdout_stays_clean(tiny_model, cli, edgeinfer_ho
         (("chat", "-m", "{tiny}", "--max-tokens", "0"), 2, "--max-tokens"),
         (("chat", "-m", "{tiny}", "--threads", "0"), 2, "--threads"),
         (("run", "-m", "{tiny}", "hi", "--threads", "100000"), 2, "--threads must be between 1 and 512"),
+        (("run", "-m", "{tiny}", "hi", "--seed", "-2"), 2, "--seed must be -1"),
+        (("run", "-m", "{tiny}", "hi", "-f", "/dev/zero"), 2, "more than any context holds"),
         (("run", "-m", "{tiny}", "hi", "--draft", "ngram", "--draft-threads", "100000"), 2, "--draft-threads"),
     ],
 )
@@ -200,3 +202,8 @@ def test_llama_cpps_own_log_stays_silent_unless_asked_for(tiny_model, edgeinfer_
     assert quiet.exit_code == 0 and quiet.stdout.strip() and quiet.stderr == ""
     loud = run_edgeinfer(*args, "--verbose")
     assert loud.exit_code == 0 and loud.stdout == quiet.stdout and "llama_" in loud.stderr
+
+
+def test_seed_minus_one_means_a_random_seed_as_in_llama_cpp(tiny_model, cli, edgeinfer_home):
+    runs = [cli("run", "-m", tiny_model, "--raw", "--seed", "-1", "-n", "24", "Once upon a time") for _ in range(2)]
+    assert all(r.exit_code == 0 and r.stdout.strip() for r in runs)

@@ -229,6 +229,17 @@ def test_a_missing_source_is_a_usage_error(cli, edgeinfer_home, tmp_path):
     assert run.exit_code == 2 and "no such folder or file" in run.error_line
     run = cli("quantize", "smollm2-135m-instrct")  # a model reference, as everywhere: with its suggestions
     assert run.exit_code == 3 and "did you mean smollm2-135m-instruct" in run.error_line
+    run = cli("quantize", "models/missing.gguf")  # a relative path, not a hub repository named missing.gguf
+    assert run.exit_code == 3 and "neither a file on disk nor a hub reference" in run.error_line
+    assert cli("quantize", " ").exit_code == 2
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(cli, edgeinfer_home, hf_model, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    run = cli("quantize", hf_model, "--output", blocker / "out.gguf")
+    assert run.exit_code == 2 and "is not a folder" in run.error_line
+    assert stored_files(edgeinfer_home) == []
 
 
 def test_a_model_in_the_store_is_requantized_by_name(cli, edgeinfer_home, hf_model):
