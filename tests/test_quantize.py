@@ -162,6 +162,9 @@ def test_an_existing_output_is_kept_unless_forced(cli, edgeinfer_home, hf_model,
     ("shape", 9, "but config.json implies"),
     ("header", 9, "is not a valid safetensors file"),
     ("pickle", 9, "pickle"),
+    ("config-array", 9, "not a model configuration"),
+    ("negative-context", 9, "max_position_embeddings must be positive, not -1"),
+    ("tokenizer-config", 9, "tokenizer_config.json cannot be read"),
 ])
 def test_bad_models_fail_with_one_line_and_leave_nothing(cli, edgeinfer_home, hf_model, tmp_path, damage, code, message):
     folder = copy_model(hf_model, tmp_path / "Broken")
@@ -179,6 +182,12 @@ def test_bad_models_fail_with_one_line_and_leave_nothing(cli, edgeinfer_home, hf
             handle.write(b"\xff\xfe not json")
     elif damage == "pickle":
         (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    elif damage == "config-array":
+        (folder / "config.json").write_text(json.dumps([config]))
+    elif damage == "negative-context":
+        (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": -1}))
+    elif damage == "tokenizer-config":
+        (folder / "tokenizer_config.json").write_text("{ not json")
     run = cli("quantize", folder)
     assert run.exit_code == code
     assert message in run.error_line

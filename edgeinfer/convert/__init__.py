@@ -113,6 +113,8 @@ def read_config(folder: Path) -> HFConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConversionError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} is not a model configuration (not a JSON object)")
     architecture = (raw.get("architectures") or [None])[0]
     if architecture not in FAMILIES:
         raise ConversionError(
@@ -261,7 +263,7 @@ def _parse_config(architecture: str, raw: dict[str, Any]) -> HFConfig:
         scaling["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
         if scaling["rope_type"] == "default":
             scaling = None
-    return HFConfig(
+    config = HFConfig(
         architecture=architecture,
         vocab_size=int(raw["vocab_size"]),
         hidden_size=hidden,
@@ -279,6 +281,14 @@ def _parse_config(architecture: str, raw: dict[str, Any]) -> HFConfig:
         dtype=raw.get("dtype") or raw.get("torch_dtype"),
         raw=raw,
     )
+    sizes = {"vocab_size": config.vocab_size, "hidden_size": hidden, "intermediate_size": config.intermediate_size,
+             "num_hidden_layers": config.num_layers, "num_attention_heads": heads,
+             "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+             "max_position_embeddings": config.context_length}
+    for key, value in sizes.items():
+        if value <= 0:  # a GGUF stores them unsigned: a negative one is an error deep in the writer
+            raise ValueError(f"{key} must be positive, not {value}")
+    return config
 
 
 def _family(cfg: HFConfig) -> ModuleType:

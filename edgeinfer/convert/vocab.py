@@ -85,7 +85,10 @@ def write_vocabulary(writer, vocab: Vocabulary, folder: Path) -> None:
         writer.add_token_scores(vocab.scores)
     if vocab.add_space_prefix is not None:
         writer.add_add_space_prefix(vocab.add_space_prefix)
-    special = gguf.SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    try:
+        special = gguf.SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:  # (json's errors are ValueErrors)
+        raise ConversionError(f"{folder}'s tokenizer_config.json cannot be read: {exc}") from None
     # Hugging Face adds a BOS only when the tokenizer says so; llama.cpp's default for a
     # missing key depends on the pre-tokenizer, so the answer is always written down.
     special.add_special_token.setdefault("bos", False)
