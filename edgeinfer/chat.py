@@ -9,12 +9,13 @@ already holds. When the conversation outgrows the context, the oldest turns go
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from edgeinfer.engine import GenerationResult, Model, Stepper, generate
-from edgeinfer.errors import GenerationError, UsageError
+from edgeinfer.errors import EdgeinferError, GenerationError, UsageError
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.store import atomic_write_text
 from edgeinfer.template import Message, chat_tokens
@@ -36,19 +37,99 @@ class Conversation:
     def save(self, path: Path) -> None:
         payload = {"version": 1, "model": self.model, "system": self.system,
                    "sampling": asdict(self.sampling), "messages": self.turns}
-        atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+        try:
+            atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+        except FileExistsError as exc:  # (mkdir of a folder on the way that is a file)
+            raise UsageError(f"cannot save to {path}: {exc.filename} is not a folder") from None
+        except (OSError, ValueError) as exc:  # (ValueError: a NUL byte in the name)
+            raise UsageError(f"cannot save to {path}: {_reason(exc)}") from None
 
     @classmethod
     def load(cls, path: Path) -> "Conversation":
+        """A saved conversation, checked whole: a file that loads is one the next message can use."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            turns = [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
-            return cls(model=data.get("model", ""), sampling=SamplingParams(**data.get("sampling", {})),
-                       system=data.get("system"), turns=turns)
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+            mode = path.stat().st_mode
+            if not stat.S_ISREG(mode):  # (a directory, or /dev/zero, which would be read until memory ran out)
+                raise UsageError(f"cannot read {path}: {'a directory' if stat.S_ISDIR(mode) else 'not a regular file'}")
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{path} is not a saved edgeinfer conversation (it is not UTF-8 text)") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {path}: {_reason(exc)}") from None
+        try:
+            return cls._from_json(json.loads(text))
+        except _NotSaved as exc:
+            raise UsageError(f"{path} is not a saved edgeinfer conversation ({exc})") from None
+        except (ValueError, RecursionError) as exc:
             raise UsageError(f"{path} is not a saved edgeinfer conversation ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from_json(cls, data: object) -> "Conversation":
+        if not isinstance(data, dict):
+            raise _NotSaved("it is not a JSON object")
+        model, system, messages = data.get("model", ""), data.get("system"), data.get("messages")
+        if not isinstance(model, str):
+            raise _NotSaved(f"its model is {_shown(model)}, not a name")
+        if system is not None and not _is_text(system):
+            raise _NotSaved(f"its system message is {_shown(system)}, not text")
+        if not isinstance(messages, list):
+            raise _NotSaved("it has no list of messages")
+        turns = []
+        for number, message in enumerate(messages, 1):
+            if not isinstance(message, dict):
+                raise _NotSaved(f"message {number} is {_shown(message)}, not an object")
+            if message.get("role") not in ("user", "assistant"):
+                raise _NotSaved(f"message {number} has role {_shown(message.get('role'))}; a role is user or assistant")
+            if not _is_text(message.get("content")):
+                raise _NotSaved(f"message {number} has content {_shown(message.get('content'))}, not text")
+            turns.append({"role": message["role"], "content": message["content"]})
+        return cls(model=model, sampling=_sampling(data.get("sampling", {})), system=system, turns=turns)
+
+
+class _NotSaved(Exception):
+    """Why a JSON document is not a saved conversation (Conversation.load words it for the user)."""
+
+
+_JSON_TYPES = {"float": (int, float), "int": (int,), "int | None": (int, type(None))}  # SamplingParams' annotations
+
+
+def _sampling(data: object) -> SamplingParams:
+    """Saved sampling settings, refused here if the sampler the next message builds would fail on them."""
+    if not isinstance(data, dict):
+        raise _NotSaved("its sampling settings are not a JSON object")
+    known = {f.name: f.type for f in fields(SamplingParams)}
+    for name, value in data.items():
+        if name not in known:
+            raise _NotSaved(f"unknown sampling setting {_shown(name)}")
+        if isinstance(value, bool) or not isinstance(value, _JSON_TYPES.get(known[name], object)):
+            raise _NotSaved(f"sampling setting {name} is {_shown(value)}, not {known[name].replace(' | None', ' or null')}")
+    try:
+        params = SamplingParams(**data)
+        Sampler(params)  # (built as the next message will build it: numpy refuses some seeds SamplingParams may take)
+    except (EdgeinferError, TypeError, ValueError) as exc:
+        raise _NotSaved(f"sampling settings: {exc}") from None
+    return params
+
+
+def _is_text(value: object) -> bool:
+    """A str the tokenizer can take: JSON's \\u escapes can write lone surrogates, which UTF-8 cannot."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: object) -> str:
+    """A value from a saved file as JSON, cut short: it goes into a one-line message."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 @dataclass(frozen=True)
@@ -69,17 +150,19 @@ class ChatSession:
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> Reply:
         """One turn: the user's message in, the assistant's answer streamed and kept."""
-        self.conversation.turns.append({"role": "user", "content": text})
+        turns = self.conversation.turns
+        before = list(turns)
+        turns.append({"role": "user", "content": text})
         try:
             tokens, dropped = self._fit()
-        except GenerationError:
-            self.conversation.turns.pop()
+            room = self.model.n_ctx - len(tokens)
+            limit = min(self.max_tokens, room) if self.max_tokens else room
+            result = generate(self.model, tokens, self.conversation.sampling, max_tokens=limit, stop=self.stop,
+                              on_text=on_text, stepper_factory=self.stepper_factory)
+        except BaseException:
+            turns[:] = before  # a message that fails leaves the conversation as it was, old turns included
             raise
-        room = self.model.n_ctx - len(tokens)
-        limit = min(self.max_tokens, room) if self.max_tokens else room
-        result = generate(self.model, tokens, self.conversation.sampling, max_tokens=limit, stop=self.stop,
-                          on_text=on_text, stepper_factory=self.stepper_factory)
-        self.conversation.turns.append({"role": "assistant", "content": result.text})
+        turns.append({"role": "assistant", "content": result.text})
         self.last = result
         return Reply(result, dropped)
 

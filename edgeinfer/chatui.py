@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from edgeinfer.chat import ChatSession, Conversation
-from edgeinfer.errors import EdgeinferError
+from edgeinfer.errors import EdgeinferError, UsageError
 
 HELP = """\
 /help           this help
@@ -32,21 +32,42 @@ Esc-Enter inserts a new line; a block between two lines of \"\"\" is one message
 PROMPT = ">>> "
 
 
-def loop(session: ChatSession, console: Console, history_file: Path, stats_line: Callable[[object], str]) -> None:
-    read = _terminal_reader(history_file) if sys.stdin.isatty() else _plain_reader()
-    console.print(f"[dim]chatting with {session.conversation.model}; /help for commands, Ctrl-D to leave[/]")
+def loop(session: ChatSession, console: Console, history_file: Path, stats_line: Callable[[object], str]) -> int:
+    """Read and answer until the input ends; returns the exit code.
+
+    A message or command that fails is one error line, and the conversation goes on. On a
+    terminal that is all; through a pipe the exit code is then that of the first failure
+    (0 when none), so a script can tell.
+    """
+    interactive = sys.stdin.isatty()
+    read = _terminal_reader(history_file) if interactive else _plain_reader()
+    console.print(f"[dim]chatting with {escape(session.conversation.model)}; /help for commands, Ctrl-D to leave[/]")
+    failure = 0
     while True:
         try:
             text = read()
+            if text is None or not text.strip():
+                continue
+            _check_text(text)
+            if text.strip().startswith("/"):
+                if _command(text.strip(), session, console, stats_line) == "exit":
+                    break
+            else:
+                _answer(session, text, console)
         except EOFError:
             break
-        if text is None or not text.strip():
-            continue
-        if text.strip().startswith("/"):
-            if _command(text.strip(), session, console, stats_line) == "exit":
-                break
-            continue
-        _answer(session, text, console)
+        except EdgeinferError as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+            failure = failure or exc.exit_code
+    return 0 if interactive else failure
+
+
+def _check_text(text: str) -> None:
+    """Refuse a line that is not UTF-8 (prompt_toolkit passes such bytes on as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("the line is not UTF-8 text; it was not sent") from None
 
 
 def _answer(session: ChatSession, text: str, console: Console) -> None:
@@ -54,11 +75,7 @@ def _answer(session: ChatSession, text: str, console: Console) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    try:
-        reply = session.ask(text, on_text=write)
-    except EdgeinferError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        return
+    reply = session.ask(text, on_text=write)
     sys.stdout.write("\n")
     if reply.result.finish_reason == "interrupted":
         console.print("[dim]\\[answer stopped][/]")
@@ -69,38 +86,42 @@ def _answer(session: ChatSession, text: str, console: Console) -> None:
 def _command(line: str, session: ChatSession, console: Console, stats_line: Callable[[object], str]) -> str | None:
     name, _, arg = line.partition(" ")
     arg = arg.strip()
-    try:
-        if name in ("/exit", "/bye", "/quit"):
-            return "exit"
-        if name == "/help":
-            console.print(HELP, highlight=False, markup=False)
-        elif name == "/system":
-            session.set_system(arg)
-            console.print("system message " + ("set" if arg else "removed"))
-        elif name == "/reset":
-            session.reset()
-            console.print("conversation cleared")
-        elif name in ("/save", "/load") and not arg:
-            console.print(f"{name} needs a file: {name} FILE", highlight=False)
-        elif name == "/save":
-            session.conversation.save(Path(arg).expanduser())
-            console.print(f"saved to {arg}")
-        elif name == "/load":
-            _load(session, arg, console)
-        elif name == "/stats":
-            console.print(stats_line(session.last) if session.last else "no answer yet", highlight=False)
-        else:
-            console.print(f"unknown command {name}; /help lists them", highlight=False)
-    except EdgeinferError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+    if name in ("/exit", "/bye", "/quit"):
+        return "exit"
+    if name == "/help":
+        console.print(HELP, highlight=False, markup=False)
+    elif name == "/system":
+        session.set_system(arg)
+        console.print("system message " + ("set" if arg else "removed"))
+    elif name == "/reset":
+        session.reset()
+        console.print("conversation cleared")
+    elif name in ("/save", "/load") and not arg:
+        raise UsageError(f"{name} needs a file: {name} FILE")
+    elif name == "/save":
+        session.conversation.save(_path(arg))
+        console.print(f"saved to {arg}", markup=False)
+    elif name == "/load":
+        _load(session, arg, console)
+    elif name == "/stats":
+        console.print(stats_line(session.last) if session.last else "no answer yet", highlight=False, markup=False)
+    else:
+        raise UsageError(f"unknown command {name}; /help lists them")
     return None
+
+
+def _path(arg: str) -> Path:
+    try:
+        return Path(arg).expanduser()
+    except RuntimeError:  # (~name where there is no user name)
+        raise UsageError(f"{arg.split('/')[0]} names no user's home folder") from None
 
 
 def _load(session: ChatSession, arg: str, console: Console) -> None:
     """Continue a saved conversation with this session's model, saying so if it was held with another."""
-    current, saved = session.conversation.model, Conversation.load(Path(arg).expanduser())
+    current, saved = session.conversation.model, Conversation.load(_path(arg))
     session.replace(replace(saved, model=current) if saved.model and saved.model != current else saved)
-    console.print(f"loaded {len(saved.turns)} messages from {arg}", highlight=False)
+    console.print(f"loaded {len(saved.turns)} messages from {arg}", highlight=False, markup=False)
     if saved.model and saved.model != current:
         console.print(f"[yellow]saved with {escape(saved.model)}; continuing with {escape(current)}[/]", highlight=False)
 
@@ -140,12 +161,24 @@ def _terminal_reader(history_file: Path) -> Callable[[], str | None]:
 
 
 def _plain_reader() -> Callable[[], str | None]:
-    """Piped input: one message per line, so a script can hold a conversation."""
+    """Piped input: one message per line, so a script can hold a conversation.
+
+    Read as bytes and decoded strictly: a line that is not UTF-8 is refused alone (where
+    Python's own decoding of stdin would pass its bytes on as surrogates, for the tokenizer
+    to fail on), and the next line is read as usual.
+    """
+    number = 0
 
     def read() -> str | None:
-        line = sys.stdin.readline()
+        nonlocal number
+        line = sys.stdin.buffer.readline()
         if not line:
             raise EOFError
-        return line.rstrip("\n")
+        number += 1
+        try:
+            return line.decode("utf-8").rstrip("\n")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"input line {number} is not UTF-8 text (byte 0x{line[exc.start]:02x} at offset "
+                             f"{exc.start}); it was skipped") from None
 
     return read
