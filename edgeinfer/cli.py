@@ -363,7 +363,7 @@ def chat(
     _pull_with_progress(model, speculate)
     with open_chat(model, system=system, sampling=sampling, load_options=load_options, max_tokens=max_tokens,
                    stop=tuple(stop or ()), draft=speculate) as session:
-        chatui.loop(session, stderr, config.history_file(), _chat_stats)
+        raise typer.Exit(chatui.loop(session, stderr, config.history_file(), _chat_stats))
 
 
 def _chat_stats(result) -> str:
