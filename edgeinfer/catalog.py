@@ -8,7 +8,9 @@ on disk (which may need the network) is `edgeinfer.models.resolve`'s job.
 from __future__ import annotations
 
 import difflib
+import errno
 import re
+import reprlib
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -121,8 +123,8 @@ def parse_reference(text: str, catalog: Catalog) -> Reference:
         raise UsageError("empty model reference")
     if text in catalog.models:
         return CatalogRef(catalog.models[text])
-    path = Path(text).expanduser()
-    if text.lower().endswith(".gguf") and (path.exists() or text.startswith((".", "/", "~"))):
+    path = _expand_user(text)
+    if text.lower().endswith(".gguf") and (_on_disk(path) or text.startswith((".", "/", "~"))):
         return LocalRef(path)
     stripped = strip_hub_prefix(text)
     if m := _HUB_QUANT.match(stripped):
@@ -134,6 +136,30 @@ def parse_reference(text: str, catalog: Catalog) -> Reference:
             f"'{text}' is neither a file on disk nor a hub reference (OWNER/REPO:QUANT or OWNER/REPO/FILE.gguf)"
         )
     return NameRef(text)
+
+
+def _expand_user(text: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~someone who has no home here: a path that names nothing
+        return Path(text)
+
+
+# What stat() says of a path that is not there (Path.exists answers False to only some of these,
+# and raises the rest, PermissionError included).
+_ABSENT = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL}
+
+
+def _on_disk(path: Path) -> bool:
+    """Whether something is at `path`, as far as one can tell: a path that cannot be looked into
+    (a folder without permission) counts as there, and reading it will say why it fails."""
+    try:
+        path.stat()
+    except OSError as exc:
+        return exc.errno not in _ABSENT
+    except ValueError:  # a NUL byte in the name
+        return False
+    return True
 
 
 def strip_hub_prefix(text: str) -> str:
@@ -169,13 +195,28 @@ def unknown_name_message(name: str, known: object) -> str:
 def load_catalog(user_file: Path | None = None) -> Catalog:
     """The package's catalog, extended (and overridden by name) by the user's own file."""
     data = _read_toml(_packaged_catalog_text(), "the packaged catalog")
-    models = _parse_models(data)
-    default = data.get("default", next(iter(models)))
-    if user_file is not None and user_file.is_file():
-        user = _read_toml(user_file.read_text(encoding="utf-8"), str(user_file))
-        models.update(_parse_models(user))
-        default = user.get("default", default)
+    models = _parse_models(data, "the packaged catalog")
+    default = _default(data, "the packaged catalog") or next(iter(models))
+    user_text = _read_user_file(user_file) if user_file is not None else None
+    if user_text is not None:
+        where = str(user_file)
+        user = _read_toml(user_text, where)
+        models.update(_parse_models(user, where))
+        default = _default(user, where) or default
     return Catalog(models=models, default=default)
+
+
+def _read_user_file(path: Path) -> str | None:
+    """The user's catalog as text, or None where there is none."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except UnicodeDecodeError as exc:
+        raise EdgeinferError(f"cannot read {path}: it is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                             f"at offset {exc.start})") from None
+    except OSError as exc:
+        raise EdgeinferError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _packaged_catalog_text() -> str:
@@ -193,37 +234,102 @@ def _read_toml(text: str, where: str) -> dict:
         raise EdgeinferError(f"cannot read {where}: {exc}") from None
 
 
-def _parse_models(data: dict) -> dict[str, ModelSpec]:
+# --- checking what the file declares -----------------------------------------------
+#
+# A catalog is a file people write by hand: every value is checked for its type here,
+# so that a mistake is named (entry, field, what was expected) when the catalog is read,
+# not met later as a crash in whatever first uses the value.
+
+_TOML_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
+               dict: "a table"}
+_SHA256 = re.compile(r"[0-9A-Fa-f]{64}")
+_REPO_ID = re.compile(_REPO)
+_MISSING = object()
+
+
+def _kind_of(value: object) -> str:
+    for kind, words in _TOML_TYPES.items():  # (bool before int: true is an int to Python)
+        if isinstance(value, kind):
+            return words
+    return "a date or time"
+
+
+def _field(table: dict, key: str, kinds: tuple[type, ...], where: str, *, default: object = _MISSING):
+    """table[key], checked to be one of `kinds` (a TOML boolean is never an integer); `where` names the table."""
+    if key not in table:
+        if default is _MISSING:
+            raise EdgeinferError(f"{where} is missing '{key}'")
+        return default
+    value = table[key]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        expected = " or ".join(_TOML_TYPES[k] for k in kinds)
+        raise EdgeinferError(f"{where}: '{key}' must be {expected}, not {_kind_of(value)} ({reprlib.repr(value)})")
+    return value
+
+
+def _text(table: dict, key: str, where: str, *, default: object = _MISSING, pattern: re.Pattern | None = None,
+          meaning: str = "") -> str:
+    value = _field(table, key, (str,), where, default=default)
+    if value is not None and pattern is not None and not pattern.fullmatch(value):
+        raise EdgeinferError(f"{where}: '{key}' must be {meaning}, not {reprlib.repr(value)}")
+    return value
+
+
+def _default(data: dict, where: str) -> str | None:
+    default = _text(data, "default", where, default=None)
+    if default is not None and not default.strip():
+        raise EdgeinferError(f"{where}: 'default' must name a model, not be empty")
+    return default
+
+
+def _parse_models(data: dict, where: str) -> dict[str, ModelSpec]:
     models = {}
-    for name, entry in data.get("models", {}).items():
-        try:
-            models[name] = ModelSpec(
-                name=name,
-                description=entry.get("description", ""),
-                architecture=entry.get("architecture", ""),
-                parameters=str(entry.get("parameters", "")),
-                quantization=entry.get("quantization", ""),
-                file=check_relative_name(entry["file"]),
-                size=entry.get("size"),
-                license=entry.get("license", ""),
-                draft=entry.get("draft"),
-                sources=tuple(_parse_source(s) for s in entry.get("sources", [])),
-            )
-        except (KeyError, TypeError) as exc:
-            raise EdgeinferError(f"catalog entry '{name}' is missing {exc}") from None
+    for name, entry in _field(data, "models", (dict,), where, default={}).items():
+        entry_where = f"catalog entry '{name}' in {where}"
+        if not isinstance(entry, dict):
+            raise EdgeinferError(f"{entry_where} must be a table of fields (file = ..., sources = ...), "
+                                 f"not {_kind_of(entry)}")
+        size = _field(entry, "size", (int,), entry_where, default=None)
+        if size is not None and size < 0:
+            raise EdgeinferError(f"{entry_where}: 'size' must be a number of bytes, not {size}")
+        sources = _field(entry, "sources", (list,), entry_where, default=[])
+        models[name] = ModelSpec(
+            name=name,
+            description=_text(entry, "description", entry_where, default=""),
+            architecture=_text(entry, "architecture", entry_where, default=""),
+            parameters=str(_field(entry, "parameters", (str, int, float), entry_where, default="")),
+            quantization=_text(entry, "quantization", entry_where, default=""),
+            file=check_relative_name(_text(entry, "file", entry_where)),
+            size=size,
+            license=_text(entry, "license", entry_where, default=""),
+            draft=_text(entry, "draft", entry_where, default=None),
+            sources=tuple(_parse_source(s, f"{entry_where}, source {i}") for i, s in enumerate(sources, 1)),
+        )
     return models
 
 
-def _parse_source(entry: dict) -> Source:
-    kind = entry.get("kind")
+def _parse_source(entry: object, where: str) -> Source:
+    if not isinstance(entry, dict):
+        raise EdgeinferError(f"{where} must be a table of fields (kind = ..., ...), not {_kind_of(entry)}")
+    kind = _text(entry, "kind", where)
+    sha256 = dict(pattern=_SHA256, meaning="a sha256 of 64 hex digits")
     if kind == "hf":
         return HubSource(
-            repo=entry["repo"],
-            file=check_relative_name(entry["file"]),
-            revision=entry.get("revision", "main"),
-            sha256=entry.get("sha256"),
+            repo=_text(entry, "repo", where, pattern=_REPO_ID, meaning="a hub repository, OWNER/NAME"),
+            file=check_relative_name(_text(entry, "file", where)),
+            revision=_text(entry, "revision", where, default="main"),
+            sha256=_text(entry, "sha256", where, default=None, **sha256),
         )
     if kind == "pypi":
-        wheels = tuple(WheelMember(w["requirement"], w["member"]) for w in entry["wheels"])
-        return PyPISource(wheels=wheels, sha256=entry["sha256"])
-    raise EdgeinferError(f"unknown source kind {kind!r} in the catalog")
+        wheels = _field(entry, "wheels", (list,), where)
+        if not wheels:
+            raise EdgeinferError(f"{where}: 'wheels' must list at least one wheel")
+        members = []
+        for i, wheel in enumerate(wheels, 1):
+            wheel_where = f"{where}, wheel {i}"
+            if not isinstance(wheel, dict):
+                raise EdgeinferError(f"{wheel_where} must be a table of fields (requirement = ..., member = ...), "
+                                     f"not {_kind_of(wheel)}")
+            members.append(WheelMember(_text(wheel, "requirement", wheel_where), _text(wheel, "member", wheel_where)))
+        return PyPISource(wheels=tuple(members), sha256=_text(entry, "sha256", where, **sha256))
+    raise EdgeinferError(f"{where}: unknown source kind {kind!r} (the kinds are 'hf' and 'pypi')")

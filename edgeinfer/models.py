@@ -7,6 +7,7 @@ This is the first step of edgeinfer's one-way flow
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from edgeinfer.catalog import (
 from edgeinfer.errors import ChecksumError, EdgeinferError, InvalidModelError, ModelNotFoundError, SourceError
 from edgeinfer.progress import ProgressReporter, SilentProgress
 from edgeinfer.sources import Fetched, fetch_from_hub, fetch_from_pypi, matching_quant_files, resolve_hub_quant
-from edgeinfer.store import Store, StoredModel
+from edgeinfer.store import Store, StoredModel, file_present
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,30 @@ class Library:
         return cls(catalog=load_catalog(home / "models.toml"), store=Store(home))
 
     def parse(self, ref: str | None) -> Reference:
-        return parse_reference(ref or self.catalog.default, self.catalog)
+        """Only None (no reference given) means the catalog's default; an empty one is refused."""
+        return parse_reference(self.catalog.default if ref is None else ref, self.catalog)
 
 
 @dataclass(frozen=True)
 class PullResult:
     model: StoredModel
     already_present: bool
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What `remove` took out of the store, and whether its file had gone before."""
+
+    entry: StoredModel
+    file_was_missing: bool
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def size(self) -> int:
+        return self.entry.size
 
 
 @dataclass(frozen=True)
@@ -81,7 +99,7 @@ def pull(lib: Library, ref: str | None, progress: ProgressReporter | None = None
         raise EdgeinferError(f"{parsed.path} is a local file: nothing to pull (use it directly)")
     entry = lib.store.get(parsed.name)
     if entry is None:
-        raise ModelNotFoundError(unknown_name_message(parsed.name, _known_names(lib)))
+        raise _no_such_name(lib, parsed.name)
     return PullResult(entry, already_present=True)
 
 
@@ -89,13 +107,13 @@ def locate(lib: Library, ref: str | None, *, pull_missing: bool = True, progress
     """The path of a model ready to load: a local file, or a store entry (pulled first if allowed)."""
     parsed = lib.parse(ref)
     if isinstance(parsed, LocalRef):
-        if not parsed.path.is_file():
+        if not file_present(parsed.path):
             raise ModelNotFoundError(f"no such model file: {parsed.path}")
         return parsed.path
     if not pull_missing:
         entry = _stored_entry(lib, parsed)
         if entry is None and isinstance(parsed, NameRef):
-            raise ModelNotFoundError(unknown_name_message(parsed.name, _known_names(lib)))
+            raise _no_such_name(lib, parsed.name)
         if entry is None:
             raise ModelNotFoundError(f"{ref or lib.catalog.default} is not in the store; `edgeinfer pull` it first")
         return entry.path
@@ -108,26 +126,38 @@ def list_models(lib: Library) -> list[ModelRow]:
     rows = []
     for spec in lib.catalog.models.values():
         entry = entries.pop(spec.name, None)
-        present = entry is not None and entry.path.is_file()
+        present = entry is not None and _file_is_there(entry)
         rows.append(ModelRow(spec.name, spec.quantization, entry.size if present else spec.size, present,
                              entry.path if present else None, spec.description, in_catalog=True))
     for name, entry in sorted(entries.items()):
-        rows.append(ModelRow(name, entry.quantization, entry.size, entry.path.is_file(), entry.path, entry.source))
+        rows.append(ModelRow(name, entry.quantization, entry.size, _file_is_there(entry), entry.path, entry.source))
     return rows
 
 
-def remove(lib: Library, ref: str) -> StoredModel:
-    """Delete a model from the store (never a local file outside it)."""
+def _file_is_there(entry: StoredModel) -> bool:
+    try:
+        return file_present(entry.path)
+    except EdgeinferError:  # a file that cannot be looked at is no reason to list nothing
+        return False
+
+
+def remove(lib: Library, ref: str) -> Removed:
+    """Delete a model from the store (never a local file outside it).
+
+    An entry whose file is already gone is removed too: it is only forgotten.
+    """
     parsed = lib.parse(ref)
     if isinstance(parsed, LocalRef):
         raise EdgeinferError(f"{parsed.path} is not in the store; edgeinfer only removes what it pulled")
-    entry = _stored_entry(lib, parsed)
+    entries = lib.store.entries()  # all of them: one whose file vanished must be removable too
+    entry = entries.get(_entry_name(parsed, entries))
     if entry is None and isinstance(parsed, NameRef):
         raise ModelNotFoundError(unknown_name_message(parsed.name, _known_names(lib)))
     if entry is None:
         raise ModelNotFoundError(f"{ref} is not in the store")
+    missing = not _file_is_there(entry)
     lib.store.remove(entry.name)
-    return entry
+    return Removed(entry, file_was_missing=missing)
 
 
 def model_path_for_info(lib: Library, ref: str | None) -> Path:
@@ -221,24 +251,45 @@ def hub_name(repo: str, file: str) -> str:
 
 
 def _stored_hub_quant(store: Store, ref: HubQuantRef) -> StoredModel | None:
-    prefix = hub_name(ref.repo, "")
-    names = [n[len(prefix):] for n in store.entries() if n.startswith(prefix)]
-    for file in matching_quant_files(names, ref.quant):
-        if (entry := store.get(prefix + file)) is not None:
+    for name in _hub_quant_names(store.entries(), ref):
+        if (entry := store.get(name)) is not None:
             return entry
     return None
 
 
-def _stored_entry(lib: Library, parsed: Reference) -> StoredModel | None:
+def _hub_quant_names(names: Iterable[str], ref: HubQuantRef) -> list[str]:
+    """The store names of the files OWNER/REPO:QUANT may stand for, the preferred first."""
+    prefix = hub_name(ref.repo, "")
+    return [prefix + f for f in matching_quant_files([n[len(prefix):] for n in names if n.startswith(prefix)], ref.quant)]
+
+
+def _entry_name(parsed: Reference, entries: dict[str, StoredModel]) -> str | None:
+    """The manifest name a reference stands for, whether its file is there or not."""
     if isinstance(parsed, CatalogRef):
-        return lib.store.get(parsed.spec.name)
+        return parsed.spec.name
     if isinstance(parsed, NameRef):
-        return lib.store.get(parsed.name)
+        return parsed.name
     if isinstance(parsed, HubFileRef):
-        return lib.store.get(hub_name(parsed.repo, parsed.file))
+        return hub_name(parsed.repo, parsed.file)
     if isinstance(parsed, HubQuantRef):
-        return _stored_hub_quant(lib.store, parsed)
+        return next(iter(_hub_quant_names(entries, parsed)), None)
     return None
+
+
+def _no_such_name(lib: Library, name: str) -> ModelNotFoundError:
+    """A bare name with no usable store entry: its file vanished, or it is unknown (with suggestions)."""
+    entry = lib.store.entries().get(name)
+    if entry is not None:
+        return ModelNotFoundError(f"the file of {name} is gone ({entry.path}); `edgeinfer rm {name}` forgets it")
+    return ModelNotFoundError(unknown_name_message(name, _known_names(lib)))
+
+
+def _stored_entry(lib: Library, parsed: Reference) -> StoredModel | None:
+    """The store's entry for a reference, if its file is there."""
+    if isinstance(parsed, HubQuantRef):
+        return _stored_hub_quant(lib.store, parsed)  # (the first of the matching files that is there)
+    name = _entry_name(parsed, {})
+    return lib.store.get(name) if name is not None else None
 
 
 def _known_names(lib: Library) -> list[str]:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeinfer.catalog import check_relative_name
-from edgeinfer.errors import ChecksumError, EdgeinferError, ResourceError
+from edgeinfer.errors import ChecksumError, EdgeinferError, InvalidModelError, ResourceError
 
 Progress = Callable[[int], None]  # called with the number of bytes just handled
 
@@ -61,24 +61,40 @@ class Store:
     # --- reading ---------------------------------------------------------------
 
     def entries(self) -> dict[str, StoredModel]:
-        if not self.manifest_path.is_file():
-            return {}
+        """Every entry of the manifest, whether its file is still there or not."""
+        unreadable = f"the store manifest {self.manifest_path} is unreadable"
         try:
             raw = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EdgeinferError(f"the store manifest {self.manifest_path} is unreadable: {exc}") from None
-        return {name: StoredModel(**{**e, "path": Path(e["path"])}) for name, e in raw.get("models", {}).items()}
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except UnicodeDecodeError as exc:
+            raise EdgeinferError(f"{unreadable}: it is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                                 f"at offset {exc.start})") from None
+        except OSError as exc:
+            raise EdgeinferError(f"{unreadable}: {exc.strerror or exc}") from None
+        except json.JSONDecodeError as exc:
+            raise EdgeinferError(f"{unreadable}: {exc}") from None
+        try:
+            return _parse_manifest(raw)
+        except ValueError as exc:
+            raise EdgeinferError(f"the store manifest {self.manifest_path} is damaged: {exc}") from None
 
     def get(self, name: str) -> StoredModel | None:
+        """The entry, if its file is still there."""
         entry = self.entries().get(name)
-        if entry is not None and entry.path.is_file():
+        if entry is not None and file_present(entry.path):
             return entry
         return None
 
     def size_on_disk(self) -> int:
-        if not self.root.exists():
-            return 0
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        total = 0
+        for folder, _, files in os.walk(self.root):  # (a folder it cannot read is skipped)
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(folder, name)).st_size
+                except OSError:
+                    pass
+        return total
 
     # --- paths -----------------------------------------------------------------
 
@@ -95,15 +111,21 @@ class Store:
         safe = key.replace("/", "--")
         check_relative_name(safe)
         folder = self.partial_dir / safe
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._cannot_write(exc) from None
         return folder
 
     # --- writing ---------------------------------------------------------------
 
     def place(self, name: str, staged: Path, final: Path, *, sha256: str, source: str, quantization: str = "") -> StoredModel:
         """Move a verified file to its final name and record it in the manifest."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, final)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+        except OSError as exc:
+            raise self._cannot_write(exc) from None
         return self.register(name, final, sha256=sha256, source=source, quantization=quantization)
 
     def register(self, name: str, path: Path, *, sha256: str, source: str, quantization: str = "") -> StoredModel:
@@ -129,7 +151,10 @@ class Store:
             if entry is None:
                 return None
             if entry.path.resolve().is_relative_to(self.models_dir.resolve()):
-                entry.path.unlink(missing_ok=True)
+                try:
+                    entry.path.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise self._cannot_write(exc) from None
                 _remove_empty_parents(entry.path.parent, stop=self.models_dir)
             # A file registered where the user put it (quantize --output) is theirs: only forgotten.
             self._write_manifest(entries)
@@ -138,15 +163,91 @@ class Store:
 
     @contextmanager
     def _manifest_lock(self) -> Iterator[None]:
-        from filelock import FileLock
+        from filelock import FileLock, Timeout
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / ".manifest.lock"), timeout=60):
+        lock = FileLock(str(self.root / ".manifest.lock"), timeout=60)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except Timeout:
+            raise EdgeinferError(f"the model store at {self.root} is busy: another edgeinfer has held its lock "
+                                 "for a minute; try again when it is done") from None
+        except OSError as exc:
+            raise self._cannot_write(exc) from None
+        try:
             yield
+        finally:
+            lock.release()
 
     def _write_manifest(self, entries: dict[str, StoredModel]) -> None:
-        payload = {"version": 1, "models": {n: e.to_json() for n, e in sorted(entries.items())}}
-        atomic_write_text(self.manifest_path, json.dumps(payload, indent=2) + "\n")
+        payload = {"version": MANIFEST_VERSION, "models": {n: e.to_json() for n, e in sorted(entries.items())}}
+        try:
+            atomic_write_text(self.manifest_path, json.dumps(payload, indent=2) + "\n")
+        except OSError as exc:
+            raise self._cannot_write(exc) from None
+
+    def _cannot_write(self, exc: OSError) -> EdgeinferError:
+        """An OSError met while writing the store, as the one line a user reads."""
+        if full := disk_full_error(exc, self.root):
+            return full
+        where = Path(exc.filename) if isinstance(exc.filename, str) else self.root
+        if blocker := _blocking_file(exc, where):
+            return EdgeinferError(f"cannot write to the model store at {self.root}: {blocker} is a file, not a folder")
+        inside = f" ({where.relative_to(self.root)})" if where != self.root and where.is_relative_to(self.root) else ""
+        return EdgeinferError(f"cannot write to the model store at {self.root}{inside}: {exc.strerror or exc}")
+
+
+MANIFEST_VERSION = 1
+_ENTRY_FIELDS = {"name": str, "path": str, "sha256": str, "size": int, "source": str, "quantization": str, "added": str}
+_OPTIONAL_FIELDS = {"quantization", "added"}
+
+
+def _parse_manifest(raw: object) -> dict[str, StoredModel]:
+    """The entries of a manifest's JSON; ValueError says what is wrong with it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"it holds a JSON {_json_kind(raw)}, not an object")
+    version = raw.get("version", MANIFEST_VERSION)
+    if version != MANIFEST_VERSION:
+        raise ValueError(f"its version is {version!r}; this edgeinfer reads version {MANIFEST_VERSION}")
+    models = raw.get("models", {})
+    if not isinstance(models, dict):
+        raise ValueError(f"'models' is a JSON {_json_kind(models)}, not an object")
+    return {name: _parse_entry(name, entry) for name, entry in models.items()}
+
+
+def _parse_entry(name: str, entry: object) -> StoredModel:
+    if not isinstance(entry, dict):
+        raise ValueError(f"the entry {name!r} is a JSON {_json_kind(entry)}, not an object")
+    if unknown := sorted(set(entry) - set(_ENTRY_FIELDS)):
+        raise ValueError(f"the entry {name!r} has an unknown field {unknown[0]!r}")
+    if missing := [f for f in _ENTRY_FIELDS if f not in entry and f not in _OPTIONAL_FIELDS]:
+        raise ValueError(f"the entry {name!r} has no {missing[0]!r}")
+    for field, kind in _ENTRY_FIELDS.items():
+        value = entry.get(field, "")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"the entry {name!r} has a {field!r} of {value!r}, where a JSON "
+                             f"{_json_kind(kind())} belongs")
+    if entry["name"] != name:
+        raise ValueError(f"the entry {name!r} is named {entry['name']!r}")
+    if not entry["path"]:
+        raise ValueError(f"the entry {name!r} has an empty 'path'")
+    if entry["size"] < 0:
+        raise ValueError(f"the entry {name!r} has a 'size' below 0")
+    return StoredModel(**{**entry, "path": Path(entry["path"])})
+
+
+def _json_kind(value: object) -> str:
+    kinds = [(bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"), (dict, "object")]
+    return next((words for kind, words in kinds if isinstance(value, kind)), "null")
+
+
+def file_present(path: Path) -> bool:
+    """Whether `path` is a file. One that cannot be looked at (a folder without permission on the way,
+    where Path.is_file raises) is reported in one line rather than raised."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _remove_empty_parents(folder: Path, stop: Path) -> None:
@@ -194,8 +295,13 @@ def verify_sha256(path: Path, expected: str, progress: Progress | None = None) -
 
 
 def check_free_space(folder: Path, needed: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
+    """Create `folder` if need be, and make sure `needed` bytes fit on its disk."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        why = f"{blocker} is a file, not a folder" if (blocker := _blocking_file(exc, folder)) else exc.strerror or exc
+        raise disk_full_error(exc, folder) or EdgeinferError(f"cannot write to {folder}: {why}") from None
     if needed > free:
         raise ResourceError(f"not enough disk space in {folder}: need {_gib(needed)}, {_gib(free)} free")
 
@@ -204,6 +310,15 @@ def disk_full_error(exc: OSError, folder: Path) -> ResourceError | None:
     """Turn ENOSPC into our error; anything else stays what it was."""
     if exc.errno == errno.ENOSPC:
         return ResourceError(f"the disk holding {folder} is full; free some space and try again")
+    return None
+
+
+def _blocking_file(exc: OSError, folder: Path) -> Path | None:
+    """The file that stands where `folder` or one of its parents should be, if that is why `exc` was raised."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        for path in [folder, *folder.parents]:
+            if os.path.lexists(path):
+                return None if os.path.isdir(path) else path
     return None
 
 

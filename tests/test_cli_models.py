@@ -251,3 +251,194 @@ def test_an_option_typer_cannot_parse_is_one_line_too(cli, edgeinfer_home, args,
     code, out, err = cli(*args)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and words in err and err.count("\n") == 1 and "--help" in err
+
+
+# --- a user catalog with values of the wrong type (each one crashed a command) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ('models = "x"\n', ["'models'", "a table", "a string"]),
+        ("[models]\nfoo = 3\n", ["'foo'", "a table", "an integer"]),
+        ('[models.foo]\nfile = "a.gguf"\nsources = "abc"\n', ["'foo'", "'sources'", "an array"]),
+        ('[models.foo]\nfile = "a.gguf"\nsources = ["abc"]\n', ["'foo'", "source 1", "a table"]),
+        ("default = 5\n", ["'default'", "a string", "an integer"]),
+        ('[models.foo]\nfile = "a.gguf"\ndraft = 5\n', ["'foo'", "'draft'", "a string"]),
+        ('[models.foo]\nfile = "a.gguf"\nsize = "big"\n', ["'foo'", "'size'", "an integer"]),
+        ('[models.foo]\nfile = "a.gguf"\nsize = true\n', ["'foo'", "'size'", "an integer", "a boolean"]),
+        ('[models.foo]\nfile = "a.gguf"\ndescription = 4\n', ["'foo'", "'description'", "a string"]),
+        ('[models.foo]\nfile = "a.gguf"\nquantization = 4\n', ["'foo'", "'quantization'", "a string"]),
+        ("[models.foo]\nfile = 5\n", ["'foo'", "'file'", "a string", "an integer"]),
+        ('[models.foo]\nfile = "a.gguf"\n[[models.foo.sources]]\nkind = "hf"\nrepo = "a/b"\nfile = "a.gguf"\nsha256 = 5\n',
+         ["'foo'", "source 1", "'sha256'", "a string"]),
+        ('[models.foo]\nfile = "a.gguf"\n[[models.foo.sources]]\nkind = "pypi"\nsha256 = "' + "0" * 64 + '"\nwheels = [1]\n',
+         ["'foo'", "wheel 1", "a table"]),
+    ],
+    ids=["models-str", "entry-int", "sources-str", "source-str", "default-int", "draft-int", "size-str", "size-bool",
+         "description-int", "quantization-int", "file-int", "sha256-int", "wheel-int"],
+)
+def test_a_user_catalog_value_of_the_wrong_type_is_named_with_what_was_expected(cli, edgeinfer_home, toml, words):
+    (edgeinfer_home / "models.toml").write_text(toml)
+
+    for command in (["list"], ["list", "--json"], ["pull", "foo"]):
+        result = cli(*command)
+
+        assert result.exit_code == 1, command
+        line = result.error_line
+        assert "models.toml" in line and "missing" not in line  # (a wrong type was described as missing)
+        for word in words:
+            assert word in line, (command, line)
+
+
+def test_every_command_reports_a_damaged_user_catalog_in_one_line(cli, edgeinfer_home):
+    (edgeinfer_home / "models.toml").write_text('models = "x"\n')
+
+    for command in (["doctor"], ["run", "hi"], ["info"], ["rm", "foo"]):
+        result = cli(*command)
+
+        assert result.exit_code == 1, command
+        assert "'models' must be a table" in result.error_line
+
+
+def test_a_user_catalog_that_is_not_utf8_is_one_line(cli, edgeinfer_home):
+    (edgeinfer_home / "models.toml").write_bytes(b'default = "caf\xe9"\n')
+
+    result = cli("list")
+
+    assert result.exit_code == 1
+    assert "models.toml" in result.error_line and "not UTF-8" in result.error_line
+
+
+def test_a_user_catalog_that_cannot_be_read_is_one_line_not_ignored(cli, edgeinfer_home):
+    # (Unreadable as root too: a folder where the file should be. Mode 000 fails the same way for other users.)
+    (edgeinfer_home / "models.toml").mkdir()
+
+    result = cli("list")
+
+    assert result.exit_code == 1
+    assert result.error_line.endswith("models.toml: Is a directory")
+
+
+def test_a_model_reference_too_long_for_the_file_system_is_one_line(cli, edgeinfer_home):
+    # Path.exists() raises for a name the file system refuses, as it does for a folder without permission.
+    result = cli("info", "a" * 300 + ".gguf")
+
+    assert result.exit_code == 3
+    assert "neither a file on disk nor a hub reference" in result.error_line
+
+
+# --- a damaged manifest --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b'{"models": []}', "'models' is a JSON array"),
+        (b"[1]", "holds a JSON array"),
+        (b'{"models": {"x": "abc"}}', "the entry 'x' is a JSON string"),
+        (b'{"models": {"x": {"name": "x", "path": "/tmp/x.gguf", "foo": 1}}}', "unknown field 'foo'"),
+        (b'{"models": {"x": {"name": "x"}}}', "the entry 'x' has no 'path'"),
+        (b'{"models": {"x": {"name": "x", "path": 5, "sha256": "a", "size": 1, "source": "s"}}}', "'path' of 5"),
+        (b'{"models": {"x": {"name": "x", "path": "/tmp/x", "sha256": "a", "size": "1", "source": "s"}}}', "'size' of '1'"),
+        (b'{"models": {"caf\xe9": 1}}', "not UTF-8"),
+    ],
+    ids=["models-array", "array", "entry-str", "unknown-field", "missing-field", "path-int", "size-str", "latin1"],
+)
+def test_a_damaged_manifest_is_one_line_for_every_command_that_reads_it(cli, edgeinfer_home, content, words):
+    manifest = edgeinfer_home / "manifest.json"
+    manifest.write_bytes(content)
+
+    for command in (["list"], ["rm", "x"], ["info", "x"]):
+        result = cli(*command)
+
+        assert result.exit_code == 1, command
+        assert str(manifest) in result.error_line and words in result.error_line
+    assert manifest.read_bytes() == content  # nothing rewritten, nothing lost
+
+
+def test_a_manifest_that_cannot_be_read_is_one_line_not_an_empty_store(cli, edgeinfer_home):
+    (edgeinfer_home / "manifest.json").mkdir()  # (unreadable as root too; mode 000 fails the same way for others)
+
+    result = cli("list")
+
+    assert result.exit_code == 1
+    assert "manifest.json is unreadable: Is a directory" in result.error_line
+
+
+# --- a store that cannot be written ------------------------------------------------------------------------------
+
+
+def test_pull_into_a_home_that_is_a_file_is_one_line(cli, tmp_path, edgeinfer_home, monkeypatch):
+    home = tmp_path / "home-file"
+    home.write_text("not a folder")
+    monkeypatch.setenv("EDGEINFER_HOME", str(home))
+
+    result = cli("pull", "smollm2-135m-instruct")  # (refused before any download starts)
+
+    assert result.exit_code == 1
+    assert result.error_line == f"error: cannot write to the model store at {home}: {home} is a file, not a folder"
+    assert home.read_text() == "not a folder"
+
+
+def test_rm_in_a_store_whose_lock_cannot_be_taken_is_one_line_and_removes_nothing(cli, tmp_path, edgeinfer_home):
+    from edgeinfer.models import Library
+
+    mine = tmp_path / "Mine-Q8_0.gguf"
+    mine.write_bytes(b"GGUF-ish bytes")
+    Library.open().store.register("Mine-Q8_0", mine, sha256="0" * 64, source="quantize")
+    lock = edgeinfer_home / ".manifest.lock"
+    lock.unlink()
+    lock.mkdir()  # the lock cannot be opened (as root too); a read-only store fails here the same way
+
+    result = cli("rm", "Mine-Q8_0")
+
+    assert result.exit_code == 1
+    assert result.error_line.startswith(f"error: cannot write to the model store at {edgeinfer_home}")
+    assert "Mine-Q8_0" in rows(cli) and mine.exists()
+
+
+# --- an entry whose file was deleted --------------------------------------------------------------------------
+
+
+def test_an_entry_whose_file_was_deleted_is_named_and_can_be_removed(cli, tmp_path, edgeinfer_home):
+    from edgeinfer.models import Library
+
+    gone = tmp_path / "gone.gguf"
+    gone.write_bytes(b"GGUF-ish bytes")
+    Library.open().store.register("gone", gone, sha256="0" * 64, source="quantize")
+    gone.unlink()
+    assert rows(cli)["gone"]["present"] is False
+
+    result = cli("info", "gone")
+    assert result.exit_code == 3
+    assert result.error_line == f"error: the file of gone is gone ({gone}); `edgeinfer rm gone` forgets it"
+
+    code, out, err = cli("rm", "gone")
+    assert code == 0, err
+    assert out.startswith("removed gone")
+    assert "gone" not in rows(cli)
+
+
+def test_rm_of_a_pulled_model_whose_file_was_deleted_forgets_it(cli, tiny_in_store):
+    Path(rows(cli)["tiny-test"]["path"]).unlink()
+
+    code, out, err = cli("rm", "tiny-test")
+
+    assert code == 0, err
+    assert out.startswith("removed tiny-test")
+    assert "tiny-test" not in json.loads((tiny_in_store / "manifest.json").read_text())["models"]
+
+
+# --- an empty reference -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["pull", ""], ["rm", ""], ["info", ""], ["run", "-m", "", "hi"]], ids=" ".join)
+def test_an_empty_model_reference_is_a_usage_error_not_the_default_model(cli, edgeinfer_home, command):
+    # A default that cannot be pulled here: had "" meant it, the command would fail another way.
+    (edgeinfer_home / "models.toml").write_text('default = "nowhere"\n\n[models.nowhere]\nfile = "nowhere.gguf"\n')
+
+    result = cli(*command)
+
+    assert result.exit_code == 2
+    assert result.error_line == "error: empty model reference"

@@ -20,7 +20,7 @@ from edgeinfer.catalog import (
 )
 from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, UsageError
 from edgeinfer.sources import matching_quant_files, quant_of
-from edgeinfer.store import Store, sha256_file, verify_sha256
+from edgeinfer.store import Store, check_free_space, sha256_file, verify_sha256
 
 # --- file names ------------------------------------------------------------------------
 
@@ -132,6 +132,17 @@ def test_concurrent_writers_lose_no_entry(tmp_path):
 
     assert all(worker.exitcode == 0 for worker in workers)
     assert len(Store(root).entries()) == 40
+
+
+def test_a_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "binary.bin"
+    blocker.write_bytes(b"a file where a folder should be")
+
+    with pytest.raises(EdgeinferError) as caught:
+        check_free_space(blocker / "out", 1)  # (what pull, quantize and convert call before they write)
+
+    assert str(caught.value) == f"cannot write to {blocker / 'out'}: {blocker} is a file, not a folder"
+    assert caught.value.exit_code == 1
 
 
 # --- checksums -----------------------------------------------------------------------------
