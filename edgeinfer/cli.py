@@ -36,7 +36,7 @@ class _ErrorsToMessages(TyperGroup):
         except EdgeinferError as exc:
             if _state["debug"]:
                 stderr.print_exception()
-            stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            stderr.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")
@@ -180,7 +180,8 @@ def rm(ref: Annotated[str, typer.Argument(help="A model in the store.")]) -> Non
     from edgeinfer.models import remove
 
     entry = remove(_library(), ref)
-    stdout.print(f"removed {entry.name} ({_size(entry.size)})")
+    gone = "; its file was already gone" if entry.file_was_missing else ""
+    stdout.print(f"removed {entry.name} ({_size(entry.size)}){gone}", markup=False, highlight=False)
 
 
 # --- generation -------------------------------------------------------------------

@@ -209,11 +209,15 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
     if not str(source).strip():
         raise UsageError("empty source: give a model folder, a hub repository, a .gguf file or a model reference")
     path = Path(source).expanduser()
-    if path.is_dir():
+    try:
+        kind = "dir" if path.is_dir() else "file" if path.is_file() else None
+    except OSError as exc:  # (a folder on the way that may not be read)
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if kind == "dir":
         return _hf_folder(path, label=str(path.resolve()))
-    if path.is_file() and path.suffix.lower() != ".gguf":
+    if kind == "file" and path.suffix.lower() != ".gguf":
         raise UsageError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
-    if path.is_file():
+    if kind == "file":
         return _gguf(path, str(path.resolve()), store)
     if str(source).startswith((".", "/", "~")):
         raise UsageError(f"no such folder or file: {path}")

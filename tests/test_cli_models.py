@@ -416,7 +416,7 @@ def test_an_entry_whose_file_was_deleted_is_named_and_can_be_removed(cli, tmp_pa
 
     code, out, err = cli("rm", "gone")
     assert code == 0, err
-    assert out.startswith("removed gone")
+    assert out.startswith("removed gone") and "its file was already gone" in out
     assert "gone" not in rows(cli)
 
 
@@ -442,3 +442,8 @@ def test_an_empty_model_reference_is_a_usage_error_not_the_default_model(cli, ed
 
     assert result.exit_code == 2
     assert result.error_line == "error: empty model reference"
+
+
+def test_an_error_naming_bracketed_text_keeps_it(cli, edgeinfer_home):
+    result = cli("run", "-m", "[b]odd[/b]-name", "hi")
+    assert result.exit_code == 3 and "[b]odd[/b]-name" in result.error_line
