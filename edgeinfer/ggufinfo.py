@@ -1,8 +1,9 @@
 """Reading and validating GGUF files with the gguf package, before llama.cpp sees them.
 
-llama.cpp's loader trusts the file: a truncated model or an absurd count in the
-header can crash the whole process. `validate` proves the file is sound with the
-pure-Python reader first, and raises our own error when it is not.
+llama.cpp's loader trusts the file: a truncated model, an absurd count in the
+header, or a metadata value it only asserts on (a layer or expert count past its
+limits, a token listed twice) can crash the whole process. `validate` proves the
+file is sound with the pure-Python reader first, and raises our own error when it is not.
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ SUPPORTED_VERSIONS = (2, 3)
 _MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, one key byte, value type, one value byte
 _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, one name byte, n_dims, one dim, type, offset
 _HEADER_BYTES = 4 + 4 + 8 + 8
+# Limits llama.cpp asserts on while it reads the metadata (llama-hparams.h): a file past
+# them aborts the whole process. 1024 experts is what the llama.cpp bundled with
+# llama-cpp-python 0.3.36 allows (measured: 1024 loads, 1025 aborts).
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # llama_rope_scaling_type_from_string
+NO_VOCAB_MODELS = ("none", "no_vocab")  # llama.cpp loads these without a tokenizer, then asserts on first use
+# Bytes that can occur in UTF-8 text, so that SentencePiece may have to spell them out as tokens.
+_UTF8_BYTES = [b for b in range(0xF5) if b not in (0xC0, 0xC1)]
+# Bumped whenever validate() learns a check, so that a verdict cached by an older
+# edgeinfer cannot let through a file that the new checks refuse.
+CHECKS_VERSION = 2
+# The counts edgeinfer reads: (key, least value, whether a list of per-layer values is allowed).
+# A context length of 0 means "unknown" to edgeinfer and to llama.cpp; Mamba and RWKV have 0 heads.
+_COUNT_KEYS = (("{arch}.block_count", 1, False), ("{arch}.embedding_length", 1, False), ("{arch}.context_length", 0, False),
+               ("{arch}.attention.head_count", 0, True), ("{arch}.attention.head_count_kv", 0, True))
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,12 @@ def validate(path: Path) -> "gguf.GGUFReader":  # noqa: F821 - gguf is imported 
     reader = _open_reader(path)
     _check_tensors(reader, size)
     _check_required_keys(reader)
+    arch = field_value(reader, "general.architecture")
+    _check_value_types(reader, path.name, arch)
+    _check_block_count(reader, path.name, arch)
+    _check_experts(reader, path.name, arch)
+    _check_rope_scaling(reader, path.name, arch)
+    _check_vocabulary(reader, path.name)
     return reader
 
 
@@ -72,13 +95,13 @@ def inspect(path: Path, cache_file: Path | None = None) -> GGUFInfo:
     key, stamp = _cache_key(path)
     cache = _load_cache(cache_file)
     hit = cache.get(key)
-    if hit is not None and hit.get("stamp") == stamp:
+    if hit is not None and hit.get("stamp") == stamp and hit.get("checks") == CHECKS_VERSION:
         return GGUFInfo(**{**hit["info"], "path": path})
     info = read_info(path)
     if cache_file is not None:
         from edgeinfer.store import atomic_write_text
 
-        cache[key] = {"stamp": stamp, "info": {**info.to_json(), "chat_template": info.chat_template}}
+        cache[key] = {"stamp": stamp, "checks": CHECKS_VERSION, "info": {**info.to_json(), "chat_template": info.chat_template}}
         try:
             atomic_write_text(cache_file, json.dumps(cache))
         except OSError:
@@ -211,6 +234,119 @@ def _check_required_keys(reader: "gguf.GGUFReader") -> None:  # noqa: F821
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", f"{arch}.block_count", f"{arch}.embedding_length"):
         if key not in reader.fields:
             raise InvalidModelError(f"the GGUF metadata lacks {key}")
+
+
+def _check_value_types(reader: "gguf.GGUFReader", name: str, arch: str) -> None:  # noqa: F821
+    """The values edgeinfer computes with must be counts (and the template a string), or it fails later with a traceback."""
+    for key, least, per_layer in _COUNT_KEYS:
+        key = key.format(arch=arch)
+        if key in reader.fields and not _is_count(field_value(reader, key), least, per_layer):
+            kind = "a positive integer" if least else "a non-negative integer"
+            raise InvalidModelError(f"{name} has {key} = {_shown(reader, key)}, not {kind}")
+    key = "tokenizer.chat_template"
+    if key in reader.fields and not isinstance(field_value(reader, key), str):
+        raise InvalidModelError(f"{name} has {key} = {_shown(reader, key)}, not a string")
+
+
+def _check_block_count(reader: "gguf.GGUFReader", name: str, arch: str) -> None:  # noqa: F821
+    """llama.cpp asserts 1 <= block_count <= LLAMA_MAX_LAYERS and nextn_predict_layers <= block_count (an abort, not an error)."""
+    key = f"{arch}.block_count"
+    blocks = field_value(reader, key)
+    if blocks > LLAMA_MAX_LAYERS:
+        raise InvalidModelError(f"{name} has {key} = {blocks}; llama.cpp supports 1 to {LLAMA_MAX_LAYERS} layers")
+    nextn = _int_or_zero(field_value(reader, f"{arch}.nextn_predict_layers"))
+    if nextn > blocks:
+        raise InvalidModelError(f"{name} has {arch}.nextn_predict_layers = {nextn}, more than {key} = {blocks}")
+    # Every block llama.cpp will look for must have tensors; the NextN (MTP) layers at the end may be left out.
+    # Files whose blocks are named otherwise (T5's enc.blk.N) have no blk.N tensors to count.
+    numbers = (t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk."))
+    present = {int(n) for n in numbers if n.isdecimal()}
+    missing = sorted(set(range(blocks - nextn)) - present)
+    if present and missing:
+        raise InvalidModelError(f"{name} has {key} = {blocks} but no tensors for blk.{missing[0]}")
+
+
+def _check_experts(reader: "gguf.GGUFReader", name: str, arch: str) -> None:  # noqa: F821
+    """The expert counts llama.cpp asserts on while reading the metadata (llama-model.cpp, load_hparams)."""
+    experts = _int_or_zero(field_value(reader, f"{arch}.expert_count"))
+    used_value = field_value(reader, f"{arch}.expert_used_count")  # one count, or one per layer
+    used = max(map(_int_or_zero, used_value), default=0) if isinstance(used_value, list) else _int_or_zero(used_value)
+    groups = _int_or_zero(field_value(reader, f"{arch}.expert_group_count"))
+    groups_used = _int_or_zero(field_value(reader, f"{arch}.expert_group_used_count"))
+    if arch in ("hunyuan-dense", "hunyuan_vl") and experts <= 1:
+        experts = used = 0  # llama.cpp reads these as dense models
+    counts = f"{arch}.expert_count = {experts}"
+    if experts > LLAMA_MAX_EXPERTS:
+        problem = f"{counts}, more than llama.cpp's {LLAMA_MAX_EXPERTS}"
+    elif used > experts or (experts and not used):
+        problem = f"{arch}.expert_used_count = {used} with {counts}"
+    elif groups and (groups >= experts or experts % groups):
+        problem = f"{arch}.expert_group_count = {groups} with {counts}"
+    elif groups > 1 and not 0 < groups_used < groups:
+        problem = f"{arch}.expert_group_used_count = {groups_used} with {arch}.expert_group_count = {groups}"
+    else:
+        return
+    raise InvalidModelError(f"{name} has {problem}, which makes llama.cpp abort")
+
+
+def _check_rope_scaling(reader: "gguf.GGUFReader", name: str, arch: str) -> None:  # noqa: F821
+    """An unknown RoPE scaling type is an assertion in llama.cpp (an abort), not an error it reports."""
+    key = f"{arch}.rope.scaling.type"
+    value = field_value(reader, key)
+    if isinstance(value, str) and value not in ROPE_SCALING_TYPES:
+        raise InvalidModelError(f"{name} has {key} = {value!r}; llama.cpp knows {', '.join(ROPE_SCALING_TYPES)}")
+
+
+def _check_vocabulary(reader: "gguf.GGUFReader", name: str) -> None:  # noqa: F821
+    """A vocabulary llama.cpp loads but aborts on: no tokenizer, a token listed twice, SentencePiece without byte tokens."""
+    import gguf
+
+    model = field_value(reader, "tokenizer.ggml.model")
+    if model in NO_VOCAB_MODELS:
+        raise InvalidModelError(f"{name} has tokenizer.ggml.model = {model!r}: no tokenizer, so llama.cpp cannot read a prompt")
+    field = reader.fields["tokenizer.ggml.tokens"]
+    if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+        return  # llama.cpp refuses other types with an error of its own
+    # Compared as bytes, as llama.cpp does; one set over the strings the reader has already split out.
+    words = {field.parts[i].tobytes() for i in field.data}
+    if b"" in words:  # llama.cpp renames an empty token after its id
+        words = {field.parts[i].tobytes() or b"[EMPTY_%d]" % n for n, i in enumerate(field.data)}
+    if len(words) != len(field.data):
+        raise InvalidModelError(f"{name} lists the token {_duplicate_token(field)!r} twice in tokenizer.ggml.tokens, which makes llama.cpp abort")
+    if model == "llama":
+        # SentencePiece spells a character it has no token for in byte tokens <0xNN>, else the byte itself.
+        missing = [b for b in _UTF8_BYTES if b"<0x%02X>" % b not in words and bytes([b]) not in words]
+        if missing:
+            raise InvalidModelError(f"{name} has tokenizer.ggml.model = 'llama' without the byte token <0x{missing[0]:02X}> in "
+                                    "tokenizer.ggml.tokens, which makes llama.cpp abort on text it must spell in bytes")
+
+
+def _duplicate_token(field: "gguf.ReaderField") -> str:  # noqa: F821
+    seen = set()
+    for n, i in enumerate(field.data):
+        word = field.parts[i].tobytes() or b"[EMPTY_%d]" % n
+        if word in seen:
+            return word.decode("utf-8", "replace")
+        seen.add(word)
+    return ""
+
+
+def _is_count(value: Any, least: int, per_layer: bool = False) -> bool:
+    """An integer (not a bool) of at least `least`, or where per-layer values are allowed, a list of them."""
+    if per_layer and isinstance(value, list):
+        return all(_is_count(v, least) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _int_or_zero(value: Any) -> int:
+    # A count of the wrong type is llama.cpp's own clean error ("wrong type"); absent means 0, as in llama.cpp.
+    return value if _is_count(value, 0) else 0
+
+
+def _shown(reader: "gguf.GGUFReader", key: str) -> str:  # noqa: F821
+    value = field_value(reader, key)
+    text = repr(value) if value is not None else "(undecodable)"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _quantization_name(reader: "gguf.GGUFReader") -> str:  # noqa: F821

@@ -191,3 +191,144 @@ def test_a_file_changed_after_a_first_look_is_examined_again(cli, tiny_model, tm
 
     assert result.exit_code == 6
     assert result.error_line
+
+
+# --- metadata llama.cpp aborts on -------------------------------------------------------
+#
+# Each file below is the tiny model with a few metadata values rewritten. The gguf
+# reader finds nothing wrong with any of them, but llama.cpp ends the whole process
+# on most (a GGML_ASSERT, or an exception nothing catches; found by an audit),
+# and edgeinfer itself failed with a traceback on the values of the wrong type.
+# `run` is what loads llama.cpp, so that is what is run: a regression shows as a
+# signal, not as a quiet pass.
+
+
+def rewrite_metadata(source: Path, path: Path, values: dict) -> Path:
+    """A copy of the model at `source` with metadata `values` ({key: (value, type[, sub_type])}) set or replaced."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(source)
+    fields = {f.name: (f.contents(), *f.types) for f in reader.fields.values()
+              if not f.name.startswith("GGUF.") and f.name != "general.architecture"}
+    writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
+    for key, (value, value_type, *sub_type) in {**fields, **values}.items():
+        writer.add_key_value(key, value, value_type, sub_type=sub_type[0] if sub_type else None)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data).reshape([int(n) for n in reversed(tensor.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _tokens(edit) -> dict:
+    """tokenizer.ggml.tokens of the tiny model, changed in place by `edit(tokens)`."""
+    from gguf import GGUFValueType as T
+    from tinymodel import build_vocab
+
+    tokens = list(build_vocab().tokens)
+    edit(tokens)
+    return {"tokenizer.ggml.tokens": (tokens, T.ARRAY, T.STRING)}
+
+
+def _spm_tokens(tokens: list[str]) -> None:
+    tokens[:256] = [f"<0x{b:02X}>" for b in range(256)]  # SentencePiece's byte tokens in place of GPT-2's
+
+
+def _metadata(**values) -> dict:
+    from gguf import GGUFValueType as T
+
+    kinds = {int: T.UINT32, str: T.STRING}
+    return {key.replace("__", "."): (value, kinds[type(value)]) for key, value in values.items()}
+
+
+def _duplicate(tokens: list[str]) -> None:
+    tokens[ord("h")] = tokens[ord("i")]
+
+
+def _empty(tokens: list[str]) -> None:
+    tokens[5] = ""  # llama.cpp names it [EMPTY_5]
+
+
+# case: (metadata written, the key the refusal must name)
+ABORTING = {
+    "block_count above LLAMA_MAX_LAYERS": (_metadata(llama__block_count=513), "llama.block_count"),
+    "block_count 0": (_metadata(llama__block_count=0), "llama.block_count"),
+    "block_count past the blocks present": (_metadata(llama__block_count=3), "llama.block_count"),
+    "nextn_predict_layers above block_count": (_metadata(llama__nextn_predict_layers=3), "llama.nextn_predict_layers"),
+    "expert_used_count without expert_count": (_metadata(llama__expert_used_count=2), "llama.expert_used_count"),
+    "expert_count without expert_used_count": (_metadata(llama__expert_count=8), "llama.expert_used_count"),
+    "expert_count above LLAMA_MAX_EXPERTS": (_metadata(llama__expert_count=1025, llama__expert_used_count=2),
+                                              "llama.expert_count"),
+    "expert_group_count as large as expert_count": (
+        _metadata(llama__expert_count=8, llama__expert_used_count=2, llama__expert_group_count=8), "llama.expert_group_count"),
+    "a token listed twice": (_tokens(_duplicate), "tokenizer.ggml.tokens"),
+    "unknown rope scaling type": (_metadata(llama__rope__scaling__type="weird"), "llama.rope.scaling.type"),
+    "SentencePiece tokenizer without byte tokens": (_metadata(tokenizer__ggml__model="llama"), "tokenizer.ggml.model"),
+    "no tokenizer": (_metadata(tokenizer__ggml__model="none"), "tokenizer.ggml.model"),
+    "block_count a string": (_metadata(llama__block_count="two"), "llama.block_count"),
+    "embedding_length a string": (_metadata(llama__embedding_length="big"), "llama.embedding_length"),
+    "context_length a string": (_metadata(llama__context_length="long"), "llama.context_length"),
+    "head_count a string": (_metadata(llama__attention__head_count="four"), "llama.attention.head_count"),
+    "chat template a number": (_metadata(tokenizer__chat_template=5), "tokenizer.chat_template"),
+}
+
+# Close to the cases above, but llama.cpp loads and runs them: they must not be refused.
+SOUND = {
+    "rope scaling type yarn": _metadata(llama__rope__scaling__type="yarn"),
+    "SentencePiece tokenizer with byte tokens": {**_metadata(tokenizer__ggml__model="llama"), **_tokens(_spm_tokens)},
+    "an empty token": _tokens(_empty),
+    "context_length 0": _metadata(llama__context_length=0),
+}
+
+
+@pytest.fixture(scope="module")
+def rewritten_files(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("rewritten")
+    cases = {**{case: values for case, (values, _) in ABORTING.items()}, **SOUND}
+    return {case: rewrite_metadata(tiny_model, folder / f"rewritten-{i:02d}.gguf", values)
+            for i, (case, values) in enumerate(cases.items())}
+
+
+@pytest.mark.parametrize("case", list(ABORTING))
+def test_metadata_llama_cpp_aborts_on_is_refused_before_it_loads(rewritten_files, edgeinfer_home, case):
+    path = rewritten_files[case]
+
+    done = run_edgeinfer("run", "-m", path, "-n", "2", "hi")
+
+    assert done.exit_code == 6, f"{case}: exit {done.exit_code}\n{done.stderr}"
+    line = done.error_line  # one line: no traceback, no llama.cpp assertion
+    assert path.name in line and ABORTING[case][1] in line, line
+
+
+@pytest.mark.parametrize("case", list(SOUND))
+def test_metadata_llama_cpp_runs_with_is_accepted(rewritten_files, edgeinfer_home, case):
+    done = run_edgeinfer("run", "-m", rewritten_files[case], "-n", "2", "--temperature", "0", "hi")
+
+    assert done.exit_code == 0, f"{case}: exit {done.exit_code}\n{done.stderr}"
+
+
+def test_expert_count_at_llama_cpp_limit_passes_validation(tiny_model, tmp_path, edgeinfer_home):
+    path = rewrite_metadata(tiny_model, tmp_path / "experts.gguf", _metadata(llama__expert_count=1024, llama__expert_used_count=2))
+
+    assert run_edgeinfer("info", path).exit_code == 0
+
+
+def test_a_verdict_cached_before_these_checks_is_not_trusted(cli, rewritten_files, tiny_model, edgeinfer_home):
+    from edgeinfer.ggufinfo import _cache_key
+
+    assert cli("info", tiny_model).exit_code == 0  # a cache entry, as an older edgeinfer wrote it...
+    cache_file = edgeinfer_home / "gguf-metadata-cache.json"
+    cache = json.loads(cache_file.read_text())
+    (entry,) = cache.values()
+    bad = rewritten_files["a token listed twice"]
+    key, stamp = _cache_key(bad)
+    cache[key] = {"stamp": stamp, "info": entry["info"]}  # ...for a file it had found sound, without "checks"
+    cache_file.write_text(json.dumps(cache))
+
+    result = cli("info", bad)
+
+    assert result.exit_code == 6
+    assert "tokenizer.ggml.tokens" in result.error_line
