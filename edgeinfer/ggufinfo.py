@@ -95,8 +95,11 @@ def inspect(path: Path, cache_file: Path | None = None) -> GGUFInfo:
     key, stamp = _cache_key(path)
     cache = _load_cache(cache_file)
     hit = cache.get(key)
-    if hit is not None and hit.get("stamp") == stamp and hit.get("checks") == CHECKS_VERSION:
-        return GGUFInfo(**{**hit["info"], "path": path})
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and hit.get("checks") == CHECKS_VERSION:
+        try:
+            return GGUFInfo(**{**hit["info"], "path": path})
+        except (TypeError, KeyError):
+            pass  # a damaged entry costs a second look, nothing more
     info = read_info(path)
     if cache_file is not None:
         from edgeinfer.store import atomic_write_text
@@ -123,9 +126,10 @@ def _load_cache(cache_file: Path | None) -> dict:
     if cache_file is None or not cache_file.is_file():
         return {}
     try:
-        return json.loads(cache_file.read_text(encoding="utf-8"))
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return cache if isinstance(cache, dict) else {}  # a cache is never fatal
 
 
 def read_info(path: Path) -> GGUFInfo:

@@ -332,3 +332,13 @@ def test_a_verdict_cached_before_these_checks_is_not_trusted(cli, rewritten_file
 
     assert result.exit_code == 6
     assert "tokenizer.ggml.tokens" in result.error_line
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", '{"x": 5}', "null"])
+def test_a_damaged_metadata_cache_costs_a_second_look_and_nothing_else(cli, tiny_model, edgeinfer_home, damage):
+    assert cli("info", tiny_model).exit_code == 0  # remembered
+    cache = edgeinfer_home / "gguf-metadata-cache.json"
+    data = json.loads(cache.read_text())
+    cache.write_text(damage if damage != "null" else json.dumps({k: {**v, "info": None} for k, v in data.items()}))
+    code, out, err = cli("info", tiny_model)
+    assert code == 0 and "llama" in out and err == ""
