@@ -61,6 +61,7 @@ class Request:
     method: str
     path: str
     range: str | None
+    authorization: str | None = None
 
 
 class HubServer:
@@ -73,6 +74,7 @@ class HubServer:
         self._cuts: dict[tuple[str, str], int] = {}
         self._pauses: dict[tuple[str, str], Pause] = {}
         self._lock = threading.Lock()
+        self.cdn = False  # LFS files are served from another host, as the hub's CDN serves them
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -118,6 +120,10 @@ class HubServer:
         self._pauses[(repo, path)] = pause
         return pause
 
+    def serve_lfs_from_a_cdn(self) -> None:
+        """Answer LFS files with a redirect to another host name (localhost), as the hub does (cdn-lfs...)."""
+        self.cdn = True
+
     def gets(self, path_part: str = "/resolve/") -> list[Request]:
         return [r for r in self.requests if r.method == "GET" and path_part in r.path]
 
@@ -137,6 +143,7 @@ class HubServer:
 
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_CDN = re.compile(r"^/cdn/(?P<repo>[^/]+/[^/]+)/(?P<path>.+)$")
 _TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<folder>.*))?$")
 
 
@@ -156,8 +163,12 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _route(self, send_body: bool) -> None:
             parts = urlsplit(self.path)
             path = unquote(parts.path)
-            hub._record(Request(self.command, path, self.headers.get("Range")))
-            if m := _RESOLVE.match(path):
+            hub._record(Request(self.command, path, self.headers.get("Range"), self.headers.get("Authorization")))
+            if (m := _RESOLVE.match(path)) and hub.cdn and hub.repos.get(m["repo"], {}).get(m["path"], HubFile(b"", lfs=False)).lfs:
+                self._redirect(m["repo"], m["path"])
+            elif m := _CDN.match(path):
+                self._resolve(m["repo"], "main", m["path"], send_body)
+            elif m := _RESOLVE.match(path):
                 self._resolve(m["repo"], unquote(m["rev"]), m["path"], send_body)
             elif (m := _TREE.match(path)) and send_body:
                 recursive = parse_qs(parts.query).get("recursive", ["false"])[0].lower() == "true"
@@ -166,6 +177,18 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 self._error(404, None, "Not found")
 
         # --- /resolve ----------------------------------------------------------
+
+        def _redirect(self, repo: str, path: str) -> None:
+            entry = hub.repos[repo][path]
+            port = hub._httpd.server_address[1]
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{port}/cdn/{repo}/{path}")
+            self.send_header("ETag", f'"{entry.sha256}"')
+            self.send_header("X-Linked-Etag", f'"{entry.sha256}"')
+            self.send_header("X-Linked-Size", str(len(entry.content)))
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
         def _resolve(self, repo: str, revision: str, path: str, send_body: bool) -> None:
             files = self._repo_files(repo, revision)

