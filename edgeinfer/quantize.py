@@ -163,6 +163,7 @@ def quantize(
         seconds_eval = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        _drop_if_empty(final.parent, store)
     if report.requantized:
         warnings += (f"{src.path.name} was already quantized ({', '.join(report.requantized)}); requantizing loses more "
                      "quality than quantizing from F16/BF16",)
@@ -285,6 +286,15 @@ def _output_path(output: Path | None, store: Store, name: str) -> Path:
     if output.suffix.lower() != ".gguf":
         raise UsageError(f"--output {output} should end in .gguf (or name an existing folder)")
     return output.resolve()
+
+
+def _drop_if_empty(folder: Path, store: Store) -> None:
+    """The store folder made for an output that never came (interrupted, failed) is not left behind."""
+    if folder.resolve().is_relative_to(store.models_dir.resolve()) and folder != store.models_dir:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
 
 
 def _check_writable(final: Path) -> None:

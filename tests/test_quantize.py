@@ -302,7 +302,7 @@ def test_ctrl_c_midway_leaves_no_output(medium_model, tmp_path):
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert stored_files(tmp_path / "home") == []
-    assert not partial.exists()
+    assert not partial.exists() and not partial.parent.exists()  # nor the model's folder, left empty
 
 
 def test_a_quantization_killed_while_converting_leaves_nothing(medium_model, tmp_path):
