@@ -275,6 +275,11 @@ def _text(table: dict, key: str, where: str, *, default: object = _MISSING, patt
     return value
 
 
+def _check_table(value: object, where: str, fields: str) -> None:
+    if not isinstance(value, dict):
+        raise EdgeinferError(f"{where} must be a table of fields ({fields}), not {_kind_of(value)}")
+
+
 def _default(data: dict, where: str) -> str | None:
     default = _text(data, "default", where, default=None)
     if default is not None and not default.strip():
@@ -286,9 +291,7 @@ def _parse_models(data: dict, where: str) -> dict[str, ModelSpec]:
     models = {}
     for name, entry in _field(data, "models", (dict,), where, default={}).items():
         entry_where = f"catalog entry '{name}' in {where}"
-        if not isinstance(entry, dict):
-            raise EdgeinferError(f"{entry_where} must be a table of fields (file = ..., sources = ...), "
-                                 f"not {_kind_of(entry)}")
+        _check_table(entry, entry_where, "file = ..., sources = ...")
         size = _field(entry, "size", (int,), entry_where, default=None)
         if size is not None and size < 0:
             raise EdgeinferError(f"{entry_where}: 'size' must be a number of bytes, not {size}")
@@ -309,8 +312,7 @@ def _parse_models(data: dict, where: str) -> dict[str, ModelSpec]:
 
 
 def _parse_source(entry: object, where: str) -> Source:
-    if not isinstance(entry, dict):
-        raise EdgeinferError(f"{where} must be a table of fields (kind = ..., ...), not {_kind_of(entry)}")
+    _check_table(entry, where, "kind = ..., ...")
     kind = _text(entry, "kind", where)
     sha256 = dict(pattern=_SHA256, meaning="a sha256 of 64 hex digits")
     if kind == "hf":
@@ -327,9 +329,7 @@ def _parse_source(entry: object, where: str) -> Source:
         members = []
         for i, wheel in enumerate(wheels, 1):
             wheel_where = f"{where}, wheel {i}"
-            if not isinstance(wheel, dict):
-                raise EdgeinferError(f"{wheel_where} must be a table of fields (requirement = ..., member = ...), "
-                                     f"not {_kind_of(wheel)}")
+            _check_table(wheel, wheel_where, "requirement = ..., member = ...")
             members.append(WheelMember(_text(wheel, "requirement", wheel_where), _text(wheel, "member", wheel_where)))
         return PyPISource(wheels=tuple(members), sha256=_text(entry, "sha256", where, **sha256))
     raise EdgeinferError(f"{where}: unknown source kind {kind!r} (the kinds are 'hf' and 'pypi')")

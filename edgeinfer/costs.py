@@ -274,13 +274,13 @@ class PairKey:
         return json.dumps([self.cpu, self.threads, self.target, self.drafter, self.gpu_layers])
 
     @staticmethod
-    def same_target(text: str, other: str) -> bool:
-        """Do two keys' texts name the same target, CPU, threads and offload (whatever the drafter)?"""
+    def target_of(text: str) -> list | None:
+        """What a key's text names besides the drafter: CPU, threads, target and offload (None: not a key)."""
         try:
-            a, b = json.loads(text), json.loads(other)
+            key = json.loads(text)
         except ValueError:
-            return False
-        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == 5 and a[:3] + a[4:] == b[:3] + b[4:]
+            return None
+        return key[:3] + key[4:] if isinstance(key, list) and len(key) == 5 else None
 
 
 def pair_key(target: Path, drafter: str, threads: int, gpu_layers: int | None) -> PairKey:
@@ -320,9 +320,10 @@ class CostBook:
         """Which passes are exact is the target's (on this CPU, threads and offload), not the pair's: measured
         with one drafter, it holds for the next, which then neither measures it again nor, where no pass is
         exact, loads at all."""
-        known = [m for k, m in self._models.items() if PairKey.same_target(k, text)]
+        target = PairKey.target_of(text)
+        known = [m for k, m in self._models.items() if PairKey.target_of(k) == target]
         known += [CostModel.from_json(d) for k, d in self._stored.items()
-                  if k not in self._models and isinstance(d, dict) and PairKey.same_target(k, text)]
+                  if k not in self._models and isinstance(d, dict) and PairKey.target_of(k) == target]
         known = [m for m in known if m.exact is not None and m.fresh]
         if not known:
             return None

@@ -251,10 +251,8 @@ def hub_name(repo: str, file: str) -> str:
 
 
 def _stored_hub_quant(store: Store, ref: HubQuantRef) -> StoredModel | None:
-    for name in _hub_quant_names(store.entries(), ref):
-        if (entry := store.get(name)) is not None:
-            return entry
-    return None
+    entries = store.entries()
+    return next((entries[n] for n in _hub_quant_names(entries, ref) if file_present(entries[n].path)), None)
 
 
 def _hub_quant_names(names: Iterable[str], ref: HubQuantRef) -> list[str]:

@@ -163,7 +163,7 @@ def quantize(
         seconds_eval = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        _drop_if_empty(final.parent, store)
+        store.drop_empty_folders(final.parent)  # the store folder made for an output that never came
     if report.requantized:
         warnings += (f"{src.path.name} was already quantized ({', '.join(report.requantized)}); requantizing loses more "
                      "quality than quantizing from F16/BF16",)
@@ -231,10 +231,9 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
 
 
 def _located(ref: str, store: Store, progress: ProgressReporter) -> Path:
-    from edgeinfer.catalog import load_catalog
     from edgeinfer.models import Library, locate
 
-    return locate(Library(catalog=load_catalog(store.root / "models.toml"), store=store), ref, progress=progress)
+    return locate(Library.open(store.root), ref, progress=progress)
 
 
 def _gguf(path: Path, label: str, store: Store) -> _Source:
@@ -286,15 +285,6 @@ def _output_path(output: Path | None, store: Store, name: str) -> Path:
     if output.suffix.lower() != ".gguf":
         raise UsageError(f"--output {output} should end in .gguf (or name an existing folder)")
     return output.resolve()
-
-
-def _drop_if_empty(folder: Path, store: Store) -> None:
-    """The store folder made for an output that never came (interrupted, failed) is not left behind."""
-    if folder.resolve().is_relative_to(store.models_dir.resolve()) and folder != store.models_dir:
-        try:
-            folder.rmdir()  # only if empty
-        except OSError:
-            pass
 
 
 def _check_writable(final: Path) -> None:

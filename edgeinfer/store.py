@@ -155,11 +155,21 @@ class Store:
                     entry.path.unlink(missing_ok=True)
                 except OSError as exc:
                     raise self._cannot_write(exc) from None
-                _remove_empty_parents(entry.path.parent, stop=self.models_dir)
+                self.drop_empty_folders(entry.path.parent)
             # A file registered where the user put it (quantize --output) is theirs: only forgotten.
             self._write_manifest(entries)
         shutil.rmtree(self.partial_dir / name.replace("/", "--"), ignore_errors=True)
         return entry
+
+    def drop_empty_folders(self, folder: Path) -> None:
+        """Remove `folder` and its parents up to the models folder, as long as they are empty."""
+        folder, stop = folder.resolve(), self.models_dir.resolve()
+        while folder != stop and folder.is_relative_to(stop):
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
 
     @contextmanager
     def _manifest_lock(self) -> Iterator[None]:
@@ -248,15 +258,6 @@ def file_present(path: Path) -> bool:
         return path.is_file()
     except OSError as exc:
         raise InvalidModelError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _remove_empty_parents(folder: Path, stop: Path) -> None:
-    while folder != stop and folder.is_relative_to(stop):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-        folder = folder.parent
 
 
 def atomic_write_text(path: Path, text: str) -> None:
