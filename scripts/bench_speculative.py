@@ -36,9 +36,11 @@ import argparse
 import gc
 import json
 import os
+import re
 import subprocess
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -225,6 +227,43 @@ def run_hook(llm, prompt: list[int], max_tokens: int) -> tuple[float, int]:
     return ((n - 1) / seconds if n > 1 and seconds > 0 else 0.0), n
 
 
+# --- llama.cpp's own examples, the peers in C++ ---------------------------------------------
+
+PEERS = {"llama.cpp-draft": "llama-speculative-simple", "llama.cpp-lookup": "llama-lookup"}
+
+
+def llama_cpp_peers(folder: Path | None) -> dict[str, Path]:
+    """llama.cpp's speculative example (the draft model) and its prompt-lookup example, from the folder the
+    user built them into. Build them from the llama.cpp that llama-cpp-python vendors (its sdist carries it)
+    so that both sides run the same kernels; without a folder, no peers."""
+    if folder is None:
+        return {}
+    found = {method: folder / binary for method, binary in PEERS.items()}
+    missing = [str(path) for path in found.values() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"--llama-cpp: not built: {', '.join(missing)}")
+    return found
+
+
+def run_peer(binary: Path, target: Path, draft: Path, prompt: str, args) -> tuple[float, str, float]:
+    """One greedy request through a llama.cpp example on its own defaults (draft length, p-min), as a user of
+    llama.cpp runs it: its decode speed (tokens over the time after the prompt), its stdout (the prompt,
+    then the answer) and the share of drafted tokens it accepted."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as handle:
+        handle.write(prompt)
+        handle.flush()
+        command = [str(binary), "-m", str(target), "-f", handle.name, "-n", str(args.max_tokens),
+                   "-t", str(args.threads), "-c", str(args.ctx), "--temp", "0"]
+        if binary.name == PEERS["llama.cpp-draft"]:
+            command += ["--spec-type", "draft-simple", "-md", str(draft), "-td", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    speed = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", done.stderr)
+    if done.returncode != 0 or speed is None:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+    accept = re.search(r"accept\s+=\s+([\d.]+)%", done.stderr)
+    return float(speed.group(1)), done.stdout, float(accept.group(1)) / 100 if accept else 0.0
+
+
 # --- the benchmark -------------------------------------------------------------------------
 
 
@@ -264,8 +303,23 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             if plan.skipped or plan.note:
                 print(f"  {name} {method}: {plan.skipped or plan.note}", flush=True)
 
+        peers = llama_cpp_peers(args.llama_cpp)
+        texts = ["".join(target.token_text(t) for t in prompt) for prompt in tokens]
+
+        def timed_peer(method: str, i: int, rep: int) -> dict:
+            """One request through llama.cpp's own example; exact when its answer is the target's own."""
+            tok_s, stdout, accepted = run_peer(peers[method], path, args.draft, texts[i], args)
+            # It may run a token or a drafted block past -n: exact when the target's own answer is in what it printed.
+            exact = target.detokenize(reference[i]).strip() in stdout
+            print(f"  {name} prompt {i} ({prompts[i][0]}) rep {rep} {method} {tok_s:6.2f} tok/s  acc {accepted:.2f}"
+                  f"{'' if exact else '  NOT EXACT'}", flush=True)
+            return {"prompt": i, "kind": prompts[i][0], "rep": rep, "tok_s": tok_s, "exact": exact,
+                    "acceptance_rate": accepted}
+
         def timed(method: str, i: int, rep: int) -> dict:
             """One request, timed; a method's row carries the plain run it is paired with (filled in later)."""
+            if method in peers:
+                return timed_peer(method, i, rep)
             skipped = method != "plain" and plans[method].skipped is not None
             target.truncate(0)  # every request reads its prompt afresh: no method inherits another's cache
             draft.truncate(0)
@@ -283,7 +337,7 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
             for i in range(len(prompts)):
                 # Odd repetitions run the methods in reverse order, so that a machine slowly getting busier or
                 # quieter favours none of them in the medians (ABBA).
-                order = ("plain", *args.methods)
+                order = ("plain", *args.methods, *peers)
                 done = {m: timed(m, i, rep) for m in (order if rep % 2 == 0 else order[::-1])}
                 for method, row in done.items():
                     if method != "plain":
@@ -310,7 +364,8 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         draft_costs = model_costs.draft_step(0.0), model_costs.draft_sync(0.0)  # a step, a round's first
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
-    return summarize(name, path, rows, hooks, costs, limit, draft_costs, ratios, priors, plans, *peak_rss, args)
+    return summarize(name, path, rows, hooks, costs, limit, draft_costs, ratios, priors, plans, *peak_rss, args,
+                     peers=list(peers))
 
 
 def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
@@ -332,7 +387,7 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
 
 
 def summarize(name, path, rows, hooks, costs, limit, draft_costs, learned, priors, plans, rss_plain, rss_spec,
-              args) -> dict:
+              args, peers: list[str]) -> dict:
     main = {m: [r for r in rs if r["rep"] < args.reps] for m, rs in rows.items()}  # every prompt equally often
     plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in main["plain"]}
     # The noise floor: how far apart two plain runs of the same prompt came out (1.0: identical).
@@ -397,6 +452,18 @@ def summarize(name, path, rows, hooks, costs, limit, draft_costs, learned, prior
             "skipped": plans[method].skipped,
             "lookup_only": plans[method].note,
         }
+    for method in peers:  # llama.cpp's own examples, interleaved with the rest as every method is
+        rs = main[method]
+        per_prompt = {p: statistics.median(paired([r for r in rs if r["prompt"] == p])) for p in {r["prompt"] for r in rs}}
+        worst = min(per_prompt, key=per_prompt.get)
+        edits = paired([r for r in rs if r["kind"] == "edit"])
+        out["methods"][method] = {"tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
+                                  "speedup": round(statistics.median(paired(rs)), 3),
+                                  "speedup_code_edit": round(statistics.median(edits), 3) if edits else None,
+                                  "worst_prompt": worst, "worst_prompt_speedup": round(per_prompt[worst], 3),
+                                  "per_prompt_speedup": {p: round(v, 3) for p, v in sorted(per_prompt.items())},
+                                  "acceptance_rate": round(statistics.median(r["acceptance_rate"] for r in rs), 3),
+                                  "exact_runs": f"{sum(r['exact'] for r in rs)}/{len(rs)}"}
     for method, rs in hooks.items():  # run after the rest: against the plain run of the same prompt and repetition
         speedups = [r["tok_s"] / plain[(r["prompt"], r["rep"])] for r in rs]
         out["methods"][method] = {"tok_s": round(statistics.median(r["tok_s"] for r in rs), 2),
@@ -450,10 +517,13 @@ def print_report(report: dict) -> None:
                       f"{m['speedup_end_to_end']:5.2f}x {m['first_token_vs_plain']:5.2f}x  {m['exact_runs']}"
                       + ("  (speculation off: cannot win here)" if m["skipped"] else "")
                       + ("  (the draft model cannot win here: prompt lookup only)" if m["lookup_only"] else ""))
+            elif "exact_runs" in m:  # llama.cpp's own examples
+                print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit'] or 0:5.2f}x "
+                      f"{m['worst_prompt_speedup']:5.2f}x {m['acceptance_rate']:7.2f} {'':60s} {m['exact_runs']}")
             else:
                 print(f"  {name:11s} {m['tok_s']:7.2f} {m['speedup']:7.2f}x {m['speedup_code_edit']:5.2f}x")
         for name, m in t["methods"].items():
-            if "worst_prompt" in m:
+            if "worst_prompt_interval" in m:
                 low, high = m["worst_prompt_interval"]
                 print(f"  {name}: worst prompt {m['worst_prompt']} at {m['worst_prompt_speedup']:.3f}x "
                       f"(90% interval {low:.3f}-{high:.3f}, {m['worst_prompt_pairs']} pairs; "
@@ -483,6 +553,9 @@ def main() -> None:
     parser.add_argument("--no-hooks", dest="hooks", action="store_false", help="skip llama-cpp-python's draft_model hook")
     parser.add_argument("--hook-prompts", type=int, default=4, help="prompts run through the hooks (they are slow)")
     parser.add_argument("--hook-pred", type=int, default=4, help="tokens the hooks draft per round")
+    parser.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                        help="a folder holding llama.cpp's llama-speculative-simple and llama-lookup, built from the "
+                             "llama.cpp that llama-cpp-python vendors: run them as peers, interleaved with the rest")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     args.methods = args.methods.split(",")
