@@ -6,7 +6,8 @@ they promise more; the 0.5B model alone; prompt lookup alone), greedy, interleav
 coding and code-edit prompts: plain tok/s, speculative tok/s, speedup, acceptance,
 tokens per target pass, memory; llama-cpp-python's own `draft_model` hook
 (LlamaPromptLookupDecoding, and a LlamaDraftModel wrapping the 0.5B) as the
-naive baselines; the measured cost of a target pass of n tokens; and the ceiling,
+naive baselines; with --llama-cpp DIR, llama.cpp's own llama-speculative-simple and
+llama-lookup as peers in the same run; the measured cost of a target pass of n tokens; and the ceiling,
 the best speedup a fixed draft length could give with those costs and the
 acceptance observed.
 
