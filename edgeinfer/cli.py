@@ -313,7 +313,7 @@ def run(
         max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose),
         draft=speculate,
     )
-    _pull_with_progress(model, speculate)
+    _pull_with_progress(model, speculate, ctx_size)
     result = run_prompt(request, on_text=None if as_json else _stream_to_stdout)
     if as_json:
         _print_json({"model": model or _library().catalog.default, **result.to_json()})
@@ -361,7 +361,7 @@ def chat(
     sampling, load_options = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed), \
         _load_options(ctx_size, threads, gpu_layers, verbose)
     check_max_tokens(max_tokens)  # bad options are told before a missing model is pulled
-    _pull_with_progress(model, speculate)
+    _pull_with_progress(model, speculate, ctx_size)
     with open_chat(model, system=system, sampling=sampling, load_options=load_options, max_tokens=max_tokens,
                    stop=tuple(stop or ()), draft=speculate) as session:
         raise typer.Exit(chatui.loop(session, stderr, config.history_file(), _chat_stats))
@@ -453,14 +453,24 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     stdout.print(table)
 
 
-def _pull_with_progress(model: str | None, draft=None) -> None:
-    """Bring missing models in with a progress bar, before any text streams (the bar must be gone by then)."""
+def _pull_with_progress(model: str | None, draft=None, n_ctx: int | None = None) -> None:
+    """Bring missing models in with a progress bar, before any text streams (the bar must be gone by then);
+    with it, a note if the context asked for is past the model's own."""
+    from edgeinfer import machine
+    from edgeinfer.engine import context_note
+    from edgeinfer.ggufinfo import inspect
     from edgeinfer.models import locate
     from edgeinfer.render import transfer_progress
 
     lib = _library()
     with transfer_progress(stderr) as progress:
-        locate(lib, model, pull_missing=True, progress=progress)
+        path = locate(lib, model, pull_missing=True, progress=progress)
+        if n_ctx:
+            info = inspect(path, lib.store.inspect_cache)
+            machine.check_fits(info, n_ctx)  # a context that cannot fit is an error, not a note
+            note = context_note(info, n_ctx)
+            if note:
+                progress.note(note)
         if draft is not None:
             from edgeinfer.speculative import resolve_draft
 

@@ -57,6 +57,16 @@ class LoadOptions:
         return self.n_threads or machine.physical_cores()
 
 
+def context_note(info: GGUFInfo, n_ctx: int | None) -> str | None:
+    """Past the context it was trained on a model's answers tend to fall apart, and llama.cpp only says so
+    in its log, which edgeinfer keeps quiet: a line for the user, who may still want it (RoPE scaling)."""
+    trained = info.context_length
+    if n_ctx is None or not trained or n_ctx <= trained:
+        return None
+    return (f"--ctx-size {n_ctx} is past the {trained} tokens {info.path.name} was trained on: "
+            "text beyond that may come out garbled")
+
+
 def load(path: Path, options: LoadOptions = LoadOptions(), cache_file: Path | None = None) -> "Model":
     """Validate a GGUF with the gguf reader, check it fits in memory, then hand it to llama.cpp."""
     info = inspect(path, cache_file)

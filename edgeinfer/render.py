@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rich.markup import escape
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -39,7 +40,7 @@ class RichProgress:
             self._progress.advance(self._task, amount)
 
     def note(self, message: str) -> None:
-        self._progress.console.print(f"[yellow]{message}[/]", highlight=False)
+        self._progress.console.print(f"[yellow]{escape(message)}[/]", highlight=False)
 
 
 class _KeptNotes(SilentProgress):

@@ -169,6 +169,15 @@ def test_a_model_too_big_for_memory_is_refused_before_loading(tiny_model, cli, e
     assert "--ctx-size" in result.error_line
 
 
+def test_a_context_past_the_models_own_is_noted_and_run(tiny_model, cli, edgeinfer_home):
+    # The tiny model was trained on 512 tokens: asking for more is allowed (RoPE scaling), with a word about it.
+    longer = cli("run", "-m", tiny_model, "--raw", "-n", "4", "-c", "1024", "hi")
+    assert longer.exit_code == 0, longer.stderr
+    assert "--ctx-size 1024 is past the 512 tokens tiny.gguf was trained on" in longer.stderr
+    within = cli("run", "-m", tiny_model, "--raw", "-n", "4", "-c", "512", "hi")
+    assert within.exit_code == 0 and "trained on" not in within.stderr
+
+
 def test_python_api_streams_the_same_text(tiny_model, edgeinfer_home):
     from edgeinfer.api import RunRequest, run
     from edgeinfer.sampling import SamplingParams
