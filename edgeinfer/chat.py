@@ -70,7 +70,7 @@ class Conversation:
         model, system, messages = data.get("model", ""), data.get("system"), data.get("messages")
         if not isinstance(model, str):
             raise _NotSaved(f"its model is {_shown(model)}, not a name")
-        if system is not None and not _is_text(system):
+        if system is not None and not is_text(system):
             raise _NotSaved(f"its system message is {_shown(system)}, not text")
         if not isinstance(messages, list):
             raise _NotSaved("it has no list of messages")
@@ -80,7 +80,7 @@ class Conversation:
                 raise _NotSaved(f"message {number} is {_shown(message)}, not an object")
             if message.get("role") not in ("user", "assistant"):
                 raise _NotSaved(f"message {number} has role {_shown(message.get('role'))}; a role is user or assistant")
-            if not _is_text(message.get("content")):
+            if not is_text(message.get("content")):
                 raise _NotSaved(f"message {number} has content {_shown(message.get('content'))}, not text")
             turns.append({"role": message["role"], "content": message["content"]})
         return cls(model=model, sampling=_sampling(data.get("sampling", {})), system=system, turns=turns)
@@ -111,7 +111,7 @@ def _sampling(data: object) -> SamplingParams:
     return params
 
 
-def _is_text(value: object) -> bool:
+def is_text(value: object) -> bool:
     """A str the tokenizer can take: JSON's \\u escapes can write lone surrogates, which UTF-8 cannot."""
     if not isinstance(value, str):
         return False

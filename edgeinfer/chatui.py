@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from edgeinfer.chat import ChatSession, Conversation
+from edgeinfer.chat import ChatSession, Conversation, is_text
 from edgeinfer.errors import EdgeinferError, UsageError
 
 HELP = """\
@@ -64,10 +64,8 @@ def loop(session: ChatSession, console: Console, history_file: Path, stats_line:
 
 def _check_text(text: str) -> None:
     """Refuse a line that is not UTF-8 (prompt_toolkit passes such bytes on as lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError("the line is not UTF-8 text; it was not sent") from None
+    if not is_text(text):
+        raise UsageError("the line is not UTF-8 text; it was not sent")
 
 
 def _answer(session: ChatSession, text: str, console: Console) -> None:
@@ -120,9 +118,10 @@ def _path(arg: str) -> Path:
 def _load(session: ChatSession, arg: str, console: Console) -> None:
     """Continue a saved conversation with this session's model, saying so if it was held with another."""
     current, saved = session.conversation.model, Conversation.load(_path(arg))
-    session.replace(replace(saved, model=current) if saved.model and saved.model != current else saved)
+    other = bool(saved.model) and saved.model != current
+    session.replace(replace(saved, model=current) if other else saved)
     console.print(f"loaded {len(saved.turns)} messages from {arg}", highlight=False, markup=False)
-    if saved.model and saved.model != current:
+    if other:
         console.print(f"[yellow]saved with {escape(saved.model)}; continuing with {escape(current)}[/]", highlight=False)
 
 

@@ -456,8 +456,7 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 def _pull_with_progress(model: str | None, draft=None, n_ctx: int | None = None) -> None:
     """Bring missing models in with a progress bar, before any text streams (the bar must be gone by then);
     with it, a note if the context asked for is past the model's own."""
-    from edgeinfer import machine
-    from edgeinfer.engine import context_note
+    from edgeinfer.engine import check_context
     from edgeinfer.ggufinfo import inspect
     from edgeinfer.models import locate
     from edgeinfer.render import transfer_progress
@@ -465,12 +464,9 @@ def _pull_with_progress(model: str | None, draft=None, n_ctx: int | None = None)
     lib = _library()
     with transfer_progress(stderr) as progress:
         path = locate(lib, model, pull_missing=True, progress=progress)
-        if n_ctx:
-            info = inspect(path, lib.store.inspect_cache)
-            machine.check_fits(info, n_ctx)  # a context that cannot fit is an error, not a note
-            note = context_note(info, n_ctx)
-            if note:
-                progress.note(note)
+        # A context that cannot fit is an error, before the note it would otherwise get.
+        if n_ctx and (note := check_context(inspect(path, lib.store.inspect_cache), n_ctx)):
+            progress.note(note)
         if draft is not None:
             from edgeinfer.speculative import resolve_draft
 

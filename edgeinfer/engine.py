@@ -57,21 +57,23 @@ class LoadOptions:
         return self.n_threads or machine.physical_cores()
 
 
-def context_note(info: GGUFInfo, n_ctx: int | None) -> str | None:
-    """Past the context it was trained on a model's answers tend to fall apart, and llama.cpp only says so
-    in its log, which edgeinfer keeps quiet: a line for the user, who may still want it (RoPE scaling)."""
+def check_context(info: GGUFInfo, n_ctx: int) -> str | None:
+    """Refuse a context whose KV cache would not fit in memory; for one past the context the model was
+    trained on, a note: answers there tend to fall apart, and llama.cpp says so only in its log, which
+    edgeinfer keeps quiet, while a user may still want it (RoPE scaling)."""
+    machine.check_fits(info, n_ctx)
     trained = info.context_length
-    if n_ctx is None or not trained or n_ctx <= trained:
+    if not trained or n_ctx <= trained:
         return None
     return (f"--ctx-size {n_ctx} is past the {trained} tokens {info.path.name} was trained on: "
             "text beyond that may come out garbled")
 
 
 def load(path: Path, options: LoadOptions = LoadOptions(), cache_file: Path | None = None) -> "Model":
-    """Validate a GGUF with the gguf reader, check it fits in memory, then hand it to llama.cpp."""
+    """Validate a GGUF with the gguf reader, check the context fits in memory, then hand it to llama.cpp."""
     info = inspect(path, cache_file)
     n_ctx = options.n_ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
-    machine.check_fits(info, n_ctx)
+    check_context(info, n_ctx)  # (its note is the caller's to show: the CLI shows it before loading)
     return Model(path, info, options, n_ctx)
 
 

@@ -311,12 +311,12 @@ def _check_vocabulary(reader: "gguf.GGUFReader", name: str) -> None:  # noqa: F8
     field = reader.fields["tokenizer.ggml.tokens"]
     if field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
         return  # llama.cpp refuses other types with an error of its own
-    # Compared as bytes, as llama.cpp does; one set over the strings the reader has already split out.
-    words = {field.parts[i].tobytes() for i in field.data}
-    if b"" in words:  # llama.cpp renames an empty token after its id
-        words = {field.parts[i].tobytes() or b"[EMPTY_%d]" % n for n, i in enumerate(field.data)}
-    if len(words) != len(field.data):
-        raise InvalidModelError(f"{name} lists the token {_duplicate_token(field)!r} twice in tokenizer.ggml.tokens, which makes llama.cpp abort")
+    # Compared as bytes, as llama.cpp does, over the strings the reader has already split out;
+    # llama.cpp renames an empty token after its id.
+    tokens = [field.parts[i].tobytes() or b"[EMPTY_%d]" % n for n, i in enumerate(field.data)]
+    words = set(tokens)
+    if len(words) != len(tokens):
+        raise InvalidModelError(f"{name} lists the token {_first_repeated(tokens)!r} twice in tokenizer.ggml.tokens, which makes llama.cpp abort")
     if model == "llama":
         # SentencePiece spells a character it has no token for in byte tokens <0xNN>, else the byte itself.
         missing = [b for b in _UTF8_BYTES if b"<0x%02X>" % b not in words and bytes([b]) not in words]
@@ -325,10 +325,9 @@ def _check_vocabulary(reader: "gguf.GGUFReader", name: str) -> None:  # noqa: F8
                                     "tokenizer.ggml.tokens, which makes llama.cpp abort on text it must spell in bytes")
 
 
-def _duplicate_token(field: "gguf.ReaderField") -> str:  # noqa: F821
+def _first_repeated(tokens: list[bytes]) -> str:
     seen = set()
-    for n, i in enumerate(field.data):
-        word = field.parts[i].tobytes() or b"[EMPTY_%d]" % n
+    for word in tokens:
         if word in seen:
             return word.decode("utf-8", "replace")
         seen.add(word)

@@ -152,7 +152,7 @@ def remove(lib: Library, ref: str) -> Removed:
     entries = lib.store.entries()  # all of them: one whose file vanished must be removable too
     entry = entries.get(_entry_name(parsed, entries))
     if entry is None and isinstance(parsed, NameRef):
-        raise ModelNotFoundError(unknown_name_message(parsed.name, _known_names(lib)))
+        raise _no_such_name(lib, parsed.name)
     if entry is None:
         raise ModelNotFoundError(f"{ref} is not in the store")
     missing = not _file_is_there(entry)
