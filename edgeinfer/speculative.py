@@ -435,7 +435,7 @@ class SpeculativeStepper:
             return 0, None  # (as _choose would say: nothing to draft, or v(1) still to measure)
         drafting = None if self.free else self._rates(cap)
         copy = self.drafter.copy(history, cap)
-        if copy.tokens:
+        if len(copy.tokens) >= max(1, self.options.draft_min):  # (a copy cut off by the history's end may be short)
             copying = self._rates(len(copy.tokens), self._source_rejection(copy.source), copy=True)
             if drafting is None or self._copy_first(copying, drafting):
                 k = self._decide(copying, len(copy.tokens), "copy")

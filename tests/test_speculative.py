@@ -403,9 +403,29 @@ class CopyingDraftModel:
         return replace(self._copy, tokens=self._copy.tokens[:n], dists=self._copy.dists[:n])
 
 
+class CopyingLookup(CopyingDraftModel):
+    """Prompt lookup alone, whose copy is scripted: asking costs nothing."""
+
+    name, step_cost_hint = "ngram", 0.0
+
+
 # A target whose verify batches cost 20% more per extra token, and a copy found after a 4-token match.
 BESIDE_COPIES = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
 SURE = Draft([5, 6, 7, 8], [None] * 4, source="4-gram")
+
+
+def test_a_copy_shorter_than_draft_min_is_passed_over():
+    # Where the text repeats every three tokens, the latest match is one period back and its copy is cut
+    # off by the end of the history: three tokens, fewer than --draft-min 5 asks for. It is not verified;
+    # the draft model, if any, has its turn.
+    history = list(range(20))
+    short = Draft([5, 6, 7], [None] * 3, source="4-gram")
+    for drafter in (CopyingLookup(short), CopyingDraftModel(short)):
+        stepper = policy(BESIDE_COPIES, accepted=9, rejected=1, drafter=drafter, draft_step=0.01, catch_up=0.01)
+        stepper.options = DraftOptions(ref="x", draft_max=8, draft_min=5)
+        stepper.by_source = {"4-gram": Tally(stepper.DECAY, 0.0, 10.0)}
+        k, copy = stepper._look_first(history)
+        assert copy is None and (k >= 5 if drafter.step_cost_hint else k == 0)
 
 
 def test_a_draft_model_verifies_a_copy_out_of_the_context_where_the_copy_promises_more():
