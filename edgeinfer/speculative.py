@@ -164,6 +164,11 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     cap = costs.verify_cap(options.draft_max)
     if cap < 1:
         return replace(plan, skipped=f"speculation off: {NOT_EXACT}")
+    if cap < options.draft_min:
+        if not costs.knows_exactness(options.draft_max + 1):
+            return plan  # longer passes are yet to be tried: this run tries them
+        return replace(plan, skipped=f"speculation off: --draft-min {options.draft_min} asks for more tokens than "
+                                     f"the {cap} that one pass verifies exactly with this model here")
     if not options.adaptive or costs.measured(2) is None:
         return plan
     hint = step_cost_hint(draft_path.stat().st_size, target.stat().st_size) if draft_path is not None else 0.0

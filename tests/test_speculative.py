@@ -594,6 +594,16 @@ def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_fa
     assert code == 0 and out == plain.stdout and "speculation off" in err
 
 
+def test_a_draft_min_beyond_the_exact_passes_turns_speculation_off_and_says_why(models, edgeinfer_home, cli):
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "Once upon a time"]
+    plain = cli(*args)
+    # The first runs measure which passes score exactly (no pass of 64 tokens does here), the next one knows.
+    for _ in range(3):
+        code, out, err = cli(*args, "--draft", "ngram", "--draft-max", "64", "--draft-min", "64", "--stats")
+        assert code == 0 and out == plain.stdout
+    assert "speculation off: --draft-min 64 asks for more tokens than the" in err
+
+
 # --- pairing -------------------------------------------------------------------------
 
 
