@@ -7,6 +7,7 @@ stderr and the error's exit code; a traceback is shown only with --debug.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -25,6 +26,7 @@ from edgeinfer.errors import EdgeinferError
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": False}
+PIPE_CLOSED = 141  # what a shell reports for a process that SIGPIPE ended, as it ends C tools
 
 
 class _ErrorsToMessages(TyperGroup):
@@ -43,6 +45,9 @@ class _ErrorsToMessages(TyperGroup):
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, TyperException):
             raise
+        except BrokenPipeError:  # the reader went away (`edgeinfer run ... | head`): stop, quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (or Python's exit flush fails again)
+            raise typer.Exit(PIPE_CLOSED) from None
         except Exception as exc:  # a bug, or an OSError the library did not foresee: one line all the same
             if _state["debug"]:
                 stderr.print_exception()

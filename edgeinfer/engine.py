@@ -29,7 +29,6 @@ from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.textstream import TextStream
 
 DEFAULT_CTX = 4096
-MAX_THREADS = 512  # ggml's own limit; far beyond it, OpenMP fails to start threads and llama.cpp crashes
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,7 @@ class LoadOptions:
     def __post_init__(self) -> None:
         if self.n_ctx is not None and self.n_ctx < 16:
             raise UsageError("--ctx-size must be at least 16")
-        if self.n_threads is not None and not 1 <= self.n_threads <= MAX_THREADS:
-            raise UsageError(f"--threads must be between 1 and {MAX_THREADS}")
+        machine.check_threads(self.n_threads)
         if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
             raise UsageError("--gpu-layers must be -1 (all), 0 or more")
 

@@ -12,11 +12,18 @@ import platform
 import re
 from pathlib import Path
 
-from edgeinfer.errors import ResourceError
+from edgeinfer.errors import ResourceError, UsageError
 from edgeinfer.ggufinfo import GGUFInfo
 
+MAX_THREADS = 512  # ggml's own limit; far beyond it, OpenMP fails to start threads and llama.cpp crashes
 _KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16
 _COMPUTE_OVERHEAD = 64 * 2**20  # compute buffers, a generous allowance for small contexts
+
+
+def check_threads(threads: int | None, option: str = "--threads") -> None:
+    """Refuse a thread count llama.cpp would crash on, naming the option that gave it (None: the default)."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"{option} must be between 1 and {MAX_THREADS}")
 
 
 def physical_cores() -> int:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from edgeinfer import config
 from edgeinfer.errors import ConversionError, EdgeinferError, Interrupted, UsageError
+from edgeinfer.machine import check_threads
 from edgeinfer.progress import ProgressReporter, SilentProgress
 from edgeinfer.store import Store, check_free_space, sha256_file
 
@@ -132,6 +133,7 @@ def quantize(
     """
     progress = progress or SilentProgress()
     store = store or Store(config.edgeinfer_home())
+    check_threads(threads)
     qtype, ftype = resolve_type(qtype)
     if qtype in _NEEDS_IMATRIX and imatrix is None:
         raise UsageError(f"llama.cpp quantizes to {qtype} only with an importance matrix; pass --imatrix FILE")

@@ -29,8 +29,9 @@ import numpy as np
 
 from edgeinfer.costs import CostBook, CostModel, Tally, expected_round, pair_key
 from edgeinfer.drafters import Draft, Drafter, ModelDrafter, NgramDrafter, step_cost_hint
-from edgeinfer.engine import MAX_THREADS, LoadOptions, Model, PlainStepper, load
+from edgeinfer.engine import LoadOptions, Model, PlainStepper, load
 from edgeinfer.errors import IncompatibleModelsError, UsageError
+from edgeinfer.machine import check_threads
 from edgeinfer.sampling import Sampler
 
 NGRAM, AUTO = "ngram", "auto"
@@ -59,8 +60,7 @@ class DraftOptions:
             raise UsageError("--draft-min must be between 0 and --draft-max")
         if not 0 <= self.p_min <= 1:
             raise UsageError("--draft-p-min must be in [0, 1]")
-        if self.n_threads is not None and not 1 <= self.n_threads <= MAX_THREADS:
-            raise UsageError(f"--draft-threads must be between 1 and {MAX_THREADS}")
+        check_threads(self.n_threads, "--draft-threads")
         if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
             raise UsageError("--draft-gpu-layers must be -1 (all), 0 or more")
 

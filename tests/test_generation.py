@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_edgeinfer
+from conftest import REPO_ROOT, run_edgeinfer, subprocess_env
 
 
 def test_greedy_raw_run_matches_llama_cpp_python(tiny_model, cli, edgeinfer_home):
@@ -118,6 +119,8 @@ def test_stats_go_to_stderr_and_stdout_stays_clean(tiny_model, cli, edgeinfer_ho
         (("run", "-m", "{tiny}", "hi", "--seed", "-2"), 2, "--seed must be -1"),
         (("run", "-m", "{tiny}", "hi", "-f", "/dev/zero"), 2, "more than any context holds"),
         (("run", "-m", "{tiny}", "hi", "--draft", "ngram", "--draft-threads", "100000"), 2, "--draft-threads"),
+        (("quantize", "{tiny}", "--bits", "8", "-t", "100000"), 2, "--threads must be between 1 and 512"),
+        (("quantize", "{tiny}", "--bits", "8", "-t", "-5"), 2, "--threads must be between 1 and 512"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, code, words, tiny_model, cli, edgeinfer_home):
@@ -132,6 +135,17 @@ def test_bad_input_is_told_before_a_missing_model_is_pulled(command, cli, edgein
     result = cli(*command)  # the default model, not in the store yet
     assert result.exit_code == 2, result.stderr
     assert not (edgeinfer_home / ".partial").exists() and "Pulling" not in result.stderr
+
+
+def test_a_reader_that_stops_reading_ends_the_run_quietly(tiny_model, edgeinfer_home):
+    # `edgeinfer run ... | head -1`: once the reader has gone, the next write fails; the run stops there,
+    # with no error message, as a shell reports a tool that SIGPIPE ended.
+    process = subprocess.Popen([sys.executable, "-m", "edgeinfer", "run", "-m", str(tiny_model), "--raw", "-n", "200",
+                                "Once upon a time"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=subprocess_env({"EDGEINFER_HOME": str(edgeinfer_home)}), cwd=REPO_ROOT)
+    process.stdout.close()  # before the first token: every write finds the pipe closed
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err) == (141, b"")
 
 
 def test_prompt_longer_than_the_context_names_both_lengths(tiny_model, cli, edgeinfer_home):
