@@ -134,8 +134,9 @@ class CostModel:
         self.rejections.add(rejected, judged)
         self.doubts.add(doubted, tests)
 
-    def observe_copy(self, source: str, judged: int, rejected: bool) -> None:
-        """A round that verified a copy out of the context, whose quality depends on its kind, not on the model."""
+    def observe_copy(self, source: str, judged: int, rejected: int) -> None:
+        """One round's evidence on copies out of the context of one kind (whose quality is the kind's, not the
+        model's): tokens judged, and how many of them were wrong."""
         self.sources.setdefault(source, Tally(self.LONG_DECAY)).add(rejected, judged)
 
     # --- estimates ---------------------------------------------------------------

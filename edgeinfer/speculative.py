@@ -344,6 +344,7 @@ class SpeculativeStepper:
         self.realized = {kind: Tally(self.REALIZED_DECAY) for kind in ("plain", "draft", "copy")}
         self._catch_up = 0.0
         self.note: str | None = None  # what the plan changed (a draft model set aside), for the stats
+        self.offered: list[tuple[int, Draft, int]] = []  # copies still to judge: where each starts, how much is judged
 
     def prepare(self, prompt: Sequence[int]) -> None:
         """The draft reads the prompt now, with the target, rather than in the first round; and on the first
@@ -390,6 +391,7 @@ class SpeculativeStepper:
         if self.prompt_len is None:
             self.prompt_len = len(history) - 1
         if self.options.adaptive:
+            self._judge_copies(history)
             k, draft = self._look_first(history)
         else:
             k, draft = self._choose(history), None
@@ -440,6 +442,8 @@ class SpeculativeStepper:
             return 0, None  # (as _choose would say: nothing to draft, or v(1) still to measure)
         drafting = None if self.free else self._rates(cap)
         copy = self.drafter.copy(history, cap)
+        if copy.tokens:
+            self.offered.append((len(history), copy, 0))
         if len(copy.tokens) >= max(1, self.options.draft_min):  # (a copy cut off by the history's end may be short)
             copying = self._rates(len(copy.tokens), self._source_rejection(copy.source), copy=True)
             if drafting is None or self._copy_first(copying, drafting):
@@ -486,6 +490,33 @@ class SpeculativeStepper:
         hint = self.drafter.step_cost_hint
         seconds = tokens * self.costs.catch_up_per_token(hint)
         return max(0.0, seconds - self.costs.draft_sync(hint)) if beyond_sync else seconds
+
+    def _judge_copies(self, history: list[int]) -> None:
+        """Judge every copy offered, verified or passed over, against what the target has said since.
+
+        A copy that is not verified costs nothing and is still evidence: were only verified copies
+        judged, a kind whose record fell just short of paying would never be verified again, so never
+        judged again, and stay off for the rest of the answer (an edit whose 4-token matches out of the
+        prompt were copied 96% right went plain for 50 tokens after two early misses). Each token is
+        judged as soon as it is said, and each kind's record takes one round's evidence at once. With
+        sampling, a copied token is what the target says with the chance that verification accepts it:
+        the same evidence."""
+        evidence: dict[str, list[int]] = {}  # kind -> [wrong, judged]
+        waiting = []
+        for start, copy, seen in self.offered:
+            said = history[start + seen : start + len(copy.tokens)]
+            right = next((i for i, (a, b) in enumerate(zip(copy.tokens[seen:], said)) if a != b), len(said))
+            wrong = right < len(said)
+            tally = evidence.setdefault(copy.source, [0, 0])
+            tally[0] += wrong
+            tally[1] += right + wrong
+            if not wrong and seen + right < len(copy.tokens):
+                waiting.append((start, copy, seen + right))
+        self.offered = waiting
+        for source, (wrong, judged) in evidence.items():
+            if judged:
+                self._source_tally(source).add(wrong, judged)
+                self.costs.observe_copy(source, judged, wrong)
 
     def _source_rejection(self, source: str) -> float:
         return self._source_tally(source).rate()
@@ -555,9 +586,7 @@ class SpeculativeStepper:
         rejected = bool(rejected)
         judged = accepted + rejected
         c = self.counts
-        if draft.source:  # a copy: its quality is its kind's, not the draft model's
-            self._source_tally(draft.source).add(rejected, judged)
-            self.costs.observe_copy(draft.source, judged, rejected)
+        if draft.source:  # a copy: judged for its kind with every copy offered (_judge_copies)
             c["copies"] += 1
             c["copied"] += accepted
         else:

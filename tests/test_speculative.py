@@ -414,6 +414,34 @@ BESIDE_COPIES = {n: 0.05 * (1 + 0.2 * (n - 1)) for n in range(1, 10)}
 SURE = Draft([5, 6, 7, 8], [None] * 4, source="4-gram")
 
 
+class Foresight(CopyingLookup):
+    """Prompt lookup whose copies are always what the target goes on to say."""
+
+    def __init__(self, truth: list[int], source: str) -> None:
+        self.truth, self.source = truth, source
+
+    def copy(self, history, n):
+        tokens = self.truth[len(history) : len(history) + n]
+        return Draft(tokens, [None] * len(tokens), source=self.source)
+
+
+def test_a_copy_passed_over_is_judged_all_the_same_and_its_kind_wins_back_its_place():
+    # Early misses left 4-token matches out of the prompt with a record too poor to verify them. The
+    # copies passed over are still judged against what the target then says, and they are right:
+    # the record mends without a single verification, and the next copy is verified.
+    truth = list(range(100))
+    history = truth[:20]
+    stepper = policy(BESIDE_COPIES, accepted=5, rejected=5, drafter=Foresight(truth, "4-gram"))
+    stepper.by_source = {"4-gram": Tally(stepper.DECAY, 9.0, 10.0)}
+    plain_rounds = 0
+    while stepper._look_first(history)[0] == 0 and plain_rounds < 10:
+        history.append(truth[len(history)])  # a plain step: the target says the next token
+        plain_rounds += 1
+        stepper._judge_copies(history)
+    assert 1 <= plain_rounds <= 3 and stepper.counts["probes"] == 0
+    assert stepper._source_rejection("4-gram") < 0.9  # from 9 wrong in 10
+
+
 def test_a_copy_shorter_than_draft_min_is_passed_over():
     # Where the text repeats every three tokens, the latest match is one period back and its copy is cut
     # off by the end of the history: three tokens, fewer than --draft-min 5 asks for. It is not verified;
