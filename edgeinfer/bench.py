@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,7 @@ def bench(name: str, path: Path, options: LoadOptions, *, n_prompt: int = 512, n
     """pp and tg figures for one model (a test is skipped when its size is 0)."""
     progress = progress or SilentProgress()
     need = max(n_prompt, n_gen) + 8
-    options = LoadOptions(n_ctx=max(options.n_ctx or 0, need), n_threads=options.n_threads,
-                          n_gpu_layers=options.n_gpu_layers, n_batch=options.n_batch, verbose=options.verbose)
+    options = replace(options, n_ctx=max(options.n_ctx or 0, need))
     with load(path, options, cache_file) as model:
         prompt = _prompt_tokens(model, n_prompt)
         _warm_up(model)

@@ -203,6 +203,7 @@ StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when 
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores).")]
 GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")]
+CacheTypeOpt = Annotated[str, typer.Option("--cache-type", help="The KV cache's type: f16, bf16 or q8_0 (half the memory). On a CPU, --draft stays exact past 256 tokens of context only with bf16 or q8_0.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")]
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")]
@@ -221,10 +222,12 @@ def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat
                           repeat_penalty=repeat_penalty, seed=seed)
 
 
-def _load_options(ctx_size: int | None, threads: int | None, gpu_layers: int | None, verbose: bool):
+def _load_options(ctx_size: int | None, threads: int | None, gpu_layers: int | None, verbose: bool,
+                  cache_type: str = "f16"):
     from edgeinfer.engine import LoadOptions
 
-    return LoadOptions(n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, verbose=verbose)
+    return LoadOptions(n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, verbose=verbose,
+                       cache_type=cache_type)
 
 
 def _draft_options(draft: str | None, draft_max: int, draft_min: int, p_min: float, threads: int | None,
@@ -295,6 +298,7 @@ def run(
     ctx_size: CtxOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    cache_type: CacheTypeOpt = "f16",
     draft: DraftOpt = None,
     draft_max: DraftMaxOpt = 8,
     draft_min: DraftMinOpt = 0,
@@ -315,7 +319,7 @@ def run(
     request = RunRequest(
         prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw,
         sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
-        max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose),
+        max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose, cache_type),
         draft=speculate,
     )
     _pull_with_progress(model, speculate, ctx_size)
@@ -348,6 +352,7 @@ def chat(
     ctx_size: CtxOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    cache_type: CacheTypeOpt = "f16",
     verbose: VerboseOpt = False,
     draft: DraftOpt = None,
     draft_max: DraftMaxOpt = 8,
@@ -364,7 +369,7 @@ def chat(
     speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
                                draft_lookup)
     sampling, load_options = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed), \
-        _load_options(ctx_size, threads, gpu_layers, verbose)
+        _load_options(ctx_size, threads, gpu_layers, verbose, cache_type)
     check_max_tokens(max_tokens)  # bad options are told before a missing model is pulled
     _pull_with_progress(model, speculate, ctx_size)
     with open_chat(model, system=system, sampling=sampling, load_options=load_options, max_tokens=max_tokens,
@@ -386,6 +391,7 @@ def bench(
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 3,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    cache_type: CacheTypeOpt = "f16",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     verbose: VerboseOpt = False,
     draft: DraftOpt = None,
@@ -407,7 +413,7 @@ def bench(
         raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
     speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
                                draft_lookup)
-    lib, results, load_options = _library(), [], _load_options(None, threads, gpu_layers, verbose)
+    lib, results, load_options = _library(), [], _load_options(None, threads, gpu_layers, verbose, cache_type)
     for ref in models or [None]:
         _pull_with_progress(ref, speculate)
         path = locate(lib, ref, pull_missing=False)

@@ -104,6 +104,7 @@ class CostModel:
         # The largest pass whose logits agree bit for bit with one-token steps, of the sizes tried: none is
         # verified beyond it, for a batch that rounds differently could break a near-tie another way.
         self.exact: tuple[int, int] | None = None  # (agreeing, tried)
+        self.exact_long: int | None = None  # agreeing, of those tried, past speculative.LONG_CONTEXT tokens of context
         self.updated = 0.0  # when this was last measured (seconds since the epoch)
 
     # --- observing ---------------------------------------------------------------
@@ -203,17 +204,25 @@ class CostModel:
         """The chance the draft stops, unsure, at a position it reached, as earlier runs saw it."""
         return self.doubts.rate(default, enough=3)
 
-    def observe_exactness(self, agreeing: int, tried: int) -> None:
-        self.exact = (agreeing, tried)
+    def observe_exactness(self, agreeing: int, tried: int, agreeing_long: int) -> None:
+        self.exact, self.exact_long = (agreeing, tried), agreeing_long
         self.updated = time.time()
 
     def knows_exactness(self, upto: int) -> bool:
-        """Is it known which passes of up to `upto` tokens score exactly as one-token steps do?"""
-        return self.exact is not None and (self.exact[0] < self.exact[1] or self.exact[1] >= upto)
+        """Is it known which passes of up to `upto` tokens score exactly as one-token steps do, in a short
+        context and in a long one?"""
+        if self.exact is None or self.exact_long is None:
+            return False
+        agreeing, tried = self.exact
+        return tried >= upto or (agreeing < tried and self.exact_long < tried)
 
-    def verify_cap(self, draft_max: int) -> int:
-        """The most tokens a round may draft: --draft-max, within the passes known to be exact."""
-        return draft_max if self.exact is None else min(draft_max, self.exact[0] - 1)
+    def verify_cap(self, draft_max: int, long: bool = False) -> int:
+        """The most tokens a round may draft: --draft-max, within the passes known to be exact (long: past
+        speculative.LONG_CONTEXT tokens of context)."""
+        if self.exact is None:
+            return draft_max
+        agreeing = self.exact_long if long and self.exact_long is not None else self.exact[0]
+        return min(draft_max, agreeing - 1)
 
     def ratios(self, upto: int) -> dict[int, float]:
         v1 = self.measured(1)
@@ -227,7 +236,8 @@ class CostModel:
                 "draft_syncs": list(self.draft_syncs), "catch_ups": list(self.catch_ups),
                 "rejections": self.rejections.to_json(), "doubts": self.doubts.to_json(),
                 "sources": {k: t.to_json() for k, t in self.sources.items()},
-                **({"exact": list(self.exact)} if self.exact else {}), "updated": self.updated}
+                **({"exact": list(self.exact)} if self.exact else {}),
+                **({"exact_long": self.exact_long} if self.exact_long is not None else {}), "updated": self.updated}
 
     @classmethod
     def from_json(cls, data: dict) -> "CostModel":
@@ -245,6 +255,8 @@ class CostModel:
         model.sources = {k: Tally(cls.LONG_DECAY, *v) for k, v in data.get("sources", {}).items()}
         if len(exact := data.get("exact", ())) == 2:
             model.exact = (int(exact[0]), int(exact[1]))
+        if isinstance(data.get("exact_long"), int):
+            model.exact_long = data["exact_long"]
         model.updated = float(data.get("updated", 0.0))
         return model
 
@@ -284,11 +296,13 @@ class PairKey:
         return key[:3] + key[4:] if isinstance(key, list) and len(key) == 5 else None
 
 
-def pair_key(target: Path, drafter: str, threads: int, gpu_layers: int | None) -> PairKey:
+def pair_key(target: Path, drafter: str, threads: int, gpu_layers: int | None, cache_type: str = "f16") -> PairKey:
+    """(Another KV cache type is another target: its passes cost and agree otherwise.)"""
     from edgeinfer import machine
 
+    cache = "" if cache_type == "f16" else f":{cache_type}"
     return PairKey(f"{machine.cpu_name()} {' '.join(machine.cpu_flags())}", threads,
-                   f"{target.name}:{target.stat().st_size}", drafter, gpu_layers)
+                   f"{target.name}:{target.stat().st_size}{cache}", drafter, gpu_layers)
 
 
 class CostBook:
@@ -330,7 +344,7 @@ class CostBook:
             return None
         latest = max(known, key=lambda m: m.updated)
         model = CostModel()
-        model.exact, model.updated = latest.exact, latest.updated
+        model.exact, model.exact_long, model.updated = latest.exact, latest.exact_long, latest.updated
         return model
 
     def get(self, key: PairKey) -> CostModel:

@@ -41,6 +41,9 @@ class LoadOptions:
     # Let llama.cpp repack weights for its CPU kernels (Q4_0, Q4_K, IQ4_NL on AVX2, AVX-512, ARM): faster,
     # but a batch of tokens and one token then go through kernels that round differently.
     repack: bool = True
+    # --cache-type: the KV cache's type (llama.cpp's -ctk/-ctv). On the CPU, a q8_0 or bf16 cache keeps
+    # speculation's passes exact past 256 tokens of context, where an f16 one does not (speculative.LONG_CONTEXT).
+    cache_type: str = "f16"
 
     def __post_init__(self) -> None:
         if self.n_ctx is not None and self.n_ctx < 16:
@@ -48,6 +51,8 @@ class LoadOptions:
         machine.check_threads(self.n_threads)
         if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
             raise UsageError("--gpu-layers must be -1 (all), 0 or more")
+        if self.cache_type not in machine.KV_CACHE_TYPES:
+            raise UsageError(f"--cache-type must be one of {', '.join(machine.KV_CACHE_TYPES)}")
 
     @property
     def threads(self) -> int:
@@ -55,11 +60,11 @@ class LoadOptions:
         return self.n_threads or machine.physical_cores()
 
 
-def check_context(info: GGUFInfo, n_ctx: int) -> str | None:
+def check_context(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> str | None:
     """Refuse a context whose KV cache would not fit in memory; for one past the context the model was
     trained on, a note: answers there tend to fall apart, and llama.cpp says so only in its log, which
     edgeinfer keeps quiet, while a user may still want it (RoPE scaling)."""
-    machine.check_fits(info, n_ctx)
+    machine.check_fits(info, n_ctx, cache_type)
     trained = info.context_length
     if not trained or n_ctx <= trained:
         return None
@@ -71,7 +76,7 @@ def load(path: Path, options: LoadOptions = LoadOptions(), cache_file: Path | No
     """Validate a GGUF with the gguf reader, check the context fits in memory, then hand it to llama.cpp."""
     info = inspect(path, cache_file)
     n_ctx = options.n_ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
-    check_context(info, n_ctx)  # (its note is the caller's to show: the CLI shows it before loading)
+    check_context(info, n_ctx, options.cache_type)  # (its note is the caller's to show: the CLI shows it before loading)
     return Model(path, info, options, n_ctx)
 
 
@@ -85,6 +90,7 @@ class Model:
         self.n_batch = min(options.n_batch, n_ctx)
         self.n_threads = options.threads
         self.n_gpu_layers = options.n_gpu_layers
+        self.cache_type = options.cache_type
         self._model = self._load_model(path, options)
         self._owns_model = True
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -122,6 +128,7 @@ class Model:
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = self.n_threads
+        params.type_k = params.type_v = machine.KV_CACHE_TYPES[self.cache_type][0]
         params.no_perf = True
         ctx = ll.llama_init_from_model(self._model, params)
         if not ctx:

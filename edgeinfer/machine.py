@@ -16,7 +16,8 @@ from edgeinfer.errors import ResourceError, UsageError
 from edgeinfer.ggufinfo import GGUFInfo
 
 MAX_THREADS = 512  # ggml's own limit; far beyond it, OpenMP fails to start threads and llama.cpp crashes
-_KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16
+# The KV cache types --cache-type offers: ggml's type id, and bytes per value (q8_0: 34 bytes per 32).
+KV_CACHE_TYPES = {"f16": (1, 2.0), "bf16": (30, 2.0), "q8_0": (8, 34 / 32)}
 _COMPUTE_OVERHEAD = 64 * 2**20  # compute buffers, a generous allowance for small contexts
 
 
@@ -83,21 +84,21 @@ def available_memory() -> int:
         return total_memory()
 
 
-def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
+def kv_cache_bytes(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> int:
     layers = info.block_count or 0
     heads = info.head_count or 1
     kv_heads = info.head_count_kv or heads
     head_dim = (info.embedding_length or 0) // heads
-    return 2 * layers * n_ctx * kv_heads * head_dim * _KV_BYTES_PER_VALUE
+    return int(2 * layers * n_ctx * kv_heads * head_dim * KV_CACHE_TYPES[cache_type][1])
 
 
-def estimate_memory(info: GGUFInfo, n_ctx: int) -> int:
+def estimate_memory(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> int:
     """Weights (the file, memory-mapped) plus the KV cache for `n_ctx` tokens plus compute buffers."""
-    return info.file_size + kv_cache_bytes(info, n_ctx) + _COMPUTE_OVERHEAD
+    return info.file_size + kv_cache_bytes(info, n_ctx, cache_type) + _COMPUTE_OVERHEAD
 
 
-def check_fits(info: GGUFInfo, n_ctx: int) -> None:
-    need, free = estimate_memory(info, n_ctx), available_memory()
+def check_fits(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> None:
+    need, free = estimate_memory(info, n_ctx, cache_type), available_memory()
     if need > free:
         raise ResourceError(
             f"{info.path.name} with a {n_ctx}-token context needs about {need / 2**30:.1f} GiB, "

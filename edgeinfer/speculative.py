@@ -158,7 +158,8 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     if options is None:
         return SpeculationPlan(None)
     plan = SpeculationPlan(options, draft_path, book)
-    costs = book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers))
+    costs = book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers,
+                               load_options.cache_type))
     if costs is None or not costs.fresh:
         return plan
     cap = costs.verify_cap(options.draft_max)
@@ -185,21 +186,31 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     return replace(plan, skipped=f"speculation off: {why}")
 
 
-def exact_batch(target: Model, tokens: Sequence[int], upto: int) -> int:
+# llama.cpp pads the attention's KV length to a multiple of 256, and on the CPU it gives a one-token step
+# over 512 or more of them a kernel that splits the KV between threads, while a pass of several tokens
+# keeps another (flash attention, F16 cache): past 256 tokens of context a pass can then score otherwise
+# than one-token steps, though it agreed bit for bit before. Which passes agree is measured on both sides.
+LONG_CONTEXT = 256
+
+
+def exact_batch(target: Model, tokens: Sequence[int], upto: int, after: int = 0) -> int:
     """The largest pass, of up to `upto` tokens, whose logits agree bit for bit with one-token steps.
 
     Verifying a draft in one pass is exact only if the pass scores each position as a one-token step
     would; llama.cpp does not promise that. Where it repacks weights (Q4_K on AVX2: passes of 4 or more
     tokens go through a 4-row kernel) the logits move by up to 0.5 on Qwen2.5-1.5B, enough to break a
     near-tie the other way; some types differ even unrepacked (IQ4_NL), and passes of 8 or more take yet
-    another kernel. Which sizes agree depends on the CPU, the type and the build, so it is measured,
-    on a scratch context that leaves the prompt's cache alone."""
-    seq = (list(tokens) * upto)[:upto]
-    with target.scratch(max(32, 2 * upto)) as scratch:
-        singles = np.stack([scratch.decode([t])[0].copy() for t in seq])
+    another kernel. Which sizes agree depends on the CPU, the type, the build and the context's length
+    (LONG_CONTEXT), so it is measured, on a scratch context that leaves the prompt's cache alone, with
+    the passes placed after `after` tokens of context."""
+    seq = (list(tokens) * (after + upto))[: after + upto]
+    with target.scratch(max(32, 2 * (after + upto)) if after == 0 else max(2 * LONG_CONTEXT, after + 2 * upto)) as scratch:
+        if after:
+            scratch.prefill(seq[:after])
+        singles = np.stack([scratch.decode([t])[0].copy() for t in seq[after:]])
         for n in range(2, upto + 1):
-            scratch.truncate(0)
-            if not np.array_equal(scratch.decode(seq[:n], all_logits=True), singles[:n]):
+            scratch.truncate(after)
+            if not np.array_equal(scratch.decode(seq[after : after + n], all_logits=True), singles[:n]):
                 return n - 1
     return upto
 
@@ -223,9 +234,9 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
         if factory is not None:
             yield factory
             return
-        draft_load = LoadOptions(n_ctx=target.n_ctx, n_threads=options.n_threads or target.n_threads,
-                                 n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None else target_load.n_gpu_layers,
-                                 n_batch=target_load.n_batch, verbose=target_load.verbose)
+        draft_load = replace(target_load, n_ctx=target.n_ctx, n_threads=options.n_threads or target.n_threads,
+                             n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None
+                             else target_load.n_gpu_layers)
         with load(plan.draft_path, draft_load, cache_file) as draft:
             drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=options.lookup)
             yield stepper_factory(lambda: drafter, options, max_tokens, plan.book)
@@ -259,7 +270,8 @@ _PROCESS_BOOK = CostBook(None)  # for callers that keep no file: chat turns and 
 
 def cost_model(target: Model, drafter: Drafter, book: CostBook | None = None) -> CostModel:
     """The costs of this (CPU, threads, target, drafter, offload): remembered, or learned from here on."""
-    return (book or _PROCESS_BOOK).get(pair_key(target.path, drafter.name, target.n_threads, target.n_gpu_layers))
+    return (book or _PROCESS_BOOK).get(pair_key(target.path, drafter.name, target.n_threads, target.n_gpu_layers,
+                                                target.cache_type))
 
 
 def skipped_factory(plan: SpeculationPlan) -> Callable[[Model, Sampler], PlainStepper]:
@@ -344,6 +356,7 @@ class SpeculativeStepper:
         self.realized = {kind: Tally(self.REALIZED_DECAY) for kind in ("plain", "draft", "copy")}
         self._catch_up = 0.0
         self.note: str | None = None  # what the plan changed (a draft model set aside), for the stats
+        self.went_long = False  # the context reached LONG_CONTEXT, where other passes may be exact
         self.offered: list[tuple[int, Draft, int]] = []  # copies still to judge: where each starts, how much is judged
 
     def prepare(self, prompt: Sequence[int]) -> None:
@@ -355,7 +368,8 @@ class SpeculativeStepper:
         reading = time.perf_counter() - start
         upto = self.options.draft_max + 1
         if not self.costs.knows_exactness(upto):
-            self.costs.observe_exactness(exact_batch(self.target, prompt, upto), upto)
+            short, long = (exact_batch(self.target, prompt, upto, after) for after in (0, LONG_CONTEXT + 44))
+            self.costs.observe_exactness(short, upto, long)
         if self._verify_cap() < 1:
             self.note = NOT_EXACT
         if self.options.adaptive and self.costs.measured(2) is None and self._verify_cap() > 0:
@@ -615,7 +629,10 @@ class SpeculativeStepper:
     def _cap(self, history: list[int]) -> int:
         """The longest draft this round may verify: --draft-max, the exact passes, the context, the batch,
         --max-tokens."""
-        cap = min(self._verify_cap(), self.target.n_ctx - len(history), self.target.n_batch - 1)
+        long = len(history) + self.options.draft_max >= LONG_CONTEXT  # (a pass reaching past it may score otherwise)
+        self.went_long |= long
+        cap = min(self.costs.verify_cap(self.options.draft_max, long), self.target.n_ctx - len(history),
+                  self.target.n_batch - 1)
         if self.max_tokens is not None:
             cap = min(cap, self.max_tokens - (len(history) - self.prompt_len) - 1)
         return cap
@@ -695,9 +712,10 @@ class SpeculativeStepper:
     def stats(self) -> dict:
         c = self.counts
         rounds = c["speculative_passes"]
+        note = self.note or self._long_context_note()
         return {
             "drafter": self.drafter.name,
-            **({"note": self.note} if self.note else {}),
+            **({"note": note} if note else {}),
             "drafted": c["drafted"],
             "accepted": c["accepted"],
             "rejections": c["rejections"],
@@ -715,9 +733,21 @@ class SpeculativeStepper:
             "tokens_per_second": round(c["tokens"] / self.seconds, 2) if self.seconds else 0.0,
             "pass_cost_ratios": self.costs.ratios(self.options.draft_max + 1),
             "exact_pass_limit": self._verify_cap() + 1,  # the largest pass verified: one that scores exactly
+            "exact_pass_limit_long": self.costs.verify_cap(self.options.draft_max, long=True) + 1,  # past LONG_CONTEXT
             "draft_step_ms": round(self.costs.draft_step(self.drafter.step_cost_hint) * 1000, 2),
             "draft_sync_ms": round(self.costs.draft_sync(self.drafter.step_cost_hint) * 1000, 2),
         }
+
+
+    def _long_context_note(self) -> str | None:
+        """Say so where verification was cut back past LONG_CONTEXT, and what keeps it whole."""
+        short, long = self._verify_cap(), self.costs.verify_cap(self.options.draft_max, long=True)
+        if not self.went_long or long >= short:
+            return None
+        where = f"only passes of up to {long + 1} tokens" if long > 0 else "no pass of 2 tokens or more"
+        fix = "; --cache-type q8_0 or bf16 keeps them exact" if self.target.cache_type == "f16" else ""
+        return (f"past {LONG_CONTEXT} tokens of context {where} score exactly as one-token steps here, "
+                f"so no longer draft was verified there{fix}")
 
 
 def _residual(p, q, token: int):

@@ -123,6 +123,41 @@ def test_a_target_verifies_no_pass_longer_than_those_it_scores_exactly_as_one_to
             assert costs.exact == (limit, 9) and max(costs.passes) <= limit  # no longer pass was ever run
 
 
+def test_past_256_tokens_of_context_only_the_passes_that_score_exactly_there_are_verified(models):
+    """Over a KV cache past 256 tokens llama.cpp gives a one-token step another attention kernel than a pass
+    of several tokens (on the CPU, with flash attention): a pass that agreed bit for bit in a short context
+    may not there (the tiny Q8_0 target here: passes of up to 9 agree before, none after). Exactness is
+    measured on both sides, and a long answer keeps to what holds where it is."""
+    target = models.target
+    tokens = target.tokenize(PROMPTS[3], add_special=False)
+    long = speculative.exact_batch(target, tokens, 9, after=300)
+    with target.scratch(512) as scratch:  # what exact_batch says of a long context holds at another one
+        seq = (tokens * 400)[:300 + long]
+        scratch.prefill(seq[:290])
+        singles = np.stack([scratch.decode([t])[0].copy() for t in seq[290 : 290 + long]])
+        scratch.truncate(290)
+        assert np.array_equal(scratch.decode(seq[290 : 290 + long], all_logits=True), singles)
+    prompt = (tokens * 40)[:280]
+    plain = generate(target, prompt, GREEDY, max_tokens=60)
+    for which in ("close", "ngram"):
+        fast = run_pair(target, drafter_for(models, which), prompt, draft_max=8, max_tokens=60)
+        assert fast.tokens == plain.tokens
+        assert fast.stats["exact_pass_limit_long"] == long
+
+
+def test_a_q8_0_kv_cache_keeps_passes_exact_past_256_tokens_of_context(models, tiny_family):
+    # llama.cpp gives one-token steps over a long f16 cache a kernel of their own; over a q8_0 cache, steps
+    # and passes share one: what is exact in a short context stays exact in a long one.
+    options = replace(models.options, cache_type="q8_0")
+    with load(models.target.path, options) as target:
+        tokens = target.tokenize(PROMPTS[3], add_special=False)
+        assert speculative.exact_batch(target, tokens, 9, after=300) == speculative.exact_batch(target, tokens, 9) > 1
+        prompt = (tokens * 40)[:280]
+        plain = generate(target, prompt, GREEDY, max_tokens=60)
+        fast = run_pair(target, drafter_for(models, "close"), prompt, draft_max=8, max_tokens=60)
+        assert fast.tokens == plain.tokens and fast.stats["accepted"] > 0
+
+
 def test_the_adaptive_length_keeps_the_output_exact(models):
     target = models.target
     for which in ("close", "far", "ngram"):
@@ -575,7 +610,7 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     for n, seconds in {1: 0.05, 2: 0.07, 3: 0.09}.items():
         costs.observe_pass(n, seconds)
     costs.observe_draft(0.01)
-    costs.observe_exactness(3, 9)  # passes of up to 3 tokens scored as one-token steps; 4 did not
+    costs.observe_exactness(3, 9, 1)  # passes of up to 3 tokens scored as one-token steps (4 did not); past 256, none
     for _ in range(10):  # 4 tokens proposed, one rejected, the draft's doubt stopped a fifth
         costs.observe_round(4, rejected=True, tests=5, doubted=True)
     book.save()
@@ -589,7 +624,8 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     assert again.rejection_prior() == pytest.approx(0.25) and again.doubt_prior() == pytest.approx(0.2)
     assert again.copy_prior("4-gram", default=0.5) == pytest.approx(1 / 9)
     assert again.knows_exactness(17) and again.verify_cap(8) == 2  # a size that failed bounds every longer one
-    again.observe_exactness(9, 9)
+    assert again.verify_cap(8, long=True) == 0
+    again.observe_exactness(9, 9, 9)
     assert again.knows_exactness(9) and not again.knows_exactness(17)  # all agreed: --draft-max 16 must look further
     assert CostBook(book_file).peek(PairKey("Another CPU", 2, "target.gguf:1000", "draft.gguf", None)) is None
     # Which passes are exact belongs to the target: another drafter starts knowing it, and nothing else.
