@@ -131,11 +131,12 @@ EDITS = [
 ]
 
 
-def peak_rss_mib(target: Path, draft: str | None, threads: int) -> int:
+def peak_rss_mib(target: Path, draft: str | None, threads: int, cache_type: str = "f16") -> int:
     """Peak memory of a real `edgeinfer run` (its own process), plain or with a draft; the figure the
     kernel keeps for the child, so call it while this process is still small."""
     command = [sys.executable, "-m", "edgeinfer", "run", "-m", str(target), "--temperature", "0",
-               "-n", "32", "-t", str(threads), *(["--draft", draft] if draft else []), EDITS[0]]
+               "-n", "32", "-t", str(threads), "--cache-type", cache_type, *(["--draft", draft] if draft else []),
+               EDITS[0]]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _pid, status, usage = os.wait4(child.pid, 0)
     if status != 0:
@@ -254,7 +255,8 @@ def run_peer(binary: Path, target: Path, draft: Path, prompt: str, args) -> tupl
         handle.write(prompt)
         handle.flush()
         command = [str(binary), "-m", str(target), "-f", handle.name, "-n", str(args.max_tokens),
-                   "-t", str(args.threads), "-c", str(args.ctx), "--temp", "0"]
+                   "-t", str(args.threads), "-c", str(args.ctx), "--temp", "0", "-ctk", args.cache_type,
+                   "-ctv", args.cache_type]
         if binary.name == PEERS["llama.cpp-draft"]:
             command += ["--spec-type", "draft-simple", "-md", str(draft), "-td", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True, errors="replace")
@@ -269,7 +271,7 @@ def run_peer(binary: Path, target: Path, draft: Path, prompt: str, args) -> tupl
 
 
 def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int], args) -> dict:
-    options = LoadOptions(n_ctx=args.ctx, n_threads=args.threads)
+    options = LoadOptions(n_ctx=args.ctx, n_threads=args.threads, cache_type=args.cache_type)
     spec = DraftOptions(ref="bench", draft_max=args.draft_max, p_min=args.p_min)
     book = CostBook(None)  # this run's memory of costs, as a user's home keeps it between runs
     rows: dict[str, list[dict]] = {}
@@ -545,6 +547,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--cache-type", default="f16", help="the KV cache's type, as `run --cache-type`")
     parser.add_argument("--draft-max", type=int, default=8)
     parser.add_argument("--p-min", type=float, default=0.75)
     parser.add_argument("--targets", default="q4,q8", help="which targets: q4, q8 or both")
@@ -574,11 +577,13 @@ def main() -> None:
     check_pair(target_path, args.draft)
     # Before this process holds any model: Linux carries a parent's peak RSS into a child it forks.
     report = {"cpu": machine.cpu_name(), "flags": machine.cpu_flags(), "threads": args.threads,
-              "prompts": len(prompts), "reps": args.reps, "max_tokens": args.max_tokens, "targets": []}
-    peak_rss = {key: (peak_rss_mib(p, None, args.threads), peak_rss_mib(p, str(args.draft), args.threads))
+              "prompts": len(prompts), "reps": args.reps, "max_tokens": args.max_tokens, "cache_type": args.cache_type,
+              "targets": []}
+    peak_rss = {key: (peak_rss_mib(p, None, args.threads, args.cache_type),
+                     peak_rss_mib(p, str(args.draft), args.threads, args.cache_type))
                      for key, (_, p) in targets.items() if key in keys}
-    report["peak_rss_draft_alone_mib"] = peak_rss_mib(args.draft, None, args.threads)
-    with load(args.draft, LoadOptions(n_ctx=args.ctx, n_threads=args.threads)) as draft:
+    report["peak_rss_draft_alone_mib"] = peak_rss_mib(args.draft, None, args.threads, args.cache_type)
+    with load(args.draft, LoadOptions(n_ctx=args.ctx, n_threads=args.threads, cache_type=args.cache_type)) as draft:
         draft_costs = pass_costs(draft)
         report["draft"] = {"path": str(args.draft), "pass_cost_ms": {n: round(c * 1000, 1) for n, c in draft_costs.items()}}
         for key in keys:
