@@ -209,12 +209,15 @@ def test_ctrl_c_ends_run_with_the_text_so_far_and_exit_130(tiny_model, edgeinfer
 
     from conftest import subprocess_env
 
-    child = pexpect.spawn(sys.executable, ["-m", "edgeinfer", "run", "-m", str(tiny_model), "-c", "4096", "--raw", "go on"],
-                          env=subprocess_env(), encoding="utf-8", timeout=60)
-    child.expect(r"\w+\W+\w+\W+\w+")  # text is streaming
-    child.sendintr()
-    child.expect(pexpect.EOF)
-    child.close()
+    for _ in range(3):  # on a busy machine the answer may end before Ctrl-C arrives: then try again
+        child = pexpect.spawn(sys.executable, ["-m", "edgeinfer", "run", "-m", str(tiny_model), "-c", "4096", "--raw",
+                                               "go on"], env=subprocess_env(), encoding="utf-8", timeout=60)
+        child.expect(r"\w+\W+\w+\W+\w+")  # text is streaming
+        child.sendintr()
+        child.expect(pexpect.EOF)
+        child.close()
+        if child.exitstatus != 0:
+            break
     assert child.exitstatus == 130
     assert "Traceback" not in child.before
 

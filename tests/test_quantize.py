@@ -296,12 +296,16 @@ def start_quantizing(medium_model: Path, home: Path) -> tuple[subprocess.Popen, 
 
 
 def test_ctrl_c_midway_leaves_no_output(medium_model, tmp_path):
-    process, partial = start_quantizing(medium_model, tmp_path / "home")
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    for attempt in range(3):  # on a busy machine the quantizer may finish before Ctrl-C arrives: then try again
+        home = tmp_path / f"home{attempt}"
+        process, partial = start_quantizing(medium_model, home)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        if process.returncode != 0:
+            break
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    assert stored_files(tmp_path / "home") == []
+    assert stored_files(home) == []
     assert not partial.exists() and not partial.parent.exists()  # nor the model's folder, left empty
 
 
