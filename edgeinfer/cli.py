@@ -322,7 +322,7 @@ def run(
         max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose, cache_type),
         draft=speculate,
     )
-    _pull_with_progress(model, speculate, ctx_size)
+    _pull_with_progress(model, speculate, request.load)
     result = run_prompt(request, on_text=None if as_json else _stream_to_stdout)
     if as_json:
         _print_json({"model": model or _library().catalog.default, **result.to_json()})
@@ -371,7 +371,7 @@ def chat(
     sampling, load_options = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed), \
         _load_options(ctx_size, threads, gpu_layers, verbose, cache_type)
     check_max_tokens(max_tokens)  # bad options are told before a missing model is pulled
-    _pull_with_progress(model, speculate, ctx_size)
+    _pull_with_progress(model, speculate, load_options)
     with open_chat(model, system=system, sampling=sampling, load_options=load_options, max_tokens=max_tokens,
                    stop=tuple(stop or ()), draft=speculate) as session:
         raise typer.Exit(chatui.loop(session, stderr, config.history_file(), _chat_stats))
@@ -464,7 +464,7 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     stdout.print(table)
 
 
-def _pull_with_progress(model: str | None, draft=None, n_ctx: int | None = None) -> None:
+def _pull_with_progress(model: str | None, draft=None, load=None) -> None:
     """Bring missing models in with a progress bar, before any text streams (the bar must be gone by then);
     with it, a note if the context asked for is past the model's own."""
     from edgeinfer.engine import check_context
@@ -476,8 +476,10 @@ def _pull_with_progress(model: str | None, draft=None, n_ctx: int | None = None)
     with transfer_progress(stderr) as progress:
         path = locate(lib, model, pull_missing=True, progress=progress)
         # A context that cannot fit is an error, before the note it would otherwise get.
-        if n_ctx and (note := check_context(inspect(path, lib.store.inspect_cache), n_ctx)):
-            progress.note(note)
+        if load is not None and load.n_ctx:
+            note = check_context(inspect(path, lib.store.inspect_cache), load.n_ctx, load.cache_type)
+            if note:
+                progress.note(note)
         if draft is not None:
             from edgeinfer.speculative import resolve_draft
 

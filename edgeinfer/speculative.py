@@ -191,6 +191,7 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
 # keeps another (flash attention, F16 cache): past 256 tokens of context a pass can then score otherwise
 # than one-token steps, though it agreed bit for bit before. Which passes agree is measured on both sides.
 LONG_CONTEXT = 256
+LONG_PROBE = LONG_CONTEXT + 44  # where passes are tried past it
 
 
 def exact_batch(target: Model, tokens: Sequence[int], upto: int, after: int = 0) -> int:
@@ -204,7 +205,8 @@ def exact_batch(target: Model, tokens: Sequence[int], upto: int, after: int = 0)
     (LONG_CONTEXT), so it is measured, on a scratch context that leaves the prompt's cache alone, with
     the passes placed after `after` tokens of context."""
     seq = (list(tokens) * (after + upto))[: after + upto]
-    with target.scratch(max(32, 2 * (after + upto)) if after == 0 else max(2 * LONG_CONTEXT, after + 2 * upto)) as scratch:
+    # (past LONG_CONTEXT, room for the KV length llama.cpp pads to, which decides its kernel)
+    with target.scratch(max(32, after + 2 * upto, 2 * LONG_CONTEXT if after else 0)) as scratch:
         if after:
             scratch.prefill(seq[:after])
         singles = np.stack([scratch.decode([t])[0].copy() for t in seq[after:]])
@@ -356,7 +358,6 @@ class SpeculativeStepper:
         self.realized = {kind: Tally(self.REALIZED_DECAY) for kind in ("plain", "draft", "copy")}
         self._catch_up = 0.0
         self.note: str | None = None  # what the plan changed (a draft model set aside), for the stats
-        self.went_long = False  # the context reached LONG_CONTEXT, where other passes may be exact
         self.offered: list[tuple[int, Draft, int]] = []  # copies still to judge: where each starts, how much is judged
 
     def prepare(self, prompt: Sequence[int]) -> None:
@@ -368,7 +369,7 @@ class SpeculativeStepper:
         reading = time.perf_counter() - start
         upto = self.options.draft_max + 1
         if not self.costs.knows_exactness(upto):
-            short, long = (exact_batch(self.target, prompt, upto, after) for after in (0, LONG_CONTEXT + 44))
+            short, long = (exact_batch(self.target, prompt, upto, after) for after in (0, LONG_PROBE))
             self.costs.observe_exactness(short, upto, long)
         if self._verify_cap() < 1:
             self.note = NOT_EXACT
@@ -629,10 +630,8 @@ class SpeculativeStepper:
     def _cap(self, history: list[int]) -> int:
         """The longest draft this round may verify: --draft-max, the exact passes, the context, the batch,
         --max-tokens."""
-        long = len(history) + self.options.draft_max >= LONG_CONTEXT  # (a pass reaching past it may score otherwise)
-        self.went_long |= long
-        cap = min(self.costs.verify_cap(self.options.draft_max, long), self.target.n_ctx - len(history),
-                  self.target.n_batch - 1)
+        exact = self.costs.verify_cap(self.options.draft_max, self._long(len(history)))
+        cap = min(exact, self.target.n_ctx - len(history), self.target.n_batch - 1)
         if self.max_tokens is not None:
             cap = min(cap, self.max_tokens - (len(history) - self.prompt_len) - 1)
         return cap
@@ -738,11 +737,15 @@ class SpeculativeStepper:
             "draft_sync_ms": round(self.costs.draft_sync(self.drafter.step_cost_hint) * 1000, 2),
         }
 
+    def _long(self, history_len: int) -> bool:
+        """Would a pass from here reach LONG_CONTEXT, past which other passes may score exactly?"""
+        return history_len + self.options.draft_max >= LONG_CONTEXT
 
     def _long_context_note(self) -> str | None:
         """Say so where verification was cut back past LONG_CONTEXT, and what keeps it whole."""
         short, long = self._verify_cap(), self.costs.verify_cap(self.options.draft_max, long=True)
-        if not self.went_long or long >= short:
+        went_long = self.prompt_len is not None and self._long(self.prompt_len + self.counts["tokens"])
+        if not went_long or long >= short:
             return None
         where = f"only passes of up to {long + 1} tokens" if long > 0 else "no pass of 2 tokens or more"
         fix = "; --cache-type q8_0 or bf16 keeps them exact" if self.target.cache_type == "f16" else ""

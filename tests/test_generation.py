@@ -149,6 +149,17 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly(tiny_model, edgeinfer_
     assert (process.returncode, err) == (141, b"")
 
 
+def test_the_memory_check_counts_the_cache_type_asked_for(tiny_model, cli, edgeinfer_home):
+    # A q8_0 cache takes 34 bytes per 32 values where f16 takes 64: a context too large either way is
+    # refused with what it would need in that type (the weights are a rounding error here).
+    needs = {}
+    for cache in ("f16", "q8_0"):
+        result = cli("run", "-m", tiny_model, "-c", "100000000", "--cache-type", cache, "hi")
+        assert result.exit_code == 7, result.stderr
+        needs[cache] = float(result.error_line.split("needs about ")[1].split(" GiB")[0])
+    assert needs["q8_0"] / needs["f16"] == pytest.approx(34 / 64, rel=0.01)
+
+
 def test_prompt_longer_than_the_context_names_both_lengths(tiny_model, cli, edgeinfer_home):
     result = cli("run", "-m", tiny_model, "--raw", "-c", "64", "word " * 200)
     assert result.exit_code == 10

@@ -145,7 +145,7 @@ def test_past_256_tokens_of_context_only_the_passes_that_score_exactly_there_are
         assert fast.stats["exact_pass_limit_long"] == long
 
 
-def test_a_q8_0_kv_cache_keeps_passes_exact_past_256_tokens_of_context(models, tiny_family):
+def test_a_q8_0_kv_cache_keeps_passes_exact_past_256_tokens_of_context(models):
     # llama.cpp gives one-token steps over a long f16 cache a kernel of their own; over a q8_0 cache, steps
     # and passes share one: what is exact in a short context stays exact in a long one.
     options = replace(models.options, cache_type="q8_0")
