@@ -85,7 +85,7 @@ class Model:
         import llama_cpp
 
         self._ll = llama_cpp
-        _init_backend(options.verbose)
+        init_backend(options.verbose)
         self.path, self.info, self.n_ctx = path, info, n_ctx
         self.n_batch = min(options.n_batch, n_ctx)
         self.n_threads = options.threads
@@ -410,7 +410,7 @@ _backend = {"ready": False, "callback": None, "errors": []}
 _LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
 
 
-def _init_backend(verbose: bool) -> None:
+def init_backend(verbose: bool) -> None:
     """Initialise llama.cpp once; route its log to stderr only when asked (--verbose), keeping its errors."""
     import os
 

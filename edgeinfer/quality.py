@@ -15,13 +15,13 @@ per model, whatever the vocabulary size, and no text is tokenized twice.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from edgeinfer.engine import Model
 from edgeinfer.errors import GenerationError, InvalidModelError
 from edgeinfer.progress import ProgressReporter, SilentProgress
 
@@ -53,21 +53,24 @@ def evaluation_text() -> str:
 def compare(source: Path, quantized: Path, *, text: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
             threads: int | None = None, progress: ProgressReporter | None = None) -> QualityReport:
     """Score `quantized` against `source` (same vocabulary) on `text` (default: the shipped evaluation text)."""
-    from edgeinfer.machine import physical_cores
+    from edgeinfer.engine import LoadOptions, load
 
     progress = progress or SilentProgress()
-    threads = threads or physical_cores()
-    with _Model(source, max_tokens, threads) as ref:
-        tokens = ref.tokenize(text if text is not None else evaluation_text())[: min(max_tokens, ref.n_ctx_train)]
+    # Logits at every position of a chunk; llama.cpp's log stays off stderr, as in `run`.
+    options = LoadOptions(n_ctx=max_tokens, n_threads=threads, n_batch=_CHUNK)
+    with load(source, options) as ref:
+        trained = ref.info.context_length or max_tokens
+        text = text if text is not None else evaluation_text()
+        tokens = ref.tokenize(text, parse_special=False)[: min(max_tokens, trained)]
         if len(tokens) < 2:
             raise GenerationError("the evaluation text is too short to score")
-        with _Model(quantized, max_tokens, threads) as cand:
+        with load(quantized, options) as cand:
             if cand.n_vocab != ref.n_vocab:
                 raise InvalidModelError(f"{quantized.name} has {cand.n_vocab} tokens, its source {ref.n_vocab}")
             return _score(ref, cand, tokens, progress)
 
 
-def _score(ref: "_Model", cand: "_Model", tokens: list[int], progress: ProgressReporter) -> QualityReport:
+def _score(ref: Model, cand: Model, tokens: list[int], progress: ProgressReporter) -> QualityReport:
     nll_ref = nll_cand = kld = 0.0
     agree = 0
     progress.start("evaluating quality", len(tokens) - 1)
@@ -75,8 +78,8 @@ def _score(ref: "_Model", cand: "_Model", tokens: list[int], progress: ProgressR
         chunk = tokens[start : start + _CHUNK]
         targets = np.array(tokens[start + 1 : start + 1 + len(chunk)])
         scored = len(targets)  # the last chunk's final position has nothing to predict
-        log_p = _log_softmax(ref.decode(chunk, start)[:scored])
-        log_q = _log_softmax(cand.decode(chunk, start)[:scored])
+        log_p = _log_softmax(ref.decode(chunk, all_logits=True)[:scored])
+        log_q = _log_softmax(cand.decode(chunk, all_logits=True)[:scored])
         rows = np.arange(scored)
         nll_ref -= float(log_p[rows, targets].sum())
         nll_cand -= float(log_q[rows, targets].sum())
@@ -90,63 +93,3 @@ def _score(ref: "_Model", cand: "_Model", tokens: list[int], progress: ProgressR
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-class _Model:
-    """A model and a context through llama.cpp's C API, asking for logits at every position."""
-
-    def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
-        self.path, self.n_ctx, self.threads = path, n_ctx, threads
-
-    def __enter__(self) -> "_Model":
-        import llama_cpp
-
-        from edgeinfer.engine import _init_backend, load_model_file
-
-        _init_backend(False)  # llama.cpp's log stays off stderr, as in `run`
-        self._lib = llama_cpp
-        self.model = load_model_file(self.path, llama_cpp.llama_model_default_params())
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.n_ctx
-        params.n_batch = params.n_ubatch = _CHUNK
-        params.n_threads = params.n_threads_batch = self.threads
-        params.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
-            raise GenerationError(f"llama.cpp could not create a context for {self.path.name}")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model) or self.n_ctx
-        self.batch = llama_cpp.llama_batch_init(_CHUNK, 0, 1)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._lib.llama_batch_free(self.batch)
-        self._lib.llama_free(self.ctx)
-        self._lib.llama_model_free(self.model)
-
-    def tokenize(self, text: str) -> list[int]:
-        """The text as the model reads it, with a BOS token if the model wants one."""
-        data = text.encode("utf-8")
-        buffer = (self._lib.llama_token * (len(data) + 8))()
-        add_bos = self._lib.llama_vocab_get_add_bos(self.vocab)
-        n = self._lib.llama_tokenize(self.vocab, data, len(data), buffer, len(buffer), add_bos, False)
-        if n < 0:
-            raise GenerationError("the evaluation text could not be tokenized")
-        return list(buffer[:n])
-
-    def decode(self, chunk: list[int], start: int) -> np.ndarray:
-        """Logits (len(chunk), n_vocab) for tokens at positions start, start+1, ..., continuing the cache."""
-        batch = self.batch
-        batch.n_tokens = len(chunk)
-        for i, token in enumerate(chunk):
-            batch.token[i] = token
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1  # every position: perplexity and KL need them all
-        if self._lib.llama_decode(self.ctx, batch) != 0:
-            raise GenerationError(f"llama.cpp failed to evaluate {self.path.name}")
-        pointer = self._lib.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(len(chunk), self.n_vocab)).copy()

@@ -113,9 +113,9 @@ def check_pair(target: Path, draft: Path, cache_file: Path | None = None) -> Non
 def _token_texts(path: Path) -> list[bytes]:
     import llama_cpp
 
-    from edgeinfer.engine import _init_backend
+    from edgeinfer.engine import init_backend
 
-    _init_backend(False)
+    init_backend(False)
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True  # the tokenizer only: no tensor is read
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
