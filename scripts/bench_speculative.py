@@ -270,8 +270,13 @@ def run_peer(binary: Path, target: Path, draft: Path, prompt: str, args) -> tupl
 # --- the benchmark -------------------------------------------------------------------------
 
 
+def load_options(args) -> LoadOptions:
+    """Target and draft load alike: one context size, thread count and KV cache type for the whole run."""
+    return LoadOptions(n_ctx=args.ctx, n_threads=args.threads, cache_type=args.cache_type)
+
+
 def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int], args) -> dict:
-    options = LoadOptions(n_ctx=args.ctx, n_threads=args.threads, cache_type=args.cache_type)
+    options = load_options(args)
     spec = DraftOptions(ref="bench", draft_max=args.draft_max, p_min=args.p_min)
     book = CostBook(None)  # this run's memory of costs, as a user's home keeps it between runs
     rows: dict[str, list[dict]] = {}
@@ -583,7 +588,7 @@ def main() -> None:
                      peak_rss_mib(p, str(args.draft), args.threads, args.cache_type))
                      for key, (_, p) in targets.items() if key in keys}
     report["peak_rss_draft_alone_mib"] = peak_rss_mib(args.draft, None, args.threads, args.cache_type)
-    with load(args.draft, LoadOptions(n_ctx=args.ctx, n_threads=args.threads, cache_type=args.cache_type)) as draft:
+    with load(args.draft, load_options(args)) as draft:
         draft_costs = pass_costs(draft)
         report["draft"] = {"path": str(args.draft), "pass_cost_ms": {n: round(c * 1000, 1) for n, c in draft_costs.items()}}
         for key in keys:
