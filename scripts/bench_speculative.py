@@ -247,10 +247,11 @@ def llama_cpp_peers(folder: Path | None) -> dict[str, Path]:
     return found
 
 
-def run_peer(binary: Path, target: Path, draft: Path, prompt: str, args) -> tuple[float, str, float]:
+def run_peer(binary: Path, target: Path, draft: Path, prompt: str, args, plain: bool = False) -> tuple[float, str, float]:
     """One greedy request through a llama.cpp example on its own defaults (draft length, p-min), as a user of
     llama.cpp runs it: its decode speed (tokens over the time after the prompt), its stdout (the prompt,
-    then the answer) and the share of drafted tokens it accepted."""
+    then the answer) and the share of drafted tokens it accepted. With `plain`, drafting off
+    (--spec-draft-n-max 0): the example's own plain decoding, which its speculative answers must equal."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as handle:
         handle.write(prompt)
         handle.flush()
@@ -259,12 +260,21 @@ def run_peer(binary: Path, target: Path, draft: Path, prompt: str, args) -> tupl
                    "-ctv", args.cache_type]
         if binary.name == PEERS["llama.cpp-draft"]:
             command += ["--spec-type", "draft-simple", "-md", str(draft), "-td", str(args.threads)]
+        if plain:
+            command += ["--spec-draft-n-max", "0"]
         done = subprocess.run(command, capture_output=True, text=True, errors="replace")
     speed = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", done.stderr)
     if done.returncode != 0 or speed is None:
         raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
     accept = re.search(r"accept\s+=\s+([\d.]+)%", done.stderr)
     return float(speed.group(1)), done.stdout, float(accept.group(1)) / 100 if accept else 0.0
+
+
+def same_answer(one: str, other: str) -> bool:
+    """Do two printed answers agree as far as the shorter goes? (An example may print a token or a
+    drafted block past -n.)"""
+    one, other = one.rstrip(), other.rstrip()
+    return one.startswith(other) or other.startswith(one)
 
 
 # --- the benchmark -------------------------------------------------------------------------
@@ -314,11 +324,17 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         peers = llama_cpp_peers(args.llama_cpp)
         texts = ["".join(target.token_text(t) for t in prompt) for prompt in tokens]
 
+        # llama.cpp's examples read the prompt but its last token in one batch and that token with the first
+        # verification, where `run` reads the whole prompt at once: their plain answer may then differ from
+        # ours at a near-tie with no speculation at all. Each is judged against its own plain decoding.
+        peer_reference = {i: run_peer(peers["llama.cpp-lookup"], path, args.draft, text, args, plain=True)[1]
+                          for i, text in enumerate(texts)} if peers else {}
+        peer_plain_is_ours = {i: target.detokenize(reference[i]).strip() in out for i, out in peer_reference.items()}
+
         def timed_peer(method: str, i: int, rep: int) -> dict:
-            """One request through llama.cpp's own example; exact when its answer is the target's own."""
+            """One request through llama.cpp's own example; exact when its answer is llama.cpp's plain one."""
             tok_s, stdout, accepted = run_peer(peers[method], path, args.draft, texts[i], args)
-            # It may run a token or a drafted block past -n: exact when the target's own answer is in what it printed.
-            exact = target.detokenize(reference[i]).strip() in stdout
+            exact = same_answer(stdout, peer_reference[i])
             print(f"  {name} prompt {i} ({prompts[i][0]}) rep {rep} {method} {tok_s:6.2f} tok/s  acc {accepted:.2f}"
                   f"{'' if exact else '  NOT EXACT'}", flush=True)
             return {"prompt": i, "kind": prompts[i][0], "rep": rep, "tok_s": tok_s, "exact": exact,
@@ -373,7 +389,7 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
     gc.collect()
     hooks = bench_hooks(path, prompts, tokens, args) if args.hooks else {}
     return summarize(name, path, rows, hooks, costs, limit, draft_costs, ratios, priors, plans, *peak_rss, args,
-                     peers=list(peers))
+                     peers=list(peers), peer_plain_is_ours=peer_plain_is_ours)
 
 
 def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
@@ -395,7 +411,7 @@ def bench_hooks(path: Path, prompts, tokens, args) -> dict[str, list[dict]]:
 
 
 def summarize(name, path, rows, hooks, costs, limit, draft_costs, learned, priors, plans, rss_plain, rss_spec,
-              args, peers: list[str]) -> dict:
+              args, peers: list[str], peer_plain_is_ours: dict[int, bool]) -> dict:
     main = {m: [r for r in rs if r["rep"] < args.reps] for m, rs in rows.items()}  # every prompt equally often
     plain = {(r["prompt"], r["rep"]): r["tok_s"] for r in main["plain"]}
     # The noise floor: how far apart two plain runs of the same prompt came out (1.0: identical).
@@ -460,6 +476,8 @@ def summarize(name, path, rows, hooks, costs, limit, draft_costs, learned, prior
             "skipped": plans[method].skipped,
             "lookup_only": plans[method].note,
         }
+    if peers:  # on how many prompts llama.cpp's examples, drafting off, gave `run`'s own answer
+        out["llama_cpp_plain_is_ours"] = f"{sum(peer_plain_is_ours.values())}/{len(peer_plain_is_ours)}"
     for method in peers:  # llama.cpp's own examples, interleaved with the rest as every method is
         rs = main[method]
         per_prompt = {p: statistics.median(paired([r for r in rs if r["prompt"] == p])) for p in {r["prompt"] for r in rs}}
@@ -513,6 +531,9 @@ def print_report(report: dict) -> None:
               f"v(n)/v(1) {ratios}; passes of up to {t['exact_pass_limit']} tokens score exactly as one-token steps; "
               f"draft step {t['draft_step_ms']} ms (re-sync {t['draft_sync_ms']} ms); peak RSS of `edgeinfer run`: plain {t['peak_rss_plain_mib']} MiB, "
               f"with draft {t['peak_rss_speculative_mib']} MiB")
+        if "llama_cpp_plain_is_ours" in t:
+            print(f"  llama.cpp's examples with drafting off gave `run`'s own answer on {t['llama_cpp_plain_is_ours']} "
+                  "prompts; their exactness below is against that plain answer of theirs")
         if t["plain_worst_rep_ratio"]:
             print(f"  noise: two plain runs of one prompt differed by up to {1 - t['plain_worst_rep_ratio']:.0%}")
         print(f"  {'method':11s} {'tok/s':>7s} {'speedup':>8s} {'edits':>6s} {'worst':>6s} {'accept':>7s} "
