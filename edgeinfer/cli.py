@@ -333,6 +333,8 @@ def run(
         stderr.print(_stats_line(result))
         if result.stats:
             stderr.print(describe_stats(result.stats))
+    elif result.stats.get("long_context") and not as_json:
+        stderr.print(f"[yellow]{escape(result.stats['long_context'])}[/]", highlight=False)
     if result.finish_reason == "interrupted":
         raise typer.Exit(130)
 

@@ -711,10 +711,12 @@ class SpeculativeStepper:
     def stats(self) -> dict:
         c = self.counts
         rounds = c["speculative_passes"]
-        note = self.note or self._long_context_note()
+        cut = self._long_context_note()
         return {
             "drafter": self.drafter.name,
-            **({"note": note} if note else {}),
+            **({"note": self.note} if self.note else {}),
+            # A user who asked for speed and got plain decoding there should learn why without --stats.
+            **({"long_context": cut} if cut else {}),
             "drafted": c["drafted"],
             "accepted": c["accepted"],
             "rejections": c["rejections"],
@@ -769,7 +771,7 @@ def describe_stats(stats: dict) -> str:
         return f"speculative ({stats['drafter']}): {stats['skipped']}"
     copies = (f", {stats['copied']} of them copied from the context" if stats["copied"] and stats["drafter"] != NGRAM
               else "")
-    who = stats["drafter"] + (f"; {stats['note']}" if stats.get("note") else "")
+    who = "; ".join([stats["drafter"], *(stats[k] for k in ("note", "long_context") if stats.get(k))])
     return (f"speculative ({who}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
             f"({stats['acceptance_rate']:.0%}){copies}, {stats['doubts']} stops on doubt, "
             f"{stats['tokens_per_pass']:.2f} tokens per target pass, "

@@ -145,6 +145,18 @@ def test_past_256_tokens_of_context_only_the_passes_that_score_exactly_there_are
         assert fast.stats["exact_pass_limit_long"] == long
 
 
+def test_a_run_that_could_verify_nothing_past_256_tokens_says_why_and_what_helps(models, edgeinfer_home, cli):
+    # The tiny Q8_0 target over an f16 cache: passes of up to 9 tokens exact before 256, none after.
+    prompt = " ".join(["the dog and the cat sat on the mat"] * 40)
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "40", "-t", "2", prompt]
+    plain = cli(*args)
+    code, out, err = cli(*args, "--draft", "ngram")
+    assert code == 0 and out == plain.stdout
+    assert "past 256 tokens of context no pass of 2 tokens or more" in err and "--cache-type q8_0" in err
+    code, out, err = cli(*args, "--draft", "ngram", "--cache-type", "q8_0")
+    assert code == 0 and "past 256" not in err
+
+
 def test_a_q8_0_kv_cache_keeps_passes_exact_past_256_tokens_of_context(models):
     # llama.cpp gives one-token steps over a long f16 cache a kernel of their own; over a q8_0 cache, steps
     # and passes share one: what is exact in a short context stays exact in a long one.
