@@ -374,7 +374,8 @@ def bench_target(name: str, path: Path, draft, prompts, peak_rss: tuple[int, int
         for extra in range(args.confirm):
             rep = args.reps + extra
             for method, i in suspects:
-                order = ("plain", method) if extra % 2 == 0 else (method, "plain")
+                # ABBA goes on where the repetitions left off: after one repetition (plain first), the method first.
+                order = ("plain", method) if rep % 2 == 0 else (method, "plain")
                 done = {m: timed(m, i, rep) for m in order}
                 done[method]["plain"] = done["plain"]
                 rows[method].append(done[method])
