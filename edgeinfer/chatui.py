@@ -43,6 +43,7 @@ def loop(session: ChatSession, console: Console, history_file: Path, stats_line:
     read = _terminal_reader(history_file) if interactive else _plain_reader()
     console.print(f"[dim]chatting with {escape(session.conversation.model)}; /help for commands, Ctrl-D to leave[/]")
     failure = 0
+    told: set[str] = set()  # notes already given in this conversation
     while True:
         try:
             text = read()
@@ -53,7 +54,7 @@ def loop(session: ChatSession, console: Console, history_file: Path, stats_line:
                 if _command(text.strip(), session, console, stats_line) == "exit":
                     break
             else:
-                _answer(session, text, console)
+                _answer(session, text, console, told)
         except EOFError:
             break
         except EdgeinferError as exc:
@@ -68,7 +69,7 @@ def _check_text(text: str) -> None:
         raise UsageError("the line is not UTF-8 text; it was not sent")
 
 
-def _answer(session: ChatSession, text: str, console: Console) -> None:
+def _answer(session: ChatSession, text: str, console: Console, told: set[str]) -> None:
     def write(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -77,6 +78,11 @@ def _answer(session: ChatSession, text: str, console: Console) -> None:
     sys.stdout.write("\n")
     if reply.result.finish_reason == "interrupted":
         console.print("[dim]\\[answer stopped][/]")
+    # Why --draft ran at plain speed past 256 tokens of context, and what helps: once a conversation.
+    cut = reply.result.stats.get("long_context")
+    if cut and cut not in told:
+        told.add(cut)
+        console.print(f"[yellow]{escape(cut)}[/]", highlight=False)
     if reply.dropped_turns:
         console.print(f"[yellow]the conversation outgrew the context: the {reply.dropped_turns} oldest messages were dropped[/]")
 

@@ -155,6 +155,10 @@ def test_a_run_that_could_verify_nothing_past_256_tokens_says_why_and_what_helps
     assert "past 256 tokens of context no pass of 2 tokens or more" in err and "--cache-type q8_0" in err
     code, out, err = cli(*args, "--draft", "ngram", "--cache-type", "q8_0")
     assert code == 0 and "past 256" not in err
+    # A chat says it once, not after every answer.
+    chat = cli("chat", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--draft", "ngram",
+               input=" ".join(["the dog and the cat sat on the mat"] * 26) + "\nand the dog\n")
+    assert chat.exit_code == 0 and chat.stderr.count("past 256 tokens of context") == 1
 
 
 def test_a_q8_0_kv_cache_keeps_passes_exact_past_256_tokens_of_context(models):
