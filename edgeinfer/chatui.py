@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from edgeinfer.chat import ChatSession, Conversation, is_text
 from edgeinfer.errors import EdgeinferError, UsageError
+from edgeinfer.render import print_note
 
 HELP = """\
 /help           this help
@@ -82,7 +83,7 @@ def _answer(session: ChatSession, text: str, console: Console, told: set[str]) -
     cut = reply.result.stats.get("long_context")
     if cut and cut not in told:
         told.add(cut)
-        console.print(f"[yellow]{escape(cut)}[/]", highlight=False)
+        print_note(console, cut)
     if reply.dropped_turns:
         console.print(f"[yellow]the conversation outgrew the context: the {reply.dropped_turns} oldest messages were dropped[/]")
 

@@ -334,7 +334,9 @@ def run(
         if result.stats:
             stderr.print(describe_stats(result.stats))
     elif result.stats.get("long_context") and not as_json:
-        stderr.print(f"[yellow]{escape(result.stats['long_context'])}[/]", highlight=False)
+        from edgeinfer.render import print_note
+
+        print_note(stderr, result.stats["long_context"])
     if result.finish_reason == "interrupted":
         raise typer.Exit(130)
 

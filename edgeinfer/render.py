@@ -23,6 +23,11 @@ from rich.progress import (
 from edgeinfer.progress import ProgressReporter, SilentProgress
 
 
+def print_note(console: Console, message: str) -> None:
+    """A line worth telling the user beside the answer or the bar (a fallback, a setting that cost speed)."""
+    console.print(f"[yellow]{escape(message)}[/]", highlight=False)
+
+
 class RichProgress:
     """One visible bar at a time: each `start` finishes the previous phase."""
 
@@ -40,7 +45,7 @@ class RichProgress:
             self._progress.advance(self._task, amount)
 
     def note(self, message: str) -> None:
-        self._progress.console.print(f"[yellow]{escape(message)}[/]", highlight=False)
+        print_note(self._progress.console, message)
 
 
 class _KeptNotes(SilentProgress):

@@ -574,7 +574,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=2048)
-    parser.add_argument("--cache-type", default="f16", help="the KV cache's type, as `run --cache-type`")
+    parser.add_argument("--cache-type", default="f16", choices=list(machine.KV_CACHE_TYPES),
+                        help="the KV cache's type, as `run --cache-type`")
     parser.add_argument("--draft-max", type=int, default=8)
     parser.add_argument("--p-min", type=float, default=0.75)
     parser.add_argument("--targets", default="q4,q8", help="which targets: q4, q8 or both")

@@ -168,10 +168,6 @@ def test_prompt_longer_than_the_context_names_both_lengths(tiny_model, cli, edge
 
 
 def test_non_utf8_stdin_is_refused(tiny_model, edgeinfer_home):
-    import subprocess
-
-    from conftest import subprocess_env
-
     done = subprocess.run([sys.executable, "-m", "edgeinfer", "run", "-m", str(tiny_model), "hi"],
                           input=b"\xff\xfe\x00bad", capture_output=True, env=subprocess_env())
     assert done.returncode == 2
@@ -217,8 +213,6 @@ def test_python_api_streams_the_same_text(tiny_model, edgeinfer_home):
 
 def test_ctrl_c_ends_run_with_the_text_so_far_and_exit_130(tiny_model, edgeinfer_home):
     import pexpect
-
-    from conftest import subprocess_env
 
     for _ in range(3):  # on a busy machine the answer may end before Ctrl-C arrives: then try again
         child = pexpect.spawn(sys.executable, ["-m", "edgeinfer", "run", "-m", str(tiny_model), "-c", "4096", "--raw",
