@@ -277,7 +277,10 @@ def _stats_line(result) -> str:
     line = (f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated; "
             f"first token {result.time_to_first_token * 1000:.0f} ms, prompt {result.prompt_tokens_per_second:.1f} tok/s, "
             f"generation {result.generation_tokens_per_second:.1f} tok/s; finish: {result.finish_reason}")
-    return line
+    from edgeinfer.threads import describe
+
+    shared = describe(result.threads)
+    return line + (f"\n{shared}" if shared else "")
 
 
 @app.command()
@@ -460,6 +463,8 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     for d in report.devices:
         table.add_row(f"device {d.name}", f"{d.description} ({d.kind}), {_size(d.memory_free)} free of {_size(d.memory_total)}")
     table.add_row("CPU", f"{report.cpu}; {report.physical_cores} physical cores; {' '.join(report.cpu_flags)}")
+    table.add_row("CPU load", f"other programs keep {report.cpu_busy:.1f} of {report.usable_cores} usable cores busy; "
+                              f"run would start with {report.default_threads} thread{'s' if report.default_threads > 1 else ''}")
     table.add_row("memory", f"{_size(report.memory_available)} available of {_size(report.memory_total)}")
     table.add_row("store", f"{report.store} ({_size(report.store_size)})")
     for m in report.models:

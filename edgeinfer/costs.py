@@ -17,6 +17,10 @@ from pathlib import Path
 from statistics import median
 
 _STALE_SECONDS = 7 * 24 * 3600  # a verdict older than this is learned again: machines and builds change
+# The timings of an entry: what another program's load distorts (a draft step measured beside a busy
+# program came out at 0.73 of a target step against 0.29 on a quiet machine). Rates and exactness are not.
+TIMINGS = ("steps", "passes", "draft_steps", "draft_syncs", "catch_ups")
+REEXAMINE = 0.67  # plain steps this much faster than the recorded ones: the recorded timings were a bad minute
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -106,6 +110,7 @@ class CostModel:
         self.exact: tuple[int, int] | None = None  # (agreeing, tried)
         self.exact_long: int | None = None  # agreeing, of those tried, past speculative.LONG_CONTEXT tokens of context
         self.updated = 0.0  # when this was last measured (seconds since the epoch)
+        self.forgotten = False  # its timings were dropped (outdated_by) and must be dropped in the file too
 
     # --- observing ---------------------------------------------------------------
 
@@ -260,6 +265,19 @@ class CostModel:
         model.updated = float(data.get("updated", 0.0))
         return model
 
+    def outdated_by(self, step: float) -> bool:
+        """Are the recorded timings from a slower moment than now, where a one-token step takes `step` s?"""
+        recorded = self.measured(1)
+        return recorded is not None and step < REEXAMINE * recorded
+
+    def forget_timings(self) -> None:
+        """Drop what was timed (kept: the rates and which passes are exact), to be measured again."""
+        self.steps.clear()
+        self.passes.clear()
+        for samples in (self.draft_steps, self.draft_syncs, self.catch_ups):
+            samples.clear()
+        self.forgotten = True
+
     @property
     def fresh(self) -> bool:
         return time.time() - self.updated < _STALE_SECONDS
@@ -351,13 +369,22 @@ class CostBook:
         """The remembered model, or a new one that this book will save."""
         return self.peek(key) or self._models.setdefault(key.text(), CostModel())
 
-    def save(self) -> None:
+    def save(self, trusted: bool = True) -> None:
+        """Merge this process's models into the file. Untrusted (timed while other programs shared the CPU):
+        their timings are not the machine's and are not kept; the file's earlier ones stay."""
         if self.path is None or not self._models:
             return
         from edgeinfer.store import atomic_write_text
 
         data = self._read()  # again: another run may have saved since (merge, do not overwrite)
-        data.update({k: m.to_json() for k, m in self._models.items() if m.steps})
+        for key, model in self._models.items():
+            if not (model.steps or model.forgotten):
+                continue
+            entry = model.to_json()
+            if not trusted:
+                earlier = data.get(key) if isinstance(data.get(key), dict) else {}
+                entry.update({name: earlier.get(name, {} if name == "passes" else []) for name in TIMINGS})
+            data[key] = entry
         try:
             atomic_write_text(self.path, json.dumps(data))
         except OSError:

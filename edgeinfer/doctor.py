@@ -11,7 +11,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeinfer import __version__, machine
+from edgeinfer import __version__, machine, threads
 from edgeinfer.engine import DEFAULT_CTX
 from edgeinfer.errors import EdgeinferError
 from edgeinfer.ggufinfo import inspect
@@ -52,6 +52,9 @@ class Report:
     cpu: str
     cpu_flags: list[str]
     physical_cores: int
+    usable_cores: int  # the physical cores within a container's CPU quota
+    cpu_busy: float  # cores other programs kept busy over the half second doctor looked
+    default_threads: int  # what run and chat would start with now (they follow the load from there)
     memory_total: int
     memory_available: int
     python: str
@@ -79,6 +82,9 @@ def diagnose(lib: Library) -> Report:
         cpu=machine.cpu_name(),
         cpu_flags=list(machine.cpu_flags()),
         physical_cores=machine.physical_cores(),
+        usable_cores=(usable := machine.usable_cores()),
+        cpu_busy=round(busy := machine.others_busy(window=0.5, fresh=0.0), 2),
+        default_threads=threads.choose(usable, busy),
         memory_total=machine.total_memory(),
         memory_available=machine.available_memory(),
         python=platform.python_version(),

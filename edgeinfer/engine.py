@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgeinfer import machine
+from edgeinfer import machine, threads
 from edgeinfer.errors import GenerationError, InvalidModelError, UsageError
 from edgeinfer.ggufinfo import GGUFInfo, inspect
 from edgeinfer.sampling import Sampler, SamplingParams
@@ -34,7 +34,7 @@ DEFAULT_CTX = 4096
 @dataclass(frozen=True)
 class LoadOptions:
     n_ctx: int | None = None  # None: the model's training context, at most DEFAULT_CTX
-    n_threads: int | None = None  # None: the physical cores
+    n_threads: int | None = None  # None: chosen from the free cores, and adapted while generating (threads.py)
     n_gpu_layers: int | None = None  # None: all layers on a GPU build, 0 on a CPU build
     n_batch: int = 512
     verbose: bool = False
@@ -56,8 +56,8 @@ class LoadOptions:
 
     @property
     def threads(self) -> int:
-        """The threads llama.cpp will use: as given, else the physical cores."""
-        return self.n_threads or machine.physical_cores()
+        """The most threads llama.cpp will use: as given, else the usable cores."""
+        return self.n_threads or machine.usable_cores()
 
 
 def check_context(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> str | None:
@@ -82,16 +82,21 @@ def load(path: Path, options: LoadOptions = LoadOptions(), cache_file: Path | No
 
 class Model:
     def __init__(self, path: Path, info: GGUFInfo, options: LoadOptions, n_ctx: int) -> None:
+        init_backend(options.verbose)
         import llama_cpp
 
         self._ll = llama_cpp
-        init_backend(options.verbose)
         self.path, self.info, self.n_ctx = path, info, n_ctx
         self.n_batch = min(options.n_batch, n_ctx)
-        self.n_threads = options.threads
+        self.n_threads = options.threads  # the most it uses: the cost book's key
         self.n_gpu_layers = options.n_gpu_layers
         self.cache_type = options.cache_type
         self._model = self._load_model(path, options)
+        # --threads is obeyed as given; the default starts from the cores other programs left free during
+        # the load, and follows their load from there.
+        self.tuner: threads.ThreadTuner | None = threads.start(self.n_threads, machine.others_busy(),
+                                                               fixed=options.n_threads is not None)
+        self._load_mark = machine.cpu_sample()
         self._owns_model = True
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -110,6 +115,7 @@ class Model:
         KV cache (a prompt already read) alone. Closing it frees its context only."""
         other = copy.copy(self)
         other.n_ctx, other.n_batch, other._owns_model = n_ctx, min(self.n_batch, n_ctx), False
+        other.tuner = None  # (measurements there must not move this context's threads)
         other._open_context()
         return other
 
@@ -127,7 +133,7 @@ class Model:
         params.n_ctx = self.n_ctx
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = 1
-        params.n_threads = params.n_threads_batch = self.n_threads
+        params.n_threads = params.n_threads_batch = self.threads_now
         params.type_k = params.type_v = machine.KV_CACHE_TYPES[self.cache_type][0]
         params.no_perf = True
         ctx = ll.llama_init_from_model(self._model, params)
@@ -214,7 +220,10 @@ class Model:
             batch.seq_id[i][0] = 0
             batch.logits[i] = all_logits or i == n - 1
         batch.n_tokens = n
+        start = time.perf_counter()
         code = self._ll.llama_decode(self._ctx, batch)
+        if self.tuner is not None and code == 0:
+            self._retune(n, time.perf_counter() - start)
         if code != 0:
             raise GenerationError(f"llama.cpp could not evaluate the batch (llama_decode returned {code})")
         self.cached.extend(tokens)
@@ -222,6 +231,26 @@ class Model:
         first = 0 if all_logits else n - 1
         ptr = self._ll.llama_get_logits_ith(self._ctx, first)
         return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
+
+    @property
+    def contended(self) -> bool:
+        """Did other programs share the CPU while this model loaded or decoded?"""
+        return self.tuner is not None and self.tuner.contended
+
+    @property
+    def threads_now(self) -> int:
+        return self.tuner.now if self.tuner is not None else self.n_threads
+
+    def _retune(self, size: int, seconds: float) -> None:
+        """Follow other programs' load: a look at /proc/stat every ThreadTuner.LOOK seconds."""
+        self.tuner.observe(size, seconds)
+        now = machine.cpu_sample()
+        if now.wall - self._load_mark.wall < self.tuner.LOOK:
+            return
+        before = self.tuner.now
+        if self.tuner.observe_load(now.others_since(self._load_mark)) != before:
+            self._ll.llama_set_n_threads(self._ctx, self.tuner.now, self.tuner.now)
+        self._load_mark = now
 
     def truncate(self, n: int) -> None:
         """Forget every cached position from `n` on.
@@ -295,6 +324,7 @@ class GenerationResult:
     total_seconds: float
     tokens: tuple[int, ...] = ()
     stats: dict = field(default_factory=dict)  # extra figures from the stepper (speculative decoding)
+    threads: dict = field(default_factory=dict)  # what other programs' load did to the run (threads.ThreadTuner)
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -316,6 +346,7 @@ class GenerationResult:
             "generation_tokens_per_second": round(self.generation_tokens_per_second, 2),
             "total_s": round(self.total_seconds, 4),
             **({"speculative": self.stats} if self.stats else {}),
+            **({"threads": self.threads} if self.threads else {}),
         }
 
 
@@ -365,6 +396,7 @@ def generate(
         total_seconds=time.perf_counter() - start,
         tokens=tuple(produced),
         stats=stats() if callable(stats) else {},
+        threads=model.tuner.summary() if model.tuner is not None else {},
     )
 
 

@@ -10,6 +10,8 @@ import functools
 import os
 import platform
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgeinfer.errors import ResourceError, UsageError
@@ -41,6 +43,77 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, min(usable, len(cores) or usable))
+
+
+def usable_cores() -> int:
+    """The cores llama.cpp may keep busy: the physical cores, within a container's CPU quota (cgroup v2 or v1)."""
+    cores = physical_cores()
+    quota = cpu_quota()
+    return max(1, min(cores, int(quota + 0.5))) if quota else cores
+
+
+def cpu_quota() -> float | None:
+    """The cores' worth of CPU time a cgroup grants this process per period, if it is limited."""
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            if parse:
+                quota, period = parse(Path(path).read_text())
+            else:
+                quota = Path(path).read_text().strip()
+                period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+            if quota not in ("max", "-1") and int(period) > 0:
+                return int(quota) / int(period)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """What the CPUs and this process had done by one moment: the other programs' share follows from two."""
+
+    wall: float  # seconds (monotonic)
+    busy: float  # seconds of CPU time all programs had used, all cores together (0 where unknown)
+    own: float  # seconds of CPU time this process had used
+
+    def others_since(self, earlier: "CpuSample") -> float:
+        """Cores kept busy by other programs between `earlier` and this sample (0 if it cannot tell)."""
+        wall = self.wall - earlier.wall
+        if wall <= 0 or not self.busy:
+            return 0.0
+        return max(0.0, ((self.busy - earlier.busy) - (self.own - earlier.own)) / wall)
+
+
+def cpu_sample() -> CpuSample:
+    """/proc/stat's busy time (all but idle and iowait) and this process's own; Linux only (elsewhere 0)."""
+    busy = 0.0
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()[1:]
+        ticks = [int(x) for x in fields[:8]]
+        # All but idle and iowait (steal, a hypervisor's other guests, counts: that core is gone).
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    times = os.times()
+    return CpuSample(time.monotonic(), busy, times.user + times.system)
+
+
+_last_sample = [cpu_sample()]  # the process's start: a load's window begins here or at the last look
+
+
+def others_busy(window: float = 0.1, fresh: float = 5.0) -> float:
+    """Cores other programs kept busy over the last `window` seconds or more: since the last look (the
+    process's start, at first), or over a new window when that was long ago (`fresh` seconds)."""
+    earlier = _last_sample[0]
+    if time.monotonic() - earlier.wall > fresh:
+        earlier = cpu_sample()
+    rest = window - (time.monotonic() - earlier.wall)
+    if rest > 0:
+        time.sleep(rest)
+    now = _last_sample[0] = cpu_sample()
+    return now.others_since(earlier)
 
 
 @functools.cache  # /proc/cpuinfo does not change under a running process

@@ -222,28 +222,45 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
                 cache_file: Path | None = None) -> Iterator[Callable | None]:
     """Load the draft (if any) beside a loaded target; yields the stepper factory for `generate`.
 
-    What the steppers measured is saved to the plan's cost book on the way out.
+    What the steppers measured is saved to the plan's cost book on the way out: their timings only if no
+    other program shared the CPU meanwhile, so that a busy minute does not become the machine's figures.
     """
     options = plan.options
     if options is None:
         yield None
         return
     factory = modelless_factory(plan, max_tokens)
-    if plan.skipped:  # nothing measured: nothing to save
+    if plan.skipped:
         yield factory
+        _reexamine(plan, target)
         return
+    loaded = [target]
     try:
         if factory is not None:
             yield factory
             return
-        draft_load = replace(target_load, n_ctx=target.n_ctx, n_threads=options.n_threads or target.n_threads,
+        draft_load = replace(target_load, n_ctx=target.n_ctx, n_threads=options.n_threads or target_load.n_threads,
                              n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None
                              else target_load.n_gpu_layers)
         with load(plan.draft_path, draft_load, cache_file) as draft:
+            loaded.append(draft)
             drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=options.lookup)
             yield stepper_factory(lambda: drafter, options, max_tokens, plan.book)
     finally:
-        plan.book.save()
+        plan.book.save(trusted=not any(model.contended for model in loaded))
+
+
+def _reexamine(plan: SpeculationPlan, target: Model) -> None:
+    """A plan skipped on remembered timings is questioned when this run's plain steps were much faster than
+    those (even beside another program: then the record came from a worse minute still): the next run
+    measures again instead of staying plain."""
+    step = target.tuner.typical_step() if target.tuner is not None else None
+    costs = plan.book.peek(pair_key(target.path, plan.drafter_name, target.n_threads, target.n_gpu_layers,
+                                    target.cache_type))
+    if step is None or costs is None or not costs.outdated_by(step):
+        return
+    costs.forget_timings()
+    plan.book.save()
 
 
 def modelless_factory(plan: SpeculationPlan, max_tokens: int | None = None) -> Callable | None:
