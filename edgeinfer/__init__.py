@@ -6,7 +6,3 @@ Heavy dependencies (llama_cpp, numpy, huggingface_hub) are imported only where n
 """
 
 __version__ = "0.1.0"
-
-from edgeinfer.threads import prepare_openmp
-
-prepare_openmp()  # before any llama.cpp library loads: OpenMP reads its barrier policy once, at load

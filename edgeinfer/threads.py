@@ -2,29 +2,16 @@
 while it generates, so that another busy program slows a run down instead of stalling it.
 
 llama.cpp's threads meet at a barrier hundreds of times per token; when another program takes a core,
-one of them waits for its turn and the others wait for it. Fewer threads than cores then win. The
-numbers and the reasons are in docs/threads.md.
+one of them waits for its turn and the others wait for it. Fewer threads than cores then win. OpenMP's
+barrier spin is left at libgomp's default: no other setting measured better both idle and under load.
+The numbers and the reasons are in docs/threads.md.
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
-
-# How long an OpenMP thread spins at a barrier before it sleeps. libgomp's default (300,000 spins) is
-# for a machine of one's own; on a shared one a spinning thread takes the core its partner needs to
-# arrive. Measured (docs/threads.md): this keeps idle speed and bounds the loss under load.
-SPIN_COUNT = "10000"
-
-
-def prepare_openmp() -> None:
-    """Set OpenMP's barrier policy before llama.cpp's library loads (libgomp reads it once, at load);
-    a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
-
 
 def choose(usable: int, others_busy: float) -> int:
     """Threads for a model about to load: the usable cores less those other programs keep busy (a core

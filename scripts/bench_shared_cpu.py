@@ -10,8 +10,9 @@ In each, the configurations run interleaved (the order rotates every repetition)
 medians are reported, with ratios to the best fixed thread count of the same condition:
   default        edgeinfer's choice (no --threads);
   -t N           each fixed thread count from 1 to the usable cores;
-  -t N spin=S    -t N with libgomp's default barrier spin (GOMP_SPINCOUNT=300000): edgeinfer before it
-                 set its own (the "today's default" of the issue);
+  -t N spin=S    -t N with OpenMP's barrier spin count set (GOMP_SPINCOUNT, --spin; 0 is
+                 OMP_WAIT_POLICY=PASSIVE); -t <usable cores> alone is edgeinfer's default before
+                 threads.py (the "today's default" of the issue);
   llama-bench    llama.cpp's own tool with its default threads (--llama-cpp DIR), where given.
 
 --draft-target T --draft D adds the cost book check: with a fresh store, a plain run and a
@@ -40,7 +41,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PROMPT = "Write a Python function that parses an ISO 8601 date string and returns a datetime, with error handling."
-OLD_SPIN = "300000"  # libgomp's own default when OMP_WAIT_POLICY is unset
 
 
 def busy_loop(seconds_on: float, seconds_off: float, limit: float) -> subprocess.Popen:
@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--conditions", default="idle,hog,flap")
-    parser.add_argument("--spin", default=OLD_SPIN, help="GOMP_SPINCOUNT values to compare at the most threads")
+    parser.add_argument("--spin", default="", help="GOMP_SPINCOUNT values to compare at the most threads, e.g. "
+                        "300000,10000,1000,0 (libgomp's default is 300000)")
     parser.add_argument("--llama-cpp", type=Path, help="folder with llama.cpp's llama-bench (not built here)")
     parser.add_argument("--draft-target", help="target for the cost book check (the issue: the Q8_0 1.5B)")
     parser.add_argument("--draft", default="auto", help="--draft value for the cost book check")
