@@ -151,7 +151,8 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     for row in rows:
         # A path cut short is no path: it folds; a description may be cut.
         where = Text(str(row.path), overflow="fold") if row.present else Text(row.description, overflow="ellipsis", no_wrap=True)
-        table.add_row(row.name, row.quantization, _size(row.size), "yes" if row.present else "-", where)
+        present = ("yes" if row.registered else "unregistered") if row.present else "-"
+        table.add_row(row.name, row.quantization, _size(row.size), present, where)
     (stdout if stdout.is_terminal else Console(width=1000, highlight=False)).print(table)  # a pipe: whole lines
 
 

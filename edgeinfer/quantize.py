@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeinfer import config
-from edgeinfer.errors import ConversionError, EdgeinferError, Interrupted, UsageError
+from edgeinfer.errors import ConversionError, EdgeinferError, Interrupted, ResourceError, UsageError
 from edgeinfer.machine import check_threads
 from edgeinfer.progress import ProgressReporter, SilentProgress
 from edgeinfer.store import Store, check_free_space, sha256_file
@@ -53,7 +53,7 @@ TYPE_FOR_BITS = {4: "Q4_K_M", 8: "Q8_0"}
 _ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
 # llama.cpp refuses these without an importance matrix.
 _NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
-# Rough bits per weight, only to check free disk space before starting.
+# Bits per weight of a quantized tensor, rather more than less, only to check free disk space before starting.
 _BITS_ESTIMATE = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.6, "Q5_0": 5.5,
                   "Q5_1": 6, "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5}
 _HF_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
@@ -147,25 +147,33 @@ def quantize(
     _check_writable(final)
     if final.exists() and src.path.is_file() and final.samefile(src.path):
         raise UsageError(f"the output {final} is the source itself; write the quantized model elsewhere")
-    if final.exists() and not force:
-        raise UsageError(f"{final} already exists; pass --force to replace it")
-    work = final.parent / f".{final.name}.work"
-    shutil.rmtree(work, ignore_errors=True)  # left by a run that was killed while converting
-    try:
-        with _Quantizer(orphaned=work) as quantizer:  # llama.cpp loads in the child while the input is prepared
-            unquantized, seconds_convert, warnings = _unquantized_gguf(src, work, final, qtype, progress)
+    # One quantization to an output at a time: two would share its partial file. The second one waits,
+    # then finds the output there (or, with --force, replaces it).
+    waiting = f"another edgeinfer is writing {final}; waiting for it to finish"
+    with store.exclusive(f"quantize:{final}", on_wait=lambda: progress.note(waiting)):
+        if final.exists() and not force:
+            raise UsageError(f"{final} already exists; pass --force to replace it")
+        work = final.parent / f".{final.name}.work"
+        partial = final.with_name(f".{final.name}.incomplete")
+        shutil.rmtree(work, ignore_errors=True)  # left by a run that was killed while converting
+        try:
+            with _Quantizer(orphaned=work) as quantizer:  # llama.cpp loads in the child while the input is prepared
+                unquantized, seconds_convert, warnings = _unquantized_gguf(src, work, final, qtype, progress)
+                started = time.perf_counter()
+                report = quantizer.run(unquantized, partial, ftype, threads, imatrix, progress)
+                seconds_quantize = time.perf_counter() - started
+            # Hashed before its rename, and recorded before it, so that the output appears registered or not at all.
+            model = store.place(name, partial, final, sha256=sha256_file(partial), source=f"quantize:{src.label}",
+                                quantization=qtype)
+            if src.download is not None:  # (kept after a failure, so that the next attempt resumes it)
+                shutil.rmtree(src.download, ignore_errors=True)
             started = time.perf_counter()
-            report = quantizer.run(unquantized, final, ftype, threads, imatrix, progress)
-            seconds_quantize = time.perf_counter() - started
-        model = store.register(name, final, sha256=sha256_file(final), source=f"quantize:{src.label}", quantization=qtype)
-        if src.download is not None:  # (kept after a failure, so that the next attempt resumes it)
-            shutil.rmtree(src.download, ignore_errors=True)
-        started = time.perf_counter()
-        quality = _evaluate(unquantized, final, threads, progress, store, name) if evaluate else None
-        seconds_eval = time.perf_counter() - started
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        store.drop_empty_folders(final.parent)  # the store folder made for an output that never came
+            quality = _evaluate(unquantized, final, threads, progress, store, name) if evaluate else None
+            seconds_eval = time.perf_counter() - started
+        finally:
+            partial.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+            store.drop_empty_folders(final.parent)  # the store folder made for an output that never came
     if report.requantized:
         warnings += (f"{src.path.name} was already quantized ({', '.join(report.requantized)}); requantizing loses more "
                      "quality than quantizing from F16/BF16",)
@@ -309,12 +317,11 @@ def _unquantized_gguf(src: _Source, work: Path, final: Path, qtype: str,
     process, reports the tensor types itself.
     """
     if src.kind == "gguf":
-        check_free_space(final.parent, int(src.size * min(1.0, _BITS_ESTIMATE.get(qtype, 8.5) / 16)) + (16 << 20))
+        check_free_space(final.parent, estimate_output_size(src.path, qtype))
         return src.path, 0.0, ()
     from edgeinfer.convert import convert_hf_to_gguf
 
-    parameters = _count_parameters(src.path)
-    check_free_space(final.parent, src.size + _estimate_size(parameters, qtype))
+    check_free_space(final.parent, src.size + estimate_output_size(src.path, qtype))
     work.mkdir(parents=True, exist_ok=True)
     result = convert_hf_to_gguf(src.path, work / f"{src.name}.gguf", name=src.name, progress=progress)
     return result.path, result.seconds, result.warnings
@@ -334,14 +341,54 @@ def _evaluate(unquantized: Path, final: Path, threads: int | None, progress: Pro
         raise
 
 
-def _count_parameters(folder: Path) -> int:
+def estimate_output_size(source: Path, qtype: str) -> int:
+    """About how many bytes quantizing `source` (a GGUF file, or a Hugging Face model folder) to `qtype` writes,
+    rather more than less: it is asked for before starting, so that a full disk is found then."""
+    if source.is_dir():
+        tensors, other = _hf_tensors(source), sum(p.stat().st_size for p in source.glob("tokenizer*.json"))
+    else:
+        tensors, other = _gguf_tensors(source)
+    has_output = any(name in _OUTPUT_NAMES for name, _ in tensors)
+    bits = 0.0
+    for name, shape in tensors:
+        tensor_bits = _bits_per_weight(shape, qtype)
+        if name in _OUTPUT_NAMES or (not has_output and name in _EMBEDDING_NAMES):
+            tensor_bits = max(tensor_bits, _BITS_ESTIMATE["Q6_K"])  # llama.cpp keeps the output at Q6_K or better
+        bits += math.prod(shape) * tensor_bits
+    return int(bits / 8 * 1.05) + other + (1 << 20)
+
+
+def _bits_per_weight(shape: tuple[int, ...], qtype: str) -> float:
+    """What one weight of a tensor (shape with its rows first, as ggml orders it) costs in the output."""
+    if len(shape) < 2:
+        return 32  # norms and biases stay F32
+    bits = _BITS_ESTIMATE.get(qtype, 8.5)
+    if shape[0] % 32:
+        return max(bits, 16)  # rows that fit no block: llama.cpp falls back to F16
+    if shape[0] % 256 and ("_K" in qtype or qtype.startswith(("IQ", "TQ"))):
+        return max(bits, 8.5)  # rows that fit no 256-block: a 32-block type instead, Q8_0 at worst
+    return bits
+
+
+def _gguf_tensors(path: Path) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    """The tensors of a GGUF file (name, shape rows first), and the bytes of everything else in it."""
+    from edgeinfer.ggufinfo import validate
+
+    reader = validate(path)
+    tensors = [(t.name, tuple(int(d) for d in t.shape)) for t in reader.tensors]
+    return tensors, path.stat().st_size - sum(int(t.n_bytes) for t in reader.tensors)
+
+
+def _hf_tensors(folder: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors of a Hugging Face checkpoint, shapes reversed into ggml's order (rows first)."""
     from edgeinfer.convert.weights import index_weights
 
-    return sum(entry.n_elements for entry in index_weights(folder).values())
+    return [(name, tuple(reversed(entry.shape))) for name, entry in index_weights(folder).items()]
 
 
-def _estimate_size(parameters: int, qtype: str) -> int:
-    return int(parameters * _BITS_ESTIMATE.get(qtype, 8.5) / 8 * 1.05) + (16 << 20)
+_OUTPUT_NAMES = {"output.weight", "lm_head.weight"}
+_EMBEDDING_NAMES = {"token_embd.weight", "model.embed_tokens.weight"}
+_FULL_DISK = 16 << 20  # free bytes left when a write failed: below this, the disk was full
 
 
 # --- quantizing, in a child process -------------------------------------------------------
@@ -387,13 +434,12 @@ class _Quantizer:
         self.process.stdout.close()
         self.stderr.close()
 
-    def run(self, source: Path, final: Path, ftype: int, threads: int | None, imatrix: Path | None,
+    def run(self, source: Path, partial: Path, ftype: int, threads: int | None, imatrix: Path | None,
             progress: ProgressReporter) -> _QuantizerReport:
-        """Quantize `source` to `final`: through a temporary name in the same folder, renamed once whole."""
+        """Quantize `source` into `partial` (a temporary name beside the output, which the caller renames)."""
         import json
 
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(f".{final.name}.incomplete")
+        partial.parent.mkdir(parents=True, exist_ok=True)
         job = {"source": str(source), "partial": str(partial), "ftype": ftype, "threads": threads or 0,
                "imatrix": str(imatrix) if imatrix else None}
         try:
@@ -404,15 +450,13 @@ class _Quantizer:
                 pass  # the child died at start; its stderr says why
             report = self._follow(progress)
             if self.process.wait() != 0 or report is None:
-                raise self._failure(source, report)
-            os.replace(partial, final)
+                raise self._failure(source, partial.parent, report)
             return report
         except KeyboardInterrupt:
             raise Interrupted("quantization interrupted; no output was written") from None
         finally:
             if self.process.poll() is None:
                 self.process.kill()
-            partial.unlink(missing_ok=True)
 
     def _follow(self, progress: ProgressReporter) -> _QuantizerReport | None:
         """Relay the child's progress; returns its report, or None if it failed."""
@@ -436,10 +480,13 @@ class _Quantizer:
                 return _QuantizerReport(**message["report"])
         return None
 
-    def _failure(self, source: Path, report: _QuantizerReport | None) -> EdgeinferError:
+    def _failure(self, source: Path, folder: Path, report: _QuantizerReport | None) -> EdgeinferError:
         from edgeinfer.ggufinfo import validate
 
         validate(source)  # a broken file: say what is wrong with it, rather than how llama.cpp failed on it
+        # llama.cpp reports a full disk as "basic_ios::clear: iostream error", with no errno to tell.
+        if shutil.disk_usage(folder).free < _FULL_DISK:
+            return ResourceError(f"the disk holding {folder} filled up while quantizing; free some space and try again")
         if self.error:
             return EdgeinferError(f"llama.cpp's quantizer failed: {self.error}")
         self.stderr.seek(0)

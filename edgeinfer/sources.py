@@ -26,9 +26,9 @@ from pathlib import Path
 
 from edgeinfer import config
 from edgeinfer.catalog import HubFileRef, HubQuantRef, HubSource, PyPISource, check_relative_name
-from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, SourceError
+from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, ResourceError, SourceError
 from edgeinfer.progress import ProgressReporter
-from edgeinfer.store import atomic_write_text, check_free_space, disk_full_error, verify_sha256
+from edgeinfer.store import atomic_write_text, check_free_space, disk_full_error, room_for_writing, verify_sha256
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COPY_CHUNK = 1 << 20
@@ -44,38 +44,41 @@ class Fetched:
 # --- the hub ---------------------------------------------------------------------
 
 
-def fetch_from_hub(source: HubSource, staging: Path, progress: ProgressReporter) -> Fetched:
-    """Download one hub file into `staging` (resuming a previous attempt) and verify it."""
+def fetch_from_hub(source: HubSource, staging: Path, progress: ProgressReporter, size: int | None = None) -> Fetched:
+    """Download one hub file into `staging` (resuming a previous attempt) and verify it.
+
+    size: what the catalog says the file weighs; the hub's own figure wins when it gives one.
+    """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     label = f"hf:{source.repo}/{source.file}@{source.revision}"
-    with hub_access(f"{source.repo}/{source.file}"):
+    what = f"{source.repo}/{source.file}"
+    with hub_access(what):
         url = hf_hub_url(source.repo, source.file, revision=source.revision)
         meta = get_hf_file_metadata(url)
         expected = source.sha256 or _lfs_sha256(meta.etag)
         if expected is None:
             raise ChecksumError(f"the hub publishes no sha256 for {source.file} and the catalog gives none; refusing an unverified file")
-        if meta.size:
-            check_free_space(staging, meta.size)
         try:
-            path = _download_resuming(url, meta, staging / Path(source.file).name, progress)
+            path = _download_resuming(url, meta, staging / Path(source.file).name, meta.size or size, progress, what)
         except OSError as exc:
             raise disk_full_error(exc, staging) or exc
     progress.start(f"verifying {source.file}", path.stat().st_size)
     return Fetched(path, verify_sha256(path, expected, progress.advance), label)
 
 
-def _download_resuming(url: str, meta, target: Path, progress: ProgressReporter) -> Path:
+def _download_resuming(url: str, meta, target: Path, size: int | None, progress: ProgressReporter, what: str) -> Path:
     """Fetch the file's bytes into `<target>.incomplete`, continuing whatever an earlier pull left there.
 
     huggingface_hub 2.x writes each download to a temporary file unique to its
-    process and restarts from zero after a crash, so the bytes are fetched here
-    with its `http_get`, which asks the server for the rest with a Range request.
+    process and restarts from zero after a crash, and its `http_get` writes whatever
+    the server sends, for as long as it sends it. So the bytes are fetched here,
+    over huggingface_hub's HTTP session, asking for the rest with a Range request,
+    never past the announced size, and giving up on a server too slow for too long.
     A partial file of another version of the file (another ETag) is discarded.
     """
     from urllib.parse import urlsplit
 
-    from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,17 +86,119 @@ def _download_resuming(url: str, meta, target: Path, progress: ProgressReporter)
     version = target.with_name(target.name + ".etag")
     if not version.is_file() or version.read_text(encoding="utf-8") != (meta.etag or ""):
         partial.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         atomic_write_text(version, meta.etag or "")
-    if meta.size is not None and partial.is_file() and partial.stat().st_size > meta.size:
+    if target.is_file() and (size is None or target.stat().st_size == size):
+        return target  # whole, from an attempt that could not place it (a full disk): verified as any download
+    if size is not None and partial.is_file() and partial.stat().st_size > size:
         partial.unlink()
+    have = partial.stat().st_size if partial.is_file() else 0
+    if size is not None:
+        check_free_space(target.parent, size - have)
+        limit = size
+    else:  # nothing announced: the download may take what the disk can spare, no more
+        limit = have + room_for_writing(target.parent)
     # Credentials stay on the hub: a redirect to a CDN gets no token.
     same_host = urlsplit(meta.location).netloc == urlsplit(url).netloc
     headers = build_hf_headers() if same_host else {}
     with partial.open("ab") as out:
-        http_get(meta.location, out, resume_size=out.tell(), headers=headers, expected_size=meta.size,
-                 displayed_filename=target.name, tqdm_class=_forwarding_tqdm(progress, f"{target.name} (hub)"))
+        _receive(meta.location, out, Download(what, f"{target.name} (hub)", limit, size is not None), headers, progress)
     os.replace(partial, target)
     return target
+
+
+@dataclass(frozen=True)
+class Download:
+    what: str  # OWNER/REPO/FILE, for messages
+    description: str  # for the progress display
+    limit: int  # never more bytes than this in the partial file
+    announced: bool  # whether `limit` is the file's announced size (or only the disk's room)
+
+
+# A download that receives less than this within STALL_TIMEOUTS read timeouts (HF_HUB_DOWNLOAD_TIMEOUT,
+# 10 s by default) fails; what it received is kept for the next pull to resume.
+STALL_BYTES = 64 << 10
+STALL_TIMEOUTS = 6
+_ATTEMPTS = 5  # connections lost in a row, without a byte between them, before giving up
+
+
+def _receive(url: str, out, download: Download, headers: dict, progress: ProgressReporter) -> None:
+    """Append the rest of the file at `url` to `out` (opened for append), reconnecting after a lost connection."""
+    import time
+
+    import httpx2
+
+    attempts = _ATTEMPTS
+    while True:
+        before, failure = out.tell(), None
+        try:
+            if _receive_once(url, out, download, headers, progress):
+                return
+        except httpx2.TransportError as exc:  # (a timeout, a reset, a connection closed mid-body)
+            failure = exc
+        attempts = _ATTEMPTS if out.tell() > before else attempts - 1
+        if attempts == 0 and failure is not None:
+            raise failure
+        if attempts == 0:
+            raise SourceError(f"hub: {download.what}: the server ended the file at {out.tell():,} of "
+                              f"{download.limit:,} bytes, {_ATTEMPTS} times in a row")
+        time.sleep(1)
+
+
+def _receive_once(url: str, out, download: Download, headers: dict, progress: ProgressReporter) -> bool:
+    """One request for the bytes from out.tell() on; whether the file is now whole (False: ask again)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
+
+    have = out.tell()
+    if download.announced and have == download.limit:
+        return True
+    asked = {**headers, "Range": f"bytes={have}-"} if have else headers
+    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    with http_stream_backoff("GET", url, headers=asked, timeout=timeout, retry_on_exceptions=(),
+                             retry_on_status_codes=(408, 429)) as response:
+        hf_raise_for_status(response)
+        if have and response.status_code == 200:  # the server ignored the Range: it sends the whole file
+            out.seek(0)
+            out.truncate()
+            have = 0
+        progress.start(download.description, download.limit if download.announced else None, have)
+        watch = _StallWatch(download.what, STALL_TIMEOUTS * timeout)
+        for chunk in response.iter_bytes():
+            room = download.limit - out.tell()
+            if len(chunk) > room:
+                out.write(chunk[:room])
+                raise _too_long(download)
+            out.write(chunk)
+            progress.advance(len(chunk))
+            watch.received(len(chunk), out.tell())
+    return not download.announced or out.tell() == download.limit
+
+
+def _too_long(download: Download) -> EdgeinferError:
+    if download.announced:
+        return SourceError(f"hub: {download.what}: the server sent more than the {download.limit:,} bytes it announced; "
+                           "stopped there")
+    return ResourceError(f"hub: {download.what}: the server announced no size and sent more than the disk can spare "
+                         f"({download.limit:,} bytes); stopped there")
+
+
+class _StallWatch:
+    """Fails a download that received less than STALL_BYTES in the last `window` seconds."""
+
+    def __init__(self, what: str, window: float) -> None:
+        import time
+
+        self.what, self.window, self.clock = what, window, time.monotonic
+        self.since, self.count = self.clock(), 0
+
+    def received(self, n: int, total: int) -> None:
+        self.count += n
+        if self.count >= STALL_BYTES:
+            self.since, self.count = self.clock(), 0
+        elif self.clock() - self.since > self.window:
+            raise SourceError(f"hub: {self.what}: the download stalled (under {STALL_BYTES >> 10} KiB in "
+                              f"{self.window:.0f} s); the {total:,} bytes received are kept: pull again to resume")
 
 
 def resolve_hub_quant(ref: HubQuantRef) -> HubFileRef:
@@ -169,23 +274,6 @@ def _describe_hub_error(exc: Exception) -> str:
         return f"HTTP {exc.response.status_code}"
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"unreachable ({first_line[:160]})"
-
-
-def _forwarding_tqdm(progress: ProgressReporter, description: str) -> type:
-    """A tqdm class that feeds huggingface_hub's byte counts to our reporter instead of drawing."""
-    from tqdm.auto import tqdm
-
-    class Forwarding(tqdm):
-        def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-            progress.start(description, kwargs.get("total"), kwargs.get("initial", 0) or 0)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            progress.advance(int(n or 0))
-            return None
-
-    return Forwarding
 
 
 # --- the PyPI mirror -----------------------------------------------------------

@@ -6,9 +6,12 @@ Layout under the store's root:
     models/<name>/<file>.gguf     catalog models and models registered by `quantize`
     models/hf.co/<owner>/<repo>/... files pulled by hub reference
     .partial/<key>/               downloads in progress (resumable); never a final name
+    .locks/                       one lock file per model or output being written
 
-A file reaches its final name only by `os.replace` after its checksum matched,
-so a reader of the store never sees a partial or corrupted model.
+A file reaches its final name only by `os.replace` after its checksum matched and
+after the manifest recorded it, so a reader of the store never sees a partial or
+corrupted model, and a crash leaves a registered file or none. One process at a
+time writes a given model (`Store.exclusive`); another one waits for it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +57,7 @@ class Store:
         self.root = root
         self.models_dir = root / "models"
         self.partial_dir = root / ".partial"
+        self.locks_dir = root / ".locks"
         self.manifest_path = root / "manifest.json"
         self.inspect_cache = root / "gguf-metadata-cache.json"
         self.speculation_costs = root / "speculation-costs.json"  # what speculative decoding costs here (costs.CostBook)
@@ -85,6 +89,26 @@ class Store:
         if entry is not None and file_present(entry.path):
             return entry
         return None
+
+    def unregistered(self) -> list[StrayFile]:
+        """Files in models/ that no manifest entry names: left by an edgeinfer older than the
+        register-then-rename order, or put there by hand. Hidden files (work in progress) are not counted."""
+        try:
+            known = {entry.path.resolve() for entry in self.entries().values()}
+        except EdgeinferError:
+            known = set()
+        strays = []
+        for folder, subfolders, files in os.walk(self.models_dir):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for name in sorted(files):
+                path = Path(folder, name)
+                if name.startswith(".") or not path.is_file() or path.resolve() in known:
+                    continue
+                relative = path.relative_to(self.models_dir).as_posix()
+                # Named as the manifest would have named it: a hub file by its whole path, others by their folder.
+                stray_name = relative if relative.startswith("hf.co/") else Path(relative).parent.as_posix()
+                strays.append(StrayFile(stray_name, path, path.stat().st_size))
+        return strays
 
     def size_on_disk(self) -> int:
         total = 0
@@ -119,30 +143,72 @@ class Store:
 
     # --- writing ---------------------------------------------------------------
 
+    def exclusive(self, key: str, on_wait: Callable[[], None] | None = None) -> AbstractContextManager[None]:
+        """Hold the lock of one model or output (`key`) while writing it; another process waits here
+        (after `on_wait`, to say so) until the holder is done or dead (the kernel drops a dead one's lock)."""
+        from filelock import Timeout
+
+        def acquire(lock) -> None:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                if on_wait is not None:
+                    on_wait()
+                lock.acquire()
+
+        # Outside .partial/ and models/, whose folders are removed when done: a lock file deleted while
+        # held would let a third process lock a new file of the same name.
+        return self._holding(self.locks_dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"), acquire)
+
     def place(self, name: str, staged: Path, final: Path, *, sha256: str, source: str, quantization: str = "") -> StoredModel:
-        """Move a verified file to its final name and record it in the manifest."""
+        """Give a verified file (`sha256` is the staged file's) its final name, recorded in the manifest.
+
+        The manifest records the file before the rename: killed in between, or stopped by a full disk,
+        the store holds an entry whose file is missing (which `pull` fetches again and `rm` forgets),
+        never a file it does not know. An earlier file under the final name goes first, so the entry
+        never describes a file that is not the one it names.
+        """
         try:
+            size = staged.stat().st_size
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
+            final.unlink(missing_ok=True)
         except OSError as exc:
             raise self._cannot_write(exc) from None
-        return self.register(name, final, sha256=sha256, source=source, quantization=quantization)
+        entry = self._record(name, final, sha256=sha256, size=size, source=source, quantization=quantization)
+        try:
+            os.replace(staged, final)
+        except OSError as exc:
+            self.forget(name)
+            raise self._cannot_write(exc) from None
+        return entry
 
     def register(self, name: str, path: Path, *, sha256: str, source: str, quantization: str = "") -> StoredModel:
-        entry = StoredModel(
-            name=name,
-            path=path,
-            sha256=sha256,
-            size=path.stat().st_size,
-            source=source,
-            quantization=quantization,
-            added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
+        """Record a file that is already where it stays."""
+        return self._record(name, path, sha256=sha256, size=path.stat().st_size, source=source, quantization=quantization)
+
+    def _record(self, name: str, path: Path, *, sha256: str, size: int, source: str, quantization: str) -> StoredModel:
+        entry = StoredModel(name=name, path=path, sha256=sha256, size=size, source=source, quantization=quantization,
+                            added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         with self._manifest_lock():
             entries = self.entries()
             entries[name] = entry
             self._write_manifest(entries)
         return entry
+
+    def forget(self, name: str) -> None:
+        """Drop an entry from the manifest, leaving any file alone."""
+        with self._manifest_lock():
+            entries = self.entries()
+            if entries.pop(name, None) is not None:
+                self._write_manifest(entries)
+
+    def remove_stray(self, stray: StrayFile) -> None:
+        """Delete a file of models/ that the manifest does not know (see `unregistered`)."""
+        try:
+            stray.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._cannot_write(exc) from None
+        self.drop_empty_folders(stray.path.parent)
 
     def remove(self, name: str) -> StoredModel | None:
         with self._manifest_lock():
@@ -171,17 +237,27 @@ class Store:
                 return
             folder = folder.parent
 
-    @contextmanager
-    def _manifest_lock(self) -> Iterator[None]:
-        from filelock import FileLock, Timeout
+    def _manifest_lock(self) -> AbstractContextManager[None]:
+        from filelock import Timeout
 
-        lock = FileLock(str(self.root / ".manifest.lock"), timeout=60)
+        def acquire(lock) -> None:
+            try:
+                lock.acquire(timeout=60)
+            except Timeout:
+                raise EdgeinferError(f"the model store at {self.root} is busy: another edgeinfer has held its lock "
+                                     "for a minute; try again when it is done") from None
+
+        return self._holding(self.root / ".manifest.lock", acquire)
+
+    @contextmanager
+    def _holding(self, lock_file: Path, acquire: Callable[[object], None]) -> Iterator[None]:
+        """Hold the file lock `lock_file`, taken by `acquire(lock)`; a store that cannot be written is our error."""
+        from filelock import FileLock
+
+        lock = FileLock(str(lock_file))
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-        except Timeout:
-            raise EdgeinferError(f"the model store at {self.root} is busy: another edgeinfer has held its lock "
-                                 "for a minute; try again when it is done") from None
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+            acquire(lock)
         except OSError as exc:
             raise self._cannot_write(exc) from None
         try:
@@ -205,6 +281,15 @@ class Store:
             return EdgeinferError(f"cannot write to the model store at {self.root}: {blocker} is a file, not a folder")
         inside = f" ({where.relative_to(self.root)})" if where != self.root and where.is_relative_to(self.root) else ""
         return EdgeinferError(f"cannot write to the model store at {self.root}{inside}: {exc.strerror or exc}")
+
+
+@dataclass(frozen=True)
+class StrayFile:
+    """A file in models/ without a manifest entry: its file size, and the name its entry would have."""
+
+    name: str
+    path: Path
+    size: int
 
 
 MANIFEST_VERSION = 1
@@ -296,15 +381,34 @@ def verify_sha256(path: Path, expected: str, progress: Progress | None = None) -
 
 
 def check_free_space(folder: Path, needed: int) -> None:
-    """Create `folder` if need be, and make sure `needed` bytes fit on its disk."""
+    """Create `folder` if need be, and make sure `needed` bytes fit on its disk with `free_space_margin` to spare."""
+    free, total = _disk_usage(folder)
+    if needed + free_space_margin(total) > free:
+        raise ResourceError(f"not enough disk space in {folder}: need {_gib(needed)} and "
+                            f"{_gib(free_space_margin(total))} to spare, {_gib(free)} free")
+
+
+def room_for_writing(folder: Path) -> int:
+    """How many bytes may be written in `folder` before its disk is within the margin of full."""
+    free, total = _disk_usage(folder)
+    return max(0, free - free_space_margin(total))
+
+
+def free_space_margin(disk_size: int) -> int:
+    """What a download or a quantization leaves free: the manifest, the metadata cache and everything
+    else on that disk still need room after it (5% of the disk, at most 1 GiB)."""
+    return min(1 << 30, disk_size // 20)
+
+
+def _disk_usage(folder: Path) -> tuple[int, int]:
+    """The free and total bytes of `folder`'s disk, creating `folder` if need be."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(folder).free
+        usage = shutil.disk_usage(folder)
     except OSError as exc:
         why = f"{blocker} is a file, not a folder" if (blocker := _blocking_file(exc, folder)) else exc.strerror or exc
         raise disk_full_error(exc, folder) or EdgeinferError(f"cannot write to {folder}: {why}") from None
-    if needed > free:
-        raise ResourceError(f"not enough disk space in {folder}: need {_gib(needed)}, {_gib(free)} free")
+    return usage.free, usage.total
 
 
 def disk_full_error(exc: OSError, folder: Path) -> ResourceError | None:
@@ -324,4 +428,4 @@ def _blocking_file(exc: OSError, folder: Path) -> Path | None:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

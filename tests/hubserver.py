@@ -13,8 +13,10 @@ It answers what huggingface_hub 2.4 asks when edgeinfer pulls a file:
   EntryNotFound), which huggingface_hub turns into its own exception classes.
 
 Faults a test can ask for: cut the connection once partway through a file, serve
-other bytes than the ones the headers describe, or stop partway through a file
-until the test releases it (to kill a client in the middle of a download).
+other bytes than the ones the headers describe, stop partway through a file
+until the test releases it (to kill a client in the middle of a download), send
+a body without end after announcing the file's size, or trickle a file out one
+byte at a time.
 Every request is recorded.
 """
 
@@ -24,6 +26,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -75,6 +78,8 @@ class HubServer:
         self._pauses: dict[tuple[str, str], Pause] = {}
         self._lock = threading.Lock()
         self.cdn = False  # LFS files are served from another host, as the hub's CDN serves them
+        self._endless: set[tuple[str, str]] = set()
+        self._trickles: dict[tuple[str, str], float] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -119,6 +124,15 @@ class HubServer:
         pause = Pause(offset)
         self._pauses[(repo, path)] = pause
         return pause
+
+    def serve_endlessly(self, repo: str, path: str) -> None:
+        """HEAD still announces the file's size; GET sends its bytes, then zeros until the client hangs up
+        (no Content-Length: the body ends when the connection does)."""
+        self._endless.add((repo, path))
+
+    def trickle(self, repo: str, path: str, every: float) -> None:
+        """GET sends the file one byte every `every` seconds."""
+        self._trickles[(repo, path)] = every
 
     def serve_lfs_from_a_cdn(self) -> None:
         """Answer LFS files with a redirect to another host name (localhost), as the hub does (cdn-lfs...)."""
@@ -218,21 +232,29 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("X-Repo-Commit", COMMIT)
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
+            endless = send_body and (repo, path) in hub._endless
+            if endless:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(body)))
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(entry.content)}")
             self.end_headers()
             if send_body:
-                self._send_body(repo, path, body, start)
+                self._send_body(repo, path, body, start, endless)
 
-        def _send_body(self, repo: str, path: str, body: bytes, start: int) -> None:
+        def _send_body(self, repo: str, path: str, body: bytes, start: int, endless: bool = False) -> None:
             key = (repo, path)
             cut = hub._take_cut(key)
             pause = hub._pauses.get(key)
+            every = hub._trickles.get(key)
             sent = 0
             try:
                 while sent < len(body):
-                    chunk = body[sent : sent + _CHUNK]
+                    chunk = body[sent : sent + (1 if every else _CHUNK)]
+                    if every:
+                        time.sleep(every)
                     if cut is not None and sent + len(chunk) > cut:
                         chunk = chunk[: max(cut - sent, 0)]
                         self.wfile.write(chunk)
@@ -248,6 +270,9 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(chunk)
                     hub._count(key, len(chunk))
                     sent += len(chunk)
+                while endless:  # until the client hangs up
+                    self.wfile.write(bytes(_CHUNK))
+                    hub._count(key, _CHUNK)
             except (BrokenPipeError, ConnectionResetError, OSError):
                 self.close_connection = True
 
