@@ -23,6 +23,11 @@ SUPPORTED_VERSIONS = (2, 3)
 _MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, one key byte, value type, one value byte
 _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, one name byte, n_dims, one dim, type, offset
 _HEADER_BYTES = 4 + 4 + 8 + 8
+# Value types of GGUF metadata (gguf.GGUFValueType): the bytes of each fixed-size one, and the two of variable size.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MAX_ARRAY_DEPTH = 4  # llama.cpp reads no nested arrays at all; deeper nesting only serves to exhaust the stack
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 # Limits llama.cpp asserts on while it reads the metadata (llama-hparams.h): a file past
 # them aborts the whole process. 1024 experts is what the llama.cpp bundled with
 # llama-cpp-python 0.3.36 allows (measured: 1024 loads, 1025 aborts).
@@ -73,7 +78,7 @@ class GGUFInfo:
 
 def validate(path: Path) -> "gguf.GGUFReader":  # noqa: F821 - gguf is imported lazily
     """Return a reader over a GGUF file proven safe to hand to llama.cpp."""
-    size = _check_header(path)
+    size = _check_layout(path)
     reader = _open_reader(path)
     _check_tensors(reader, size)
     _check_required_keys(reader)
@@ -177,21 +182,90 @@ def _first_int(value: Any) -> int | None:
     return value
 
 
-def _check_header(path: Path) -> int:
+def _check_layout(path: Path) -> int:
+    """Walk the header, the metadata and the tensor infos, checking every count against the bytes left.
+
+    The gguf reader trusts the counts: an array of numbers declared with 2**40 elements
+    makes it loop past the end of the file for ever, growing lists as it goes. This walk
+    reads nothing but lengths and skips arrays of fixed-size values in one step.
+    """
+    import mmap
+
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
             head = handle.read(_HEADER_BYTES)
-    except OSError as exc:
-        raise InvalidModelError(f"cannot read {path}: {exc.strerror}") from None
-    if len(head) < _HEADER_BYTES or head[:4] != GGUF_MAGIC:
-        raise InvalidModelError(f"{path.name} is not a GGUF file (bad magic or too short)")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
-    if version not in SUPPORTED_VERSIONS:
-        raise InvalidModelError(f"{path.name} has GGUF version {version}; supported: {', '.join(map(str, SUPPORTED_VERSIONS))}")
-    if _HEADER_BYTES + n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > size:
-        raise InvalidModelError(f"{path.name} claims {n_tensors} tensors and {n_kv} keys, more than its {size} bytes can hold (truncated or corrupt)")
+            if len(head) < _HEADER_BYTES or head[:4] != GGUF_MAGIC:
+                raise InvalidModelError(f"{path.name} is not a GGUF file (bad magic or too short)")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                _GGUFLayout(path.name, data, size).walk()
+    except (OSError, ValueError) as exc:  # (ValueError: a file mmap cannot map)
+        raise InvalidModelError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     return size
+
+
+class _GGUFLayout:
+    """A cursor over a GGUF file's header, key/value pairs and tensor infos that refuses any count the file cannot hold."""
+
+    def __init__(self, name: str, data: "mmap.mmap", size: int) -> None:  # noqa: F821
+        self.name, self.data, self.size, self.at = name, data, size, 4
+
+    def walk(self) -> None:
+        version, n_tensors, n_kv = self._unpack("<IQQ", "the header")
+        if version not in SUPPORTED_VERSIONS:
+            raise InvalidModelError(f"{self.name} has GGUF version {version}; supported: {', '.join(map(str, SUPPORTED_VERSIONS))}")
+        if _HEADER_BYTES + n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > self.size:
+            raise InvalidModelError(f"{self.name} claims {n_tensors} tensors and {n_kv} keys, more than its "
+                                    f"{self.size} bytes can hold (truncated or corrupt)")
+        for number in range(n_kv):
+            key = self._string(f"metadata key {number + 1}")
+            (value_type,) = self._unpack("<I", key)
+            self._value(value_type, key, 0)
+        for number in range(n_tensors):
+            name = self._string(f"tensor info {number + 1}")
+            (n_dims,) = self._unpack("<I", name)
+            if n_dims > _MAX_DIMS:
+                raise InvalidModelError(f"{self.name} gives tensor {name} {n_dims} dimensions; GGUF allows {_MAX_DIMS}")
+            self._skip(n_dims * 8 + 4 + 8, n_dims, name)  # dimensions, type, data offset
+
+    def _value(self, value_type: int, key: str, depth: int) -> None:
+        if value_type in _SCALAR_BYTES:
+            self._skip(_SCALAR_BYTES[value_type], 1, key)
+        elif value_type == _STRING:
+            self._string(key)
+        elif value_type == _ARRAY and depth < _MAX_ARRAY_DEPTH:
+            item_type, count = self._unpack("<IQ", key)
+            if item_type in _SCALAR_BYTES:  # numbers: one step, however many
+                self._skip(count * _SCALAR_BYTES[item_type], count, key)
+                return
+            self._need(count * (8 if item_type == _STRING else 12), count, key)  # the least a string or an array takes
+            for _ in range(count):
+                self._value(item_type, key, depth + 1)
+        else:
+            raise InvalidModelError(f"{self.name} has {key} of unknown value type {value_type} (corrupt, or arrays nested too deep)")
+
+    def _string(self, what: str) -> str:
+        (length,) = self._unpack("<Q", what)
+        start = self.at
+        self._skip(length, length, what)
+        return self.data[start:min(start + length, start + 200)].decode("utf-8", "replace")
+
+    def _unpack(self, fmt: str, what: str) -> tuple:
+        n = struct.calcsize(fmt)
+        self._need(n, 1, what)
+        values = struct.unpack_from(fmt, self.data, self.at)
+        self.at += n
+        return values
+
+    def _skip(self, n: int, count: int, what: str) -> None:
+        self._need(n, count, what)
+        self.at += n
+
+    def _need(self, n: int, count: int, what: str) -> None:
+        left = self.size - self.at
+        if n > left:
+            raise InvalidModelError(f"{self.name} declares {count} items for {what}, more than the {left} bytes left "
+                                    "in the file can hold (truncated or corrupt)")
 
 
 def _open_reader(path: Path) -> "gguf.GGUFReader":  # noqa: F821
