@@ -14,11 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from edgeinfer.chat import ChatSession, Conversation, is_text
 from edgeinfer.errors import EdgeinferError, UsageError
-from edgeinfer.render import print_note
+from edgeinfer.render import print_error, print_note, visible
 
 HELP = """\
 /help           this help
@@ -42,7 +42,8 @@ def loop(session: ChatSession, console: Console, history_file: Path, stats_line:
     """
     interactive = sys.stdin.isatty()
     read = _terminal_reader(history_file) if interactive else _plain_reader()
-    console.print(f"[dim]chatting with {escape(session.conversation.model)}; /help for commands, Ctrl-D to leave[/]")
+    console.print(Text(f"chatting with {visible(session.conversation.model)}; /help for commands, Ctrl-D to leave",
+                       style="dim"))
     failure = 0
     told: set[str] = set()  # notes already given in this conversation
     while True:
@@ -59,7 +60,7 @@ def loop(session: ChatSession, console: Console, history_file: Path, stats_line:
         except EOFError:
             break
         except EdgeinferError as exc:
-            console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+            print_error(console, str(exc))
             failure = failure or exc.exit_code
     return 0 if interactive else failure
 
@@ -78,14 +79,14 @@ def _answer(session: ChatSession, text: str, console: Console, told: set[str]) -
     reply = session.ask(text, on_text=write)
     sys.stdout.write("\n")
     if reply.result.finish_reason == "interrupted":
-        console.print("[dim]\\[answer stopped][/]")
+        console.print(Text("[answer stopped]", style="dim"))
     # Why --draft ran at plain speed past 256 tokens of context, and what helps: once a conversation.
     cut = reply.result.stats.get("long_context")
     if cut and cut not in told:
         told.add(cut)
         print_note(console, cut)
     if reply.dropped_turns:
-        console.print(f"[yellow]the conversation outgrew the context: the {reply.dropped_turns} oldest messages were dropped[/]")
+        print_note(console, f"the conversation outgrew the context: the {reply.dropped_turns} oldest messages were dropped")
 
 
 def _command(line: str, session: ChatSession, console: Console, stats_line: Callable[[object], str]) -> str | None:
@@ -94,7 +95,7 @@ def _command(line: str, session: ChatSession, console: Console, stats_line: Call
     if name in ("/exit", "/bye", "/quit"):
         return "exit"
     if name == "/help":
-        console.print(HELP, highlight=False, markup=False)
+        console.print(Text(HELP))
     elif name == "/system":
         session.set_system(arg)
         console.print("system message " + ("set" if arg else "removed"))
@@ -105,11 +106,11 @@ def _command(line: str, session: ChatSession, console: Console, stats_line: Call
         raise UsageError(f"{name} needs a file: {name} FILE")
     elif name == "/save":
         session.conversation.save(_path(arg))
-        console.print(f"saved to {arg}", markup=False)
+        console.print(Text(f"saved to {visible(arg)}"))
     elif name == "/load":
         _load(session, arg, console)
     elif name == "/stats":
-        console.print(stats_line(session.last) if session.last else "no answer yet", highlight=False, markup=False)
+        console.print(Text(stats_line(session.last) if session.last else "no answer yet"))
     else:
         raise UsageError(f"unknown command {name}; /help lists them")
     return None
@@ -127,9 +128,9 @@ def _load(session: ChatSession, arg: str, console: Console) -> None:
     current, saved = session.conversation.model, Conversation.load(_path(arg))
     other = bool(saved.model) and saved.model != current
     session.replace(replace(saved, model=current) if other else saved)
-    console.print(f"loaded {len(saved.turns)} messages from {arg}", highlight=False, markup=False)
+    console.print(Text(f"loaded {len(saved.turns)} messages from {visible(arg)}"))
     if other:
-        console.print(f"[yellow]saved with {escape(saved.model)}; continuing with {escape(current)}[/]", highlight=False)
+        print_note(console, f"saved with {visible(saved.model)}; continuing with {visible(current)}")
 
 
 def _terminal_reader(history_file: Path) -> Callable[[], str | None]:

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
@@ -22,9 +20,11 @@ from typer.exceptions import TyperException
 
 from edgeinfer import __version__
 from edgeinfer.errors import EdgeinferError
+from edgeinfer.render import TextConsole, print_error, visible
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Strings print as text, never as markup: names come from GGUF files and hub listings (render.TextConsole).
+stdout = TextConsole(soft_wrap=True)
+stderr = TextConsole(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 PIPE_CLOSED = 141  # what a shell reports for a process that SIGPIPE ended, as it ends C tools
 
@@ -38,7 +38,7 @@ class _ErrorsToMessages(TyperGroup):
         except EdgeinferError as exc:
             if _state["debug"]:
                 stderr.print_exception()
-            stderr.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+            print_error(stderr, str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted")
@@ -53,7 +53,7 @@ class _ErrorsToMessages(TyperGroup):
                 stderr.print_exception()
             where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
             what = f"{exc.strerror}{where}" if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-            stderr.print(f"[bold red]error:[/] {escape(what)} (unexpected: --debug shows where)", markup=True)
+            print_error(stderr, f"{what} (unexpected: --debug shows where)")
             raise typer.Exit(1) from None
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
@@ -67,7 +67,7 @@ class _ErrorsToMessages(TyperGroup):
             if type(exc).__name__ != "NoArgsIsHelpError":  # (that one has printed the help already)
                 ctx = getattr(exc, "ctx", None)
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-                stderr.print(f"[bold red]error:[/] {escape(exc.format_message())}{escape(hint)}", markup=True)
+                print_error(stderr, exc.format_message() + hint)
             sys.exit(getattr(exc, "exit_code", 2))
         except typer.Abort:
             stderr.print("aborted")
@@ -130,7 +130,7 @@ def pull(ref: Annotated[Optional[str], typer.Argument(help="Catalog name, OWNER/
     with transfer_progress(stderr) as progress:
         result = pull_model(_library(), ref, progress)
     verb = "already present" if result.already_present else "pulled"
-    stdout.print(f"{result.model.name}: {verb} ({_size(result.model.size)}) {result.model.path}")
+    stdout.print(f"{visible(result.model.name)}: {verb} ({_size(result.model.size)}) {visible(str(result.model.path))}")
 
 
 @app.command("list")
@@ -150,10 +150,11 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     table.add_column("path / description")
     for row in rows:
         # A path cut short is no path: it folds; a description may be cut.
-        where = Text(str(row.path), overflow="fold") if row.present else Text(row.description, overflow="ellipsis", no_wrap=True)
+        where = Text(visible(str(row.path)), overflow="fold") if row.present else \
+            Text(visible(row.description), overflow="ellipsis", no_wrap=True)
         present = ("yes" if row.registered else "unregistered") if row.present else "-"
-        table.add_row(row.name, row.quantization, _size(row.size), present, where)
-    (stdout if stdout.is_terminal else Console(width=1000, highlight=False)).print(table)  # a pipe: whole lines
+        table.add_row(visible(row.name), visible(row.quantization), _size(row.size), present, where)
+    (stdout if stdout.is_terminal else TextConsole(width=1000)).print(table)  # a pipe: whole lines
 
 
 @app.command()
@@ -176,7 +177,7 @@ def info(
             value = f"{value:,}"
         elif key == "file_size":
             value = f"{_size(value)} ({value:,} bytes)"
-        table.add_row(key.replace("_", " "), str(value))
+        table.add_row(key.replace("_", " "), visible(str(value)))
     stdout.print(table)
 
 
@@ -187,7 +188,7 @@ def rm(ref: Annotated[str, typer.Argument(help="A model in the store.")]) -> Non
 
     entry = remove(_library(), ref)
     gone = "; its file was already gone" if entry.file_was_missing else ""
-    stdout.print(f"removed {entry.name} ({_size(entry.size)}){gone}", markup=False, highlight=False)
+    stdout.print(f"removed {visible(entry.name)} ({_size(entry.size)}){gone}")
 
 
 # --- generation -------------------------------------------------------------------
@@ -443,7 +444,7 @@ def bench(
         table.add_column(column, justify="right", no_wrap=True)
     for r in results:
         ttft = f"{r.to_json()['median_time_to_first_token_ms']:.0f} ms" if r.time_to_first_token_ms else ""
-        table.add_row(r.model, r.test, f"{r.median:.2f}", f"{r.spread:.2f}", ttft)
+        table.add_row(visible(r.model), r.test, f"{r.median:.2f}", f"{r.spread:.2f}", ttft)
     stdout.print(table)
 
 
@@ -470,7 +471,7 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     table.add_row("store", f"{report.store} ({_size(report.store_size)})")
     for m in report.models:
         verdict = m.problem or (f"needs ~{_size(m.needs)}: " + ("fits" if m.fits else "does NOT fit in available memory"))
-        table.add_row(f"model {m.name}", f"{_size(m.size)}; {verdict}")
+        table.add_row(visible(f"model {m.name}"), visible(f"{_size(m.size)}; {verdict}"))
     stdout.print(table)
 
 
@@ -522,12 +523,12 @@ def quantize(
         result = quantize_model(source, qtype=type_for(bits, qtype), output=output, imatrix=imatrix, threads=threads,
                                 force=force, evaluate=not no_eval, progress=progress)
     for warning in result.warnings:
-        stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        stderr.print(Text.assemble(("warning:", "yellow"), " ", visible(warning)))
     if as_json:
         _print_json(result.to_json())
         return
     table = Table(show_header=False, box=None)
-    table.add_row("model", f"{result.name} ({result.path})")
+    table.add_row("model", visible(f"{result.name} ({result.path})"))
     table.add_row("size", f"{_size(result.input_size)} -> {_size(result.output_size)}, {result.bits_per_weight:.2f} bits per weight")
     table.add_row("time", f"{result.seconds_total:.1f} s (convert {result.seconds_convert:.1f}, quantize {result.seconds_quantize:.1f}, "
                           f"evaluate {result.seconds_eval:.1f})")

@@ -1,31 +1,63 @@
-"""Rich renderings used by the CLI: progress bars that implement ProgressReporter.
+"""Rich renderings used by the CLI: consoles that print text as text, and progress bars that
+implement ProgressReporter.
 
 Bars go to stderr and only when it is a terminal, so pipes and --json stay clean.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-from rich.markup import escape
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.text import Text
 
 from edgeinfer.progress import ProgressReporter, SilentProgress
+
+if TYPE_CHECKING:  # (rich.progress is imported by the commands that draw a bar: the CLI starts faster)
+    from rich.progress import Progress, TaskID
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str, *, newlines: bool = False) -> str:
+    """`text` with each control character written out as an escape (ESC as `\\x1b`, a newline as `\\n`).
+
+    Names in a GGUF file's metadata, in a hub's listing or in a saved conversation are an attacker's
+    to choose: raw, an escape sequence in one could retitle the window, hide a link (OSC 8) or rewrite
+    what is already on the screen. Newlines are kept only with `newlines=True`, for our own multi-line
+    text; a value shown in a table cell or a one-line message keeps to its line.
+    """
+    return (_CONTROL_BUT_NEWLINE if newlines else _CONTROL).sub(lambda found: repr(found.group())[1:-1], text)
+
+
+class TextConsole(Console):
+    """A rich Console that prints every string as text: no markup, no :emoji: codes, and control
+    characters made visible.
+
+    Much of what the CLI prints comes from files and the network, where `[/bold]` would be a markup
+    error and `\\x1b]0;...` a new window title. A deliberate style is a `Text` with that style (or, for a
+    string whose outside pieces went through `rich.markup.escape`, `markup=True`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{"markup": False, "emoji": False, "highlight": False, **kwargs})
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(visible(text, newlines=True), **kwargs)
+
+
+def print_error(console: Console, message: str) -> None:
+    """The one line an error leaves: its message as text, on one line whatever it quotes."""
+    console.print(Text.assemble(("error:", "bold red"), " ", visible(message)))
 
 
 def print_note(console: Console, message: str) -> None:
     """A line worth telling the user beside the answer or the bar (a fallback, a setting that cost speed)."""
-    console.print(f"[yellow]{escape(message)}[/]", highlight=False)
+    console.print(Text(visible(message, newlines=True), style="yellow"))
 
 
 class RichProgress:
@@ -38,7 +70,7 @@ class RichProgress:
     def start(self, description: str, total: int | None, completed: int = 0) -> None:
         if self._task is not None:
             self._progress.update(self._task, visible=False)
-        self._task = self._progress.add_task(description, total=total, completed=completed)
+        self._task = self._progress.add_task(visible(description), total=total, completed=completed)
 
     def advance(self, amount: int) -> None:
         if self._task is not None:
@@ -63,17 +95,19 @@ def _notes_when_done(console: Console) -> Iterator[ProgressReporter]:
     kept = _KeptNotes()
     yield kept
     for message in kept.messages:
-        console.print(message, highlight=False, markup=False)
+        console.print(Text(visible(message, newlines=True)))
 
 
 @contextmanager
 def transfer_progress(console: Console) -> Iterator[ProgressReporter]:
     """A byte-counting progress bar on a terminal; elsewhere only the notes, when done."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     if not console.is_terminal:
         with _notes_when_done(console) as notes:
             yield notes
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield RichProgress(progress)
 
@@ -81,10 +115,12 @@ def transfer_progress(console: Console) -> Iterator[ProgressReporter]:
 @contextmanager
 def count_progress(console: Console) -> Iterator[ProgressReporter]:
     """A progress bar counting items (tensors, chunks) rather than bytes."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     if not console.is_terminal:
         with _notes_when_done(console) as notes:
             yield notes
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield RichProgress(progress)

@@ -1,0 +1,56 @@
+"""Hostile names, paths, signals and environments at the command line: each is told in one line, or shown as text.
+
+Names come from GGUF metadata and hub listings, which an attacker writes; `/save` paths may be links
+or devices; a terminal may be closed under the chat; HOME may be missing or empty.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_edgeinfer
+
+# A name with a closing markup tag, a window-title OSC and an OSC 8 link: each would act on a terminal.
+HOSTILE_NAME = "evil [/bold] \x1b]0;PWNED\x07 \x1b]8;;http://example.invalid/\x1b\\click\x1b]8;;\x1b\\ :smile:"
+
+
+# --- names from files and the network are printed as text ---------------------------------------
+
+
+def _hostile_model(folder: Path) -> Path:
+    from tinymodel import make_tiny_model
+
+    return make_tiny_model(folder / "hostile.gguf", name=HOSTILE_NAME)
+
+
+def test_info_shows_a_name_with_markup_and_escape_sequences_as_visible_text(tmp_path, edgeinfer_home):
+    done = run_edgeinfer("info", _hostile_model(tmp_path), env={"COLUMNS": "400"})
+
+    assert done.exit_code == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert "evil [/bold] \\x1b]0;PWNED\\x07 \\x1b]8;;http://example.invalid/\\x1b\\click" in done.stdout
+    assert ":smile:" in done.stdout  # (rich would have drawn an emoji)
+
+
+def test_a_hub_file_named_with_markup_and_escapes_is_pulled_and_listed_as_text(hub, tiny_model, edgeinfer_home):
+    hub.add_file("acme/tiny-GGUF", "[/bold]\x1b]0;PWNED\x07-Q4_K_M.gguf", tiny_model.read_bytes())
+
+    pulled = run_edgeinfer("pull", "acme/tiny-GGUF:Q4_K_M")
+    listed = run_edgeinfer("list")
+
+    assert pulled.exit_code == 0, pulled.stderr
+    assert listed.exit_code == 0, listed.stderr
+    for done in (pulled, listed):
+        assert "\x1b" not in done.stdout + done.stderr and "\x07" not in done.stdout + done.stderr
+        assert "hf.co/acme/tiny-GGUF/[/bold]\\x1b]0;PWNED\\x07-Q4_K_M.gguf" in done.stdout
+
+
+def test_an_error_quoting_a_hostile_name_is_one_line_with_the_escapes_visible(tmp_path, edgeinfer_home):
+    done = run_edgeinfer("run", "-m", tmp_path / "[/bold]\x1b]0;PWNED\x07\n.gguf", "hi")
+
+    assert done.exit_code == 3
+    assert "[/bold]\\x1b]0;PWNED\\x07\\n.gguf" in done.error_line
+    assert "\x1b" not in done.stderr
