@@ -68,6 +68,13 @@ class GenerationError(EdgeinferError):
     exit_code = 10
 
 
+class ChatTemplateError(EdgeinferError):
+    """The model's chat template fails (a division by zero, bad syntax) or goes past the bounds on its
+    output, time or nesting; `--raw` still works, since it needs no template."""
+
+    exit_code = 11
+
+
 class Interrupted(EdgeinferError):
     """The user pressed Ctrl-C; whatever was in progress was cleaned up."""
 

@@ -40,6 +40,8 @@ _UTF8_BYTES = [b for b in range(0xF5) if b not in (0xC0, 0xC1)]
 # Bumped whenever validate() learns a check, so that a verdict cached by an older
 # edgeinfer cannot let through a file that the new checks refuse.
 CHECKS_VERSION = 2
+CACHE_ENTRY_LIMIT = 1 << 20  # bytes of JSON for one file's metadata in the inspect cache
+CACHE_FILE_LIMIT = 16 << 20
 # The counts edgeinfer reads: (key, least value, whether a list of per-layer values is allowed).
 # A context length of 0 means "unknown" to edgeinfer and to llama.cpp; Mamba and RWKV have 0 heads.
 _COUNT_KEYS = (("{arch}.block_count", 1, False), ("{arch}.embedding_length", 1, False), ("{arch}.context_length", 0, False),
@@ -106,10 +108,13 @@ def inspect(path: Path, cache_file: Path | None = None) -> GGUFInfo:
         except (TypeError, KeyError):
             pass  # a damaged entry costs a second look, nothing more
     info = read_info(path)
-    if cache_file is not None:
+    entry = {"stamp": stamp, "checks": CHECKS_VERSION, "info": {**info.to_json(), "chat_template": info.chat_template}}
+    # A file whose template or name runs to megabytes is walked again next time rather than
+    # kept: every run reads the whole cache, and its entry would be as large as the value.
+    if cache_file is not None and len(json.dumps(entry)) <= CACHE_ENTRY_LIMIT:
         from edgeinfer.store import atomic_write_text
 
-        cache[key] = {"stamp": stamp, "checks": CHECKS_VERSION, "info": {**info.to_json(), "chat_template": info.chat_template}}
+        cache[key] = entry
         try:
             atomic_write_text(cache_file, json.dumps(cache))
         except OSError:
@@ -128,8 +133,8 @@ def _cache_key(path: Path) -> tuple[str, list[int]]:
 
 
 def _load_cache(cache_file: Path | None) -> dict:
-    if cache_file is None or not cache_file.is_file():
-        return {}
+    if cache_file is None or not cache_file.is_file() or cache_file.stat().st_size > CACHE_FILE_LIMIT:
+        return {}  # (a cache grown past its limit by an older edgeinfer is replaced by the next write)
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -62,3 +62,74 @@ def test_an_array_count_a_little_past_the_end_is_refused_too(tiny_model, tmp_pat
 
     with pytest.raises(InvalidModelError, match="bytes left"):
         inspect(path)
+
+
+# --- chat templates that would run without end ----------------------------------------------
+
+HOSTILE_TEMPLATES = {
+    "100 MB from a range loop": ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "writes more than"),
+    "a power without end": ("{{ 9 ** 9 ** 9 ** 9 }}", "past the"),
+    "a recursive macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nests calls"),
+    "a division by zero": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "a string padded to 10 GB": ("{{ 'x' | center(10000000000) }}", "past the"),
+    "a macro building 100 MB": ("{% macro m() %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}"
+                                "{{ m() }}", "past the"),
+    "bad syntax": ("{% for %}", "TemplateSyntaxError"),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_models(tmp_path_factory) -> dict[str, Path]:
+    from tinymodel import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("templates")
+    return {case: make_tiny_model(folder / f"t{i}.gguf", chat_template=template)
+            for i, (case, (template, _)) in enumerate(HOSTILE_TEMPLATES.items())}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_TEMPLATES))
+def test_a_template_that_fails_or_runs_away_is_one_line_and_exit_11(hostile_models, edgeinfer_home, case):
+    started = time.monotonic()
+    done = run_edgeinfer("run", "-m", hostile_models[case], "-n", "1", "hello", timeout=120)
+
+    assert done.exit_code == 11, done.stderr
+    assert "chat template" in done.error_line and HOSTILE_TEMPLATES[case][1] in done.error_line
+    assert time.monotonic() - started < 30
+
+
+def test_the_same_model_still_answers_with_raw(hostile_models, cli, edgeinfer_home):
+    result = cli("run", "-m", hostile_models["a division by zero"], "--raw", "-n", "2", "hello")
+
+    assert result.exit_code == 0, result.stderr
+
+
+def test_a_template_that_loops_without_output_stops_at_the_time_limit(tiny_model, cli, edgeinfer_home, tmp_path,
+                                                                     monkeypatch):
+    from tinymodel import make_tiny_model
+
+    from edgeinfer import template
+
+    monkeypatch.setattr(template, "RENDER_SECONDS", 1.0)
+    nested = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    path = make_tiny_model(tmp_path / "slow.gguf", chat_template=nested)
+
+    started = time.monotonic()
+    result = cli("run", "-m", path, "-n", "1", "hello")
+
+    assert result.exit_code == 11
+    assert "ran for more than 1 s" in result.error_line
+    assert time.monotonic() - started < 10
+
+
+def test_a_huge_template_is_refused_and_leaves_no_huge_metadata_cache(cli, edgeinfer_home, tmp_path):
+    from tinymodel import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "huge-template.gguf", chat_template="{{ 'x' }}" * 400_000)  # 3.6 MB
+
+    assert cli("info", path).exit_code == 0
+    result = cli("run", "-m", path, "-n", "1", "hello")
+
+    assert result.exit_code == 11
+    assert "characters, more than" in result.error_line
+    cache = edgeinfer_home / "gguf-metadata-cache.json"
+    assert not cache.exists() or cache.stat().st_size < 1 << 20
