@@ -35,9 +35,11 @@ class Conversation:
         return [*system, *self.turns]
 
     def save(self, path: Path) -> None:
+        """Write the conversation as JSON, whole or not at all; only a regular file is ever replaced."""
         payload = {"version": 1, "model": self.model, "system": self.system,
                    "sampling": asdict(self.sampling), "messages": self.turns}
         try:
+            _refuse_special_file(path)
             atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
         except FileExistsError as exc:  # (mkdir of a folder on the way that is a file)
             raise UsageError(f"cannot save to {path}: {exc.filename} is not a folder") from None
@@ -84,6 +86,22 @@ class Conversation:
                 raise _NotSaved(f"message {number} has content {_shown(message.get('content'))}, not text")
             turns.append({"role": message["role"], "content": message["content"]})
         return cls(model=model, sampling=_sampling(data.get("sampling", {})), system=system, turns=turns)
+
+
+_SPECIAL_FILES = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+                  (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_special_file(path: Path) -> None:
+    """The save renames its file over `path`: over a symbolic link that would replace the link (not the
+    file it names), over a device node (/dev/null, as root) the system's node. Neither is what was meant."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError:  # (nothing there, or a folder on the way is missing or a file: the write says which)
+        return
+    kind = next((kind for test, kind in _SPECIAL_FILES if test(mode)), None)
+    if kind:
+        raise UsageError(f"cannot save to {path}: it is {kind}, not a regular file; nothing was written")
 
 
 class _NotSaved(Exception):

@@ -6,6 +6,8 @@ or devices; a terminal may be closed under the chat; HOME may be missing or empt
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,3 +56,27 @@ def test_an_error_quoting_a_hostile_name_is_one_line_with_the_escapes_visible(tm
     assert done.exit_code == 3
     assert "[/bold]\\x1b]0;PWNED\\x07\\n.gguf" in done.error_line
     assert "\x1b" not in done.stderr
+
+
+# --- /save replaces only a regular file -----------------------------------------------------------
+
+
+def test_save_refuses_a_symlink_and_a_named_pipe_and_replaces_a_regular_file_whole(tiny_model, edgeinfer_home,
+                                                                                   tmp_path):
+    target, link, fifo, regular = tmp_path / "target.txt", tmp_path / "link.json", tmp_path / "fifo", tmp_path / "it.json"
+    target.write_text("someone else's file\n")
+    link.symlink_to(target)
+    os.mkfifo(fifo)
+    regular.write_text("an old save\n")
+
+    done = run_edgeinfer("chat", "-m", tiny_model, "--temperature", "0", "-n", "4",
+                         input=f"hi\n/save {link}\n/save {fifo}\n/save {regular}\n")
+
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot save to {link}: it is a symbolic link, not a regular file; nothing was written",
+                      f"error: cannot save to {fifo}: it is a named pipe, not a regular file; nothing was written"]
+    assert done.exit_code == 2
+    assert link.is_symlink() and target.read_text() == "someone else's file\n"
+    assert fifo.is_fifo()
+    assert [m["content"] for m in json.loads(regular.read_text())["messages"]][:1] == ["hi"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edgeinfer-home", "fifo", "it.json", "link.json", "target.txt"]
