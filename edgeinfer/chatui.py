@@ -8,8 +8,10 @@ empty prompt; Ctrl-D exits. Ctrl-C while the model answers stops the answer only
 
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +46,17 @@ def loop(session: ChatSession, console: Console, history_file: Path, stats_line:
     read = _terminal_reader(history_file) if interactive else _plain_reader()
     console.print(Text(f"chatting with {visible(session.conversation.model)}; /help for commands, Ctrl-D to leave",
                        style="dim"))
+    try:
+        with _ended_by_signals():
+            failure = _converse(read, session, console, stats_line)
+    except _Ended as ended:
+        return 128 + ended.signum  # (what a shell reports for a process the signal ended)
+    return 0 if interactive else failure
+
+
+def _converse(read: Callable[[], str | None], session: ChatSession, console: Console,
+              stats_line: Callable[[object], str]) -> int:
+    """The conversation until the input ends; returns the exit code of the first failure (0 when none)."""
     failure = 0
     told: set[str] = set()  # notes already given in this conversation
     while True:
@@ -62,7 +75,29 @@ def loop(session: ChatSession, console: Console, history_file: Path, stats_line:
         except EdgeinferError as exc:
             print_error(console, str(exc))
             failure = failure or exc.exit_code
-    return 0 if interactive else failure
+    return failure
+
+
+class _Ended(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _ended_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the chat as Ctrl-D does, by unwinding: left to Python's default the
+    process would die in the prompt's raw mode, and a shell that does not repair the terminal (dash)
+    would be left without echo and line editing."""
+    def end(signum: int, frame: object) -> None:
+        raise _Ended(signum)
+
+    previous = {number: signal.signal(number, end) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _check_text(text: str) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 
-from conftest import run_edgeinfer
+from conftest import run_edgeinfer, subprocess_env
 
 # A name with a closing markup tag, a window-title OSC and an OSC 8 link: each would act on a terminal.
 HOSTILE_NAME = "evil [/bold] \x1b]0;PWNED\x07 \x1b]8;;http://example.invalid/\x1b\\click\x1b]8;;\x1b\\ :smile:"
@@ -80,3 +83,27 @@ def test_save_refuses_a_symlink_and_a_named_pipe_and_replaces_a_regular_file_who
     assert fifo.is_fifo()
     assert [m["content"] for m in json.loads(regular.read_text())["messages"]][:1] == ["hi"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edgeinfer-home", "fifo", "it.json", "link.json", "target.txt"]
+
+
+# --- SIGTERM and SIGHUP at the chat prompt leave the terminal as Ctrl-D does ---------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_at_the_chat_prompt_leaves_echo_and_line_editing_on(tiny_model, edgeinfer_home, signum):
+    # dash repairs nothing: what the chat leaves is what stty sees after it.
+    shell = shutil.which("dash") or "sh"
+    script = f"{sys.executable} -m edgeinfer chat -m {tiny_model}; echo exit=$?; stty -a"
+    env = subprocess_env({"PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm", "COLUMNS": "200"})
+    child = pexpect.spawn(shell, ["-c", script], env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child.expect(">>>")
+    chat_pid = int(Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()[0])
+
+    os.kill(chat_pid, signum)
+    child.expect(r"exit=(\d+)")
+    code = int(child.match.group(1))
+    child.expect(pexpect.EOF)
+    settings = child.before.split()
+
+    assert code == 128 + signum
+    assert {"echo", "icanon", "isig", "iexten"} <= set(settings), child.before
+    assert "Traceback" not in child.before
