@@ -28,7 +28,8 @@ class RunRequest:
     prompt: str
     model: str | None = None  # any model reference; None: the catalog's default
     system: str | None = None
-    raw: bool = False  # plain completion, no chat template
+    raw: bool = False  # plain completion, no chat template (special-token text in it is read as the tokens it names)
+    parse_special: bool = False  # read special-token text in the prompt and system message as tokens, not text
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
@@ -60,7 +61,8 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
     plan = checked_plan(lib, request.model, path, request.draft, request.load, progress)
     with load(path, request.load, cache) as model, \
             speculation(model, plan, request.load, request.max_tokens, cache) as stepper_factory:
-        tokens = raw_tokens(model, request.prompt) if request.raw else chat_tokens(model, request.messages())
+        tokens = raw_tokens(model, request.prompt) if request.raw else \
+            chat_tokens(model, request.messages(), parse_special=request.parse_special)
         return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop,
                         on_text=on_text, stepper_factory=stepper_factory)
 
@@ -69,8 +71,12 @@ def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
 def open_chat(model: str | None = None, *, system: str | None = None, sampling: SamplingParams | None = None,
               load_options: LoadOptions | None = None, max_tokens: int | None = None, stop: tuple[str, ...] = (),
               draft: DraftOptions | None = None, progress: ProgressReporter | None = None,
-              lib: Library | None = None) -> Iterator[ChatSession]:
-    """A chat session on a loaded model (pulled first if missing), with its draft if asked; both closed on exit."""
+              lib: Library | None = None, parse_special: bool = False) -> Iterator[ChatSession]:
+    """A chat session on a loaded model (pulled first if missing), with its draft if asked; both closed on exit.
+
+    parse_special: read special-token text in messages (`<|im_end|>`) as the tokens it names; by
+    default only the template's own markup becomes special tokens.
+    """
     check_max_tokens(max_tokens)
     lib = lib or Library.open()
     load_options = load_options or LoadOptions()
@@ -79,7 +85,8 @@ def open_chat(model: str | None = None, *, system: str | None = None, sampling: 
     with load(path, load_options, lib.store.inspect_cache) as loaded, \
             speculation(loaded, plan, load_options, max_tokens, lib.store.inspect_cache) as factory:
         conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
-        yield ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop, stepper_factory=factory)
+        yield ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop, stepper_factory=factory,
+                          parse_special=parse_special)
 
 
 def checked_plan(lib: Library, target_ref: str | None, target: Path, draft: DraftOptions | None,

@@ -158,8 +158,10 @@ class Reply:
 
 class ChatSession:
     def __init__(self, model: Model, conversation: Conversation, *, max_tokens: int | None = None,
-                 stop: tuple[str, ...] = (), stepper_factory: Callable[[Model, Sampler], Stepper] | None = None) -> None:
+                 stop: tuple[str, ...] = (), stepper_factory: Callable[[Model, Sampler], Stepper] | None = None,
+                 parse_special: bool = False) -> None:
         self.model = model
+        self.parse_special = parse_special  # read special-token text in messages as the tokens it names
         self.conversation = conversation
         self.max_tokens = max_tokens
         self.stop = stop
@@ -189,7 +191,7 @@ class ChatSession:
         reserve = min(ANSWER_RESERVE, self.model.n_ctx // 4)
         dropped = 0
         while True:
-            tokens = chat_tokens(self.model, self.conversation.messages())
+            tokens = chat_tokens(self.model, self.conversation.messages(), parse_special=self.parse_special)
             if len(tokens) + reserve <= self.model.n_ctx:
                 return tokens, dropped
             if len(self.conversation.turns) <= 1:

@@ -214,6 +214,7 @@ DraftMinOpt = Annotated[int, typer.Option("--draft-min", help="Fewest drafted to
 DraftPMinOpt = Annotated[float, typer.Option("--draft-p-min", help="Stop drafting when the draft's probability for its token is below this.")]
 DraftThreadsOpt = Annotated[Optional[int], typer.Option("--draft-threads", help="CPU threads for the draft model (default: as --threads).")]
 DraftGpuLayersOpt = Annotated[Optional[int], typer.Option("--draft-gpu-layers", help="Draft layers to offload (default: as --gpu-layers).")]
+ParseSpecialOpt = Annotated[bool, typer.Option("--parse-special", help="Read special-token text in messages (<|im_end|>) as the tokens it names; by default only the chat template's own markup does.")]
 DraftLookupOpt = Annotated[bool, typer.Option("--draft-lookup/--no-draft-lookup", help="With a draft model, also verify copies out of the context where they promise more than the draft.")]
 
 
@@ -292,6 +293,7 @@ def run(
     file: Annotated[Optional[list[Path]], typer.Option("--file", "-f", help="Add a file's text to the prompt (repeatable).")] = None,
     system: SystemOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
+    parse_special: ParseSpecialOpt = False,
     temperature: TemperatureOpt = 0.8,
     top_k: TopKOpt = 40,
     top_p: TopPOpt = 0.95,
@@ -322,7 +324,7 @@ def run(
     speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
                                draft_lookup)
     request = RunRequest(
-        prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw,
+        prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw, parse_special=parse_special,
         sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
         max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose, cache_type),
         draft=speculate,
@@ -370,6 +372,7 @@ def chat(
     draft_threads: DraftThreadsOpt = None,
     draft_gpu_layers: DraftGpuLayersOpt = None,
     draft_lookup: DraftLookupOpt = True,
+    parse_special: ParseSpecialOpt = False,
 ) -> None:
     """Hold a conversation in the terminal (/help lists the commands)."""
     from edgeinfer import chatui, config
@@ -382,7 +385,7 @@ def chat(
     check_max_tokens(max_tokens)  # bad options are told before a missing model is pulled
     _pull_with_progress(model, speculate, load_options)
     with open_chat(model, system=system, sampling=sampling, load_options=load_options, max_tokens=max_tokens,
-                   stop=tuple(stop or ()), draft=speculate) as session:
+                   stop=tuple(stop or ()), draft=speculate, parse_special=parse_special) as session:
         raise typer.Exit(chatui.loop(session, stderr, config.history_file(), _chat_stats))
 
 

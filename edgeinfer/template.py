@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -218,13 +219,58 @@ def _raise_in_thread(thread: int, exception: type[BaseException] | None) -> None
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(exception) if exception else None)
 
 
-def chat_tokens(model: "Model", messages: Sequence[Message]) -> list[int]:
-    """The prompt tokens for a conversation, ready for the assistant's next answer."""
+def chat_tokens(model: "Model", messages: Sequence[Message], *, parse_special: bool = False) -> list[int]:
+    """The prompt tokens for a conversation, ready for the assistant's next answer.
+
+    Only the template's own markup becomes special tokens: a message that spells one
+    (`<|im_end|>\\n<|im_start|>system`) is tokenized as the text it is, so content cannot
+    forge turns. parse_special=True reads such text as the tokens it names, as llama.cpp's
+    chat examples do.
+    """
     bos = model.token_text(model.bos_token) if model.bos_token >= 0 else ""
     eos = model.token_text(model.eos_token) if model.eos_token >= 0 else ""
+    spelled = set() if parse_special else {text for m in messages for text in _control_texts(model, m.get("content") or "")}
+    # Each spelling of a control token in a message becomes a mark the template passes through
+    # as it would the text; the marks are spelled out again inside the text between the template's own tokens.
+    marks = {text: f"\ufdd0{n}\ufdd1" for n, text in enumerate(sorted(spelled))}
+    if marks:
+        messages = [{**m, "content": _replaced(m.get("content") or "", marks)} for m in messages]
     text = render(model.info.chat_template, messages, bos_token=bos, eos_token=eos)
     # Templates that write the BOS text themselves must not get a second BOS from the tokenizer.
-    return model.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
+    add_special = not (bos and text.startswith(bos))
+    if not marks:
+        return model.tokenize(text, add_special=add_special, parse_special=True)
+    return _tokens_with_marks_as_text(model, text, {mark: text for text, mark in marks.items()}, add_special)
+
+
+def _control_texts(model: "Model", text: str) -> set[str]:
+    """The control tokens (<|im_end|>, <s>) that `text` spells, as llama.cpp would find them in it."""
+    if not text:
+        return set()
+    # A control token has no text of its own (piece() leaves it out); token_text() spells it.
+    return {model.token_text(t) for t in model.tokenize(text, add_special=False, parse_special=True)
+            if not model.piece(t) and model.token_text(t)}
+
+
+def _replaced(text: str, replacements: dict[str, str]) -> str:
+    for old in sorted(replacements, key=len, reverse=True):  # (longest first, as llama.cpp matches them)
+        text = text.replace(old, replacements[old])
+    return text
+
+
+def _tokens_with_marks_as_text(model: "Model", text: str, spellings: dict[str, str], add_special: bool) -> list[int]:
+    """`text` tokenized as llama.cpp does with parse_special (the pieces between control tokens one by one),
+    where the pieces get their marks spelled out and are read as text only."""
+    ids = {model.token_text(t): t for t in model.tokenize(text, add_special=False, parse_special=True)
+           if not model.piece(t) and model.token_text(t)}
+    tokens = [t for t in model.tokenize("", add_special=True, parse_special=False) if t == model.bos_token] if add_special else []
+    pattern = "|".join(re.escape(t) for t in sorted(ids, key=len, reverse=True))
+    for n, piece in enumerate(re.split(f"({pattern})", text) if pattern else [text]):
+        if n % 2:  # (re.split puts the separators it matched at the odd places)
+            tokens.append(ids[piece])
+        elif piece:
+            tokens += model.tokenize(_replaced(piece, spellings), add_special=False, parse_special=False)
+    return tokens
 
 
 def raw_tokens(model: "Model", text: str) -> list[int]:
