@@ -21,6 +21,7 @@ from edgeinfer.store import atomic_write_text
 from edgeinfer.template import Message, chat_tokens
 
 ANSWER_RESERVE = 512  # tokens kept free for the answer when trimming old turns
+LOAD_LIMIT = 16 << 20  # bytes of a saved conversation that /load reads, as `run --file` reads of a file
 
 
 @dataclass
@@ -53,7 +54,12 @@ class Conversation:
             mode = path.stat().st_mode
             if not stat.S_ISREG(mode):  # (a directory, or /dev/zero, which would be read until memory ran out)
                 raise UsageError(f"cannot read {path}: {'a directory' if stat.S_ISDIR(mode) else 'not a regular file'}")
-            text = path.read_text(encoding="utf-8")
+            with path.open("rb") as handle:
+                data = handle.read(LOAD_LIMIT + 1)
+            if len(data) > LOAD_LIMIT:
+                raise UsageError(f"{path} is larger than {LOAD_LIMIT >> 20} MiB, the most edgeinfer loads as a "
+                                 "conversation (more than any context holds)")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError(f"{path} is not a saved edgeinfer conversation (it is not UTF-8 text)") from None
         except (OSError, ValueError) as exc:
@@ -187,20 +193,45 @@ class ChatSession:
         return Reply(result, dropped)
 
     def _fit(self) -> tuple[list[int], int]:
-        """The prompt tokens, dropping the oldest user/assistant pairs until an answer has room."""
+        """The prompt tokens, dropping the oldest user/assistant pairs until an answer has room.
+
+        Dropping one pair and rendering the rest again, pair by pair, is quadratic in the
+        conversation's length (29 s for one answer after a /load of 2,000 turns). So each
+        turn's share of the prompt is estimated once, from its own tokens, as many pairs as
+        the excess asks for go at once, and only the turns kept are rendered again to check.
+        """
         reserve = min(ANSWER_RESERVE, self.model.n_ctx // 4)
-        dropped = 0
-        while True:
-            tokens = chat_tokens(self.model, self.conversation.messages(), parse_special=self.parse_special)
-            if len(tokens) + reserve <= self.model.n_ctx:
-                return tokens, dropped
-            if len(self.conversation.turns) <= 1:
+        turns = self.conversation.turns
+        tokens = self._prompt(turns)
+        shares: list[float] = []
+        drop = 0
+        while len(tokens) + reserve > self.model.n_ctx:
+            if len(turns) - drop <= 1:
                 raise GenerationError(
                     f"the message is {len(tokens)} tokens, the context holds {self.model.n_ctx} "
                     f"(with {reserve} kept for the answer); shorten it or raise --ctx-size"
                 )
-            del self.conversation.turns[:2]
-            dropped += 2
+            shares = shares or self._shares(len(tokens))
+            excess, freed = len(tokens) + reserve - self.model.n_ctx, 0.0
+            while freed < excess and len(turns) - drop > 1:
+                freed += sum(shares[drop:drop + 2])
+                drop += 2
+            tokens = self._prompt(turns[drop:])
+        del turns[:drop]
+        return tokens, drop
+
+    def _prompt(self, turns: list[Message]) -> list[int]:
+        """The prompt tokens for the system message (if any) and these turns."""
+        messages = self.conversation.messages()
+        head = messages[:len(messages) - len(self.conversation.turns)]
+        return chat_tokens(self.model, [*head, *turns], parse_special=self.parse_special)
+
+    def _shares(self, prompt_tokens: int) -> list[float]:
+        """Each turn's tokens: its content's, and an even part of what the template adds around the messages."""
+        messages = self.conversation.messages()
+        own = [len(self.model.tokenize(m["content"], add_special=False, parse_special=False)) for m in messages]
+        markup = max(0, prompt_tokens - sum(own)) / (len(messages) + 1)
+        return [n + markup for n in own[len(messages) - len(self.conversation.turns):]]
 
     def reset(self) -> None:
         self.conversation.turns.clear()

@@ -194,3 +194,45 @@ def test_a_loaded_conversation_cannot_forge_turns_either(tiny_model, tmp_path):
     assert reply.result.prompt_tokens == len(prompt)
     assert len(_specials(prompt)) == 3 * 2 + 1  # three turns of <|im_start|> ... <|im_end|>, then the answer's start
 
+
+# --- long conversations -------------------------------------------------------------------------
+
+
+def test_trimming_a_loaded_conversation_of_2000_turns_renders_it_a_few_times_not_a_thousand(tiny_model, monkeypatch):
+    from edgeinfer import chat
+    from edgeinfer.chat import ChatSession, Conversation
+    from edgeinfer.engine import LoadOptions, load
+    from edgeinfer.sampling import SamplingParams
+
+    renders, chat_tokens = [], chat.chat_tokens
+    monkeypatch.setattr(chat, "chat_tokens", lambda *a, **kw: (renders.append(1), chat_tokens(*a, **kw))[1])
+    turns = [{"role": role, "content": f"turn {i}: the fox runs into the forest and the dog sleeps in the sun"}
+             for i in range(2000) for role in ("user", "assistant")][:2000]
+
+    with load(tiny_model, LoadOptions(n_ctx=512, n_threads=2)) as model:
+        conversation = Conversation(model="tiny", sampling=SamplingParams(temperature=0), system="Be brief.",
+                                    turns=turns)
+        session = ChatSession(model, conversation, max_tokens=4)
+        started = time.monotonic()
+        reply = session.ask("the last question")
+
+    assert len(renders) <= 5
+    assert time.monotonic() - started < 10
+    assert reply.dropped_turns > 1900
+    assert reply.result.prompt_tokens + 128 <= 512  # it fits with room for the answer
+    assert conversation.messages()[0]["content"] == "Be brief."
+    assert conversation.turns[-2]["content"] == "the last question"
+
+
+def test_load_refuses_a_file_past_its_documented_size(tmp_path):
+    import json
+
+    from edgeinfer.chat import LOAD_LIMIT, Conversation
+    from edgeinfer.errors import UsageError
+
+    huge = tmp_path / "huge.json"
+    turn = {"role": "user", "content": "x" * 1000}
+    huge.write_text(json.dumps({"version": 1, "model": "tiny", "messages": [turn] * (LOAD_LIMIT // 1000 + 10)}))
+
+    with pytest.raises(UsageError, match="larger than 16 MiB"):
+        Conversation.load(huge)
