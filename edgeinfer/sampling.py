@@ -14,10 +14,14 @@ import numpy as np
 
 from edgeinfer.errors import UsageError
 
+# A temperature below this (1e-310, say) has no finite inverse: it is taken as 0, greedy, which is what
+# so small a temperature asks for anyway.
+GREEDY_BELOW = 1 / np.finfo(np.float64).max
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8  # 0 means greedy
+    temperature: float = 0.8  # 0 (or below GREEDY_BELOW) means greedy
     top_k: int = 40  # 0 disables
     top_p: float = 0.95  # 1 disables
     min_p: float = 0.05  # 0 disables
@@ -41,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
@@ -78,7 +82,7 @@ class Sampler:
             keep &= kept >= p.min_p * kept[0]
         keep[0] = True
         ids = ids[keep]
-        probs[ids] = _softmax(x[ids] / p.temperature)
+        probs[ids] = _softmax(x[ids], p.temperature)
         return probs
 
     def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
@@ -99,6 +103,9 @@ def _top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-x, k - 1)[:k]
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
+def _softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    # The best logit is subtracted before dividing: the gaps are <= 0, so a small temperature can only
+    # push them to -inf (probability 0), never the best one to +inf and the sum to inf - inf.
+    with np.errstate(over="ignore"):
+        e = np.exp((x - np.max(x)) / temperature)
     return e / e.sum()

@@ -107,3 +107,16 @@ def test_a_signal_at_the_chat_prompt_leaves_echo_and_line_editing_on(tiny_model,
     assert code == 128 + signum
     assert {"echo", "icanon", "isig", "iexten"} <= set(settings), child.before
     assert "Traceback" not in child.before
+
+
+# --- deliberate errors (and one non-error) instead of unexpected ones -------------------------------------
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(tiny_model, edgeinfer_home):
+    greedy = run_edgeinfer("run", "-m", tiny_model, "--temperature", "0", "-n", "12", "hello")
+    tiny = run_edgeinfer("run", "-m", tiny_model, "--temperature", "1e-310", "-n", "12", "--seed", "1", "hello")
+    small = run_edgeinfer("run", "-m", tiny_model, "--temperature", "1e-300", "-n", "12", "--seed", "1", "hello")
+
+    assert greedy.exit_code == tiny.exit_code == small.exit_code == 0, tiny.stderr + small.stderr
+    assert greedy.stdout.strip() and tiny.stdout == greedy.stdout and small.stdout == greedy.stdout
+    assert "Warning" not in tiny.stderr + small.stderr
