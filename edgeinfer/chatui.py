@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from edgeinfer.chat import ChatSession, Conversation, is_text
+from edgeinfer.config import expand_user
 from edgeinfer.errors import EdgeinferError, UsageError
 from edgeinfer.render import print_error, print_note, visible
 
@@ -140,7 +141,7 @@ def _command(line: str, session: ChatSession, console: Console, stats_line: Call
     elif name in ("/save", "/load") and not arg:
         raise UsageError(f"{name} needs a file: {name} FILE")
     elif name == "/save":
-        session.conversation.save(_path(arg))
+        session.conversation.save(expand_user(arg))
         console.print(Text(f"saved to {visible(arg)}"))
     elif name == "/load":
         _load(session, arg, console)
@@ -151,16 +152,9 @@ def _command(line: str, session: ChatSession, console: Console, stats_line: Call
     return None
 
 
-def _path(arg: str) -> Path:
-    try:
-        return Path(arg).expanduser()
-    except RuntimeError:  # (~name where there is no user name)
-        raise UsageError(f"{arg.split('/')[0]} names no user's home folder") from None
-
-
 def _load(session: ChatSession, arg: str, console: Console) -> None:
     """Continue a saved conversation with this session's model, saying so if it was held with another."""
-    current, saved = session.conversation.model, Conversation.load(_path(arg))
+    current, saved = session.conversation.model, Conversation.load(expand_user(arg))
     other = bool(saved.model) and saved.model != current
     session.replace(replace(saved, model=current) if other else saved)
     console.print(Text(f"loaded {len(saved.turns)} messages from {visible(arg)}"))

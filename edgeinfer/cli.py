@@ -193,6 +193,16 @@ def rm(ref: Annotated[str, typer.Argument(help="A model in the store.")]) -> Non
 
 # --- generation -------------------------------------------------------------------
 
+
+def _utf8(value: Any) -> Any:
+    """A text option or argument (or a list of them) as given, if it is UTF-8: Python passes argv's other
+    bytes on as lone surrogates, which no tokenizer takes."""
+    from edgeinfer.chat import is_text
+
+    if any(text is not None and not is_text(text) for text in (value if isinstance(value, list) else [value])):
+        raise typer.BadParameter("not UTF-8 text")
+    return value
+
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (default: the catalog's default model).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 is greedy.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")]
@@ -201,12 +211,12 @@ MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely
 RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalty for tokens among the last 64 (1: off).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same output (-1: random).")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens.")]
-StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable).")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", callback=_utf8, help="Stop when this text appears (repeatable).")]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores).")]
 GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")]
 CacheTypeOpt = Annotated[str, typer.Option("--cache-type", help="The KV cache's type: f16, bf16 or q8_0 (half the memory). On a CPU, --draft stays exact past 256 tokens of context only with bf16 or q8_0.")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", callback=_utf8, help="System message.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")]
 DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")]
 DraftMaxOpt = Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per round (the length in use adapts below it).")]
@@ -288,7 +298,7 @@ def _stats_line(result) -> str:
 
 @app.command()
 def run(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (joined with stdin when piped).")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(callback=_utf8, help="The prompt (joined with stdin when piped).")] = None,
     model: ModelOpt = None,
     file: Annotated[Optional[list[Path]], typer.Option("--file", "-f", help="Add a file's text to the prompt (repeatable).")] = None,
     system: SystemOpt = None,

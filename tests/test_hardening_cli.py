@@ -120,3 +120,56 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(tiny_model, edgeinfer_ho
     assert greedy.exit_code == tiny.exit_code == small.exit_code == 0, tiny.stderr + small.stderr
     assert greedy.stdout.strip() and tiny.stdout == greedy.stdout and small.stdout == greedy.stdout
     assert "Warning" not in tiny.stderr + small.stderr
+
+
+def _run_bytes(*args: str | bytes | os.PathLike, env: dict[str, str | None] | None = None):
+    """`edgeinfer ARGS...` with arguments that may be bytes (argv that is not UTF-8)."""
+    import subprocess
+
+    from conftest import REPO_ROOT, Run
+
+    done = subprocess.run([sys.executable, "-m", "edgeinfer", *args], env=subprocess_env(env), cwd=REPO_ROOT,
+                          capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    return Run(done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace"))
+
+
+@pytest.mark.parametrize("args, named", [
+    (["run", b"caf\xe9"], "'prompt'"),
+    (["run", "--system", b"\xff", "hi"], "'--system'"),
+    (["run", "--stop", "a", "--stop", b"\xff", "hi"], "'--stop'"),
+    (["chat", "--system", b"caf\xe9"], "'--system'"),
+], ids=["prompt", "run-system", "stop", "chat-system"])
+def test_an_argument_that_is_not_utf8_is_a_usage_error(tiny_model, edgeinfer_home, args, named):
+    done = _run_bytes(args[0], "-m", tiny_model, "-n", "4", *args[1:])
+
+    assert done.exit_code == 2
+    assert named in done.error_line and "not UTF-8 text" in done.error_line
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"EDGEINFER_HOME": "~nosuchuser"}, "EDGEINFER_HOME is ~nosuchuser: ~nosuchuser names no user's home folder"),
+    ({"EDGEINFER_HOME": None, "XDG_DATA_HOME": "~nosuchuser/share"},
+     "XDG_DATA_HOME is ~nosuchuser/share: ~nosuchuser names no user's home folder"),
+    ({"EDGEINFER_HOME": None, "HOME": ""}, "HOME is empty; set HOME, or EDGEINFER_HOME to the folder for edgeinfer's store"),
+    ({"EDGEINFER_HOME": "~/store", "HOME": ""}, "EDGEINFER_HOME is ~/store: HOME is empty; set HOME, or EDGEINFER_HOME"),
+], ids=["no-such-user", "xdg-no-such-user", "empty-home", "tilde-with-empty-home"])
+def test_a_home_that_names_no_folder_is_a_usage_error(edgeinfer_home, env, message):
+    for command in (["list"], ["pull"], ["chat", "-m", "x"]):
+        done = run_edgeinfer(*command, env=env)
+        assert done.exit_code == 2, (command, done.stderr)
+        assert done.error_line.startswith(f"error: {message}"), command
+    assert not Path("/.local/share/edgeinfer").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming a user without a password entry needs root")
+def test_no_home_and_no_password_entry_is_a_usage_error(edgeinfer_home):
+    import subprocess
+
+    # Imported first: the user it becomes may not read this Python's own files.
+    script = ("import os, pwd\nfrom edgeinfer import config, errors\nos.setuid(54321)\n"
+              "try:\n    config.edgeinfer_home()\nexcept errors.UsageError as exc:\n    print(exc.exit_code, exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=subprocess_env({"HOME": None, "EDGEINFER_HOME": None}),
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.stdout == ("2 HOME is not set and this user has no home folder in the password database; "
+                           "set HOME, or EDGEINFER_HOME to the folder for edgeinfer's store\n"), done.stderr
