@@ -17,7 +17,7 @@ from edgeinfer.errors import UsageError
 from edgeinfer.models import Library, locate
 from edgeinfer.progress import ProgressReporter
 from edgeinfer.sampling import SamplingParams
-from edgeinfer.costs import CostBook
+from edgeinfer.speculative.costs import CostBook
 from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, plan_speculation, resolve_draft,
                                    speculation)
 from edgeinfer.template import Message, chat_tokens, raw_tokens

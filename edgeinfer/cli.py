@@ -329,7 +329,7 @@ def run(
 ) -> None:
     """Answer one prompt, streaming the text to stdout."""
     from edgeinfer.api import RunRequest, run as run_prompt
-    from edgeinfer.speculative import describe_stats
+    from edgeinfer.render import describe_stats
 
     speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
                                draft_lookup)
@@ -400,7 +400,7 @@ def chat(
 
 
 def _chat_stats(result) -> str:
-    from edgeinfer.speculative import describe_stats
+    from edgeinfer.render import describe_stats
 
     return _stats_line(result) + (("\n" + describe_stats(result.stats)) if result.stats else "")
 

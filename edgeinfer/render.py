@@ -124,3 +124,19 @@ def count_progress(console: Console) -> Iterator[ProgressReporter]:
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield RichProgress(progress)
+
+
+def describe_stats(stats: dict) -> str:
+    """One line for people: what speculation did in a generation (`edgeinfer run --stats`)."""
+    from edgeinfer.speculative.plan import NGRAM
+
+    if stats.get("skipped"):
+        return f"speculative ({stats['drafter']}): {stats['skipped']}"
+    copies = (f", {stats['copied']} of them copied from the context" if stats["copied"] and stats["drafter"] != NGRAM
+              else "")
+    who = "; ".join([stats["drafter"], *(stats[k] for k in ("note", "long_context") if stats.get(k))])
+    return (f"speculative ({who}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
+            f"({stats['acceptance_rate']:.0%}){copies}, {stats['doubts']} stops on doubt, "
+            f"{stats['tokens_per_pass']:.2f} tokens per target pass, "
+            f"draft length {stats['draft_length']} (mean {stats['mean_draft_length']}), "
+            f"{stats['tokens_per_second']:.1f} tok/s")

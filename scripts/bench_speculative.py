@@ -52,10 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgeinfer import machine  # noqa: E402
 from edgeinfer.models import Library, locate  # noqa: E402
-from edgeinfer.drafters import ModelDrafter, NgramDrafter  # noqa: E402
+from edgeinfer.speculative.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402
-from edgeinfer.costs import CostBook, expected_round  # noqa: E402
+from edgeinfer.speculative.costs import CostBook, expected_round  # noqa: E402
 from edgeinfer.speculative import (DraftOptions, check_pair, cost_model,  # noqa: E402
                                    modelless_factory, plan_speculation, stepper_factory)
 from edgeinfer.template import chat_tokens  # noqa: E402

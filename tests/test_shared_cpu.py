@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgeinfer import machine, threads
-from edgeinfer.costs import CostBook, CostModel, PairKey
+from edgeinfer.speculative.costs import CostBook, CostModel, PairKey
 from test_speculative import models, remember_costs  # noqa: F401 (the tiny target and its drafts, a fixture)
 
 # --- the thread choice, from numbers ----------------------------------------------------

@@ -1,11 +1,5 @@
-"""What speculation costs and yields for one pair of models on this machine, measured and remembered.
-
-A verification pass of n tokens is not free on a small CPU and its cost v(n) is
-neither linear nor monotonic in n; the draft's step and catch-up costs depend on
-the draft, the threads and the CPU. Learning them inside one generation costs
-rounds that a 128-token answer cannot win back, so what one run measured is kept
-in a small JSON file beside the store and the next run starts from it.
-"""
+"""What speculation costs and yields for one pair of models on this machine, measured and remembered
+(`CostModel` in a `CostBook` file beside the store), and the round formula that prices a draft length."""
 
 from __future__ import annotations
 
@@ -17,10 +11,11 @@ from pathlib import Path
 from statistics import median
 
 _STALE_SECONDS = 7 * 24 * 3600  # a verdict older than this is learned again: machines and builds change
-# The timings of an entry: what another program's load distorts (a draft step measured beside a busy
-# program came out at 0.73 of a target step against 0.29 on a quiet machine). Rates and exactness are not.
+# The timings of an entry: what another program's load distorts (docs/speculative.md, the cost book).
+# Rates and exactness are not.
 TIMINGS = ("steps", "passes", "draft_steps", "draft_syncs", "catch_ups")
 REEXAMINE = 0.67  # plain steps this much faster than the recorded ones: the recorded timings were a bad minute
+SWITCH_ON_MARGIN = 1.03  # speculate only when it promises to be this much faster than plain decoding
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -43,8 +38,7 @@ def expected_round(k: int, reject: float, doubt: float, step: float, pass_cost,
     tokens, and pays one draft step more than it proposed: the step whose logits
     raised the doubt. Each proposed token is rejected with probability `reject`.
     Averaging over where the draft stops matters on a small CPU, where a pass of
-    2 tokens may cost far less than one of k + 1: charging every round the full
-    k steps and v(k + 1) made speculation look like a loss when it was a win.
+    2 tokens may cost far less than one of k + 1.
     """
     first = step if sync is None else sync
     tokens = seconds = 0.0
@@ -56,6 +50,27 @@ def expected_round(k: int, reject: float, doubt: float, step: float, pass_cost,
         seconds += stops_here * (first + (steps - 1) * step + pass_cost(j + 1))
         reach *= 1.0 - doubt
     return tokens, seconds
+
+
+def expected_speeds(costs: "CostModel", step_hint: float, draft_min: int, cap: int, reject: float,
+                    doubt: float = 0.0, copy: bool = False) -> dict[int, float]:
+    """Expected tokens per second for each draft length from --draft-min (at least 1) up to cap, from the
+    costs, the chance a proposed token is rejected and the chance the draft stops, unsure, at a position.
+    A copy out of the context takes no draft step."""
+    step, sync = (0.0, 0.0) if copy else (costs.draft_step(step_hint), costs.draft_sync(step_hint))
+    passes = {n: costs.pass_cost(n) for n in range(1, cap + 2)}  # once, not once per length and stop
+    out = {}
+    for k in range(max(1, draft_min), cap + 1):
+        tokens, seconds = expected_round(k, reject, doubt, step, passes.__getitem__, sync)
+        out[k] = tokens / seconds
+    return out
+
+
+def can_win(costs: "CostModel", step_hint: float, draft_min: int, cap: int, copy: bool = False) -> bool:
+    """Could drafts (copies) that were always accepted beat plain decoding by SWITCH_ON_MARGIN? If not,
+    speculating only costs: neither loading the draft nor a probe (asking it) is worth anything."""
+    best = max(expected_speeds(costs, step_hint, draft_min, cap, reject=0.0, copy=copy).values())
+    return best > SWITCH_ON_MARGIN / costs.measured(1)
 
 
 class Tally:
@@ -81,13 +96,8 @@ class Tally:
 class CostModel:
     """Target pass costs v(n), the draft's step and catch-up costs, and the long-run rejection and doubt rates.
 
-    Every cost but the one-token step v(1) is kept as a multiple of it: on a shared
-    machine the absolute figures drift with the load, between runs and within one,
-    while the ratios hold; a pass of 4 tokens timed on a busy afternoon must not be
-    weighed against a step timed on a quiet night. Medians of the last few
-    observations, because a shared small machine has outliers. A pass size never
-    measured is estimated from its measured neighbours, a little optimistically so
-    that it gets tried once.
+    Every cost but v(1) is kept as a multiple of it, since on a shared machine the absolute figures drift
+    with the load while the ratios hold; medians of the last few, since such a machine has outliers.
     """
 
     FORMAT = 2  # entries written in another layout are learned again
@@ -108,7 +118,7 @@ class CostModel:
         # The largest pass whose logits agree bit for bit with one-token steps, of the sizes tried: none is
         # verified beyond it, for a batch that rounds differently could break a near-tie another way.
         self.exact: tuple[int, int] | None = None  # (agreeing, tried)
-        self.exact_long: int | None = None  # agreeing, of those tried, past speculative.LONG_CONTEXT tokens of context
+        self.exact_long: int | None = None  # agreeing, of those tried, past plan.LONG_CONTEXT tokens of context
         self.updated = 0.0  # when this was last measured (seconds since the epoch)
         self.forgotten = False  # its timings were dropped (outdated_by) and must be dropped in the file too
 
@@ -223,7 +233,7 @@ class CostModel:
 
     def verify_cap(self, draft_max: int, long: bool = False) -> int:
         """The most tokens a round may draft: --draft-max, within the passes known to be exact (long: past
-        speculative.LONG_CONTEXT tokens of context)."""
+        plan.LONG_CONTEXT tokens of context)."""
         if self.exact is None:
             return draft_max
         agreeing = self.exact_long if long and self.exact_long is not None else self.exact[0]

@@ -1,10 +1,5 @@
 """Where speculative tokens come from: a small draft model, or the context itself (prompt lookup).
-
-A drafter proposes up to `n` tokens that continue `history`. Each proposed token
-comes with the distribution it was drawn from (`q` in Leviathan et al.), or None
-when the drafter was certain (a point mass: greedy drafting, or a copy out of the
-context), so the verifier can accept it with probability min(1, p(x)/q(x)).
-"""
+Each proposed token carries the distribution q it was drawn from (None: a point mass), for verification."""
 
 from __future__ import annotations
 
@@ -32,6 +27,10 @@ class Draft:
 
 
 class Drafter(Protocol):
+    """Proposes up to `n` tokens that continue `history`, each with the distribution it was drawn from (`q` in
+    Leviathan et al.), or None when the drafter was certain (greedy drafting, or a copy out of the context),
+    so that the verifier can accept it with probability min(1, p(x)/q(x))."""
+
     name: str
     step_cost_hint: float  # one draft step relative to one target step, before anything is measured
 
@@ -58,7 +57,7 @@ class ModelDrafter:
 
     With `lookup`, it also offers copies out of the context (prompt lookup): where an
     edit repeats its prompt a copy is surer than the draft and costs no draft step;
-    the stepper weighs the two each round, and the draft reads what it skipped in one batch later.
+    the policy weighs the two each round, and the draft reads what it skipped in one batch later.
     """
 
     def __init__(self, model: Model, target_vocab: int, target_size: int, lookup: bool = True) -> None:
@@ -141,11 +140,9 @@ class NgramDrafter:
     drafter is nearly free and nearly always right. The index of n-grams grows
     with the history, one position per token, so a lookup costs O(1).
 
-    A copy's kind says where it comes from as well as how long a match it follows:
-    out of the prompt, an edit's copies were right 88-96% of the time after a 3- or
-    4-token match; out of the answer itself (a repeated `return`, a second loop)
-    20-40%, in edits and new code alike. Pooled, the good kind taught the stepper
-    to verify the bad one.
+    A copy's kind says where it comes from (the prompt, or the answer itself) as well
+    as how long a match it follows: the kinds differ widely in how often they are
+    right, so each keeps its own record (docs/speculative.md).
     """
 
     name = "ngram"
@@ -192,7 +189,7 @@ def _softmax_at(logits: np.ndarray, token: int) -> float:
     """The probability of one token under the plain softmax of the logits.
 
     In float32, once over the vocabulary: it runs after every draft step, and a
-    threshold test needs no more precision (float64 took 1 ms of a 25 ms step).
+    threshold test needs no more precision (float64 cost a noticeable share of a step).
     """
     x = np.asarray(logits, dtype=np.float32)
     top = x.max()

@@ -1,0 +1,305 @@
+"""What `--draft` comes to before a round runs: the options, the draft model's file, the pair check,
+the plan (speculate or not, from remembered costs), the exactness measurement, and the context
+manager that loads the draft beside a target and hands `generate` its stepper factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgeinfer.engine import LoadOptions, Model, PlainStepper, load
+from edgeinfer.errors import IncompatibleModelsError, UsageError
+from edgeinfer.machine import check_threads
+from edgeinfer.sampling import Sampler
+from edgeinfer.speculative.costs import CostBook, CostModel, can_win, pair_key
+from edgeinfer.speculative.drafters import Drafter, ModelDrafter, NgramDrafter, step_cost_hint
+
+if TYPE_CHECKING:
+    from edgeinfer.speculative.stepper import SpeculativeStepper
+
+NGRAM, AUTO = "ngram", "auto"
+NOT_EXACT = ("llama.cpp scores a pass of 2 tokens differently from two one-token steps with this model here, "
+             "so verifying drafts could change the answer; nothing is verified")
+_VOCAB_SLACK = 128  # converters pad vocabularies to a multiple of 64 or 128; those ids are never produced
+# llama.cpp pads the attention's KV length to a multiple of 256, and on the CPU (f16 cache) a one-token step
+# over 512 or more of them takes another kernel than a pass of several tokens: past this many tokens of
+# context a pass may score otherwise than one-token steps, though it agreed before. Measured on both sides.
+LONG_CONTEXT = 256
+LONG_PROBE = LONG_CONTEXT + 44  # where passes are tried past it
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    """How to speculate (the --draft* options of `edgeinfer run`, named as llama.cpp names them)."""
+
+    ref: str  # a model reference, "auto" (the catalog's draft for the target) or "ngram" (prompt lookup)
+    draft_max: int = 8  # --draft-max: never draft more tokens than this per round
+    draft_min: int = 0  # --draft-min: a shorter draft is not worth a verification; decode plainly instead
+    p_min: float = 0.75  # --draft-p-min: stop drafting when the draft's probability for its token is lower
+    n_threads: int | None = None  # --draft-threads (None: the target's)
+    n_gpu_layers: int | None = None  # --draft-gpu-layers (None: as for the target)
+    lookup: bool = True  # --draft-lookup: a draft model's rounds may verify a copy out of the context instead
+    adaptive: bool = True  # False: always draft up to draft_max (for tests and benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.draft_max < 1:
+            raise UsageError("--draft-max must be at least 1")
+        if not 0 <= self.draft_min <= self.draft_max:
+            raise UsageError("--draft-min must be between 0 and --draft-max")
+        if not 0 <= self.p_min <= 1:
+            raise UsageError("--draft-p-min must be in [0, 1]")
+        check_threads(self.n_threads, "--draft-threads")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
+            raise UsageError("--draft-gpu-layers must be -1 (all), 0 or more")
+
+
+# --- pairing ----------------------------------------------------------------------
+
+
+def resolve_draft(lib, target_ref: str | None, options: DraftOptions, progress=None) -> Path | None:
+    """The draft model's file (pulled if needed), or None for prompt lookup."""
+    from edgeinfer.catalog import CatalogRef
+    from edgeinfer.models import locate
+
+    if options.ref == NGRAM:
+        return None
+    ref = options.ref
+    if ref == AUTO:
+        parsed = lib.parse(target_ref)
+        ref = parsed.spec.draft if isinstance(parsed, CatalogRef) else None
+        if not ref:
+            raise UsageError(f"--draft auto: the catalog names no draft model for {target_ref or lib.catalog.default}; "
+                             "give one with --draft MODEL, or use --draft ngram")
+    return locate(lib, ref, pull_missing=True, progress=progress)
+
+
+def check_pair(target: Path, draft: Path, cache_file: Path | None = None) -> None:
+    """Raise IncompatibleModelsError unless the draft's tokens mean what the target's mean.
+
+    Only metadata and vocabularies are read: the gguf reader's (cached) facts, then
+    llama.cpp's own vocabulary loaded with vocab_only (no weights), whose token
+    strings compare in a fraction of a second where the gguf reader takes seconds.
+    """
+    from edgeinfer.ggufinfo import inspect
+
+    t, d = inspect(target, cache_file), inspect(draft, cache_file)
+    names = f"the draft {draft.name} cannot pair with {target.name}"
+    facts = [("tokenizer model", t.tokenizer_model, d.tokenizer_model), ("BOS token", t.bos_token_id, d.bos_token_id),
+             ("EOS token", t.eos_token_id, d.eos_token_id), ("add-BOS flag", t.add_bos_token, d.add_bos_token)]
+    for what, ours, theirs in facts:
+        if ours != theirs:
+            raise IncompatibleModelsError(f"{names}: {what} differs ({theirs!r} in the draft, {ours!r} in the target)")
+    if abs(t.vocab_size - d.vocab_size) > _VOCAB_SLACK:
+        raise IncompatibleModelsError(f"{names}: vocabularies of {d.vocab_size} and {t.vocab_size} tokens "
+                                      f"(more than {_VOCAB_SLACK} apart)")
+    ours, theirs = _token_texts(target), _token_texts(draft)
+    for i in range(min(len(ours), len(theirs))):
+        if ours[i] != theirs[i]:
+            raise IncompatibleModelsError(f"{names}: token {i} is {theirs[i]!r} in the draft and {ours[i]!r} in the target")
+
+
+def _token_texts(path: Path) -> list[bytes]:
+    import llama_cpp
+
+    from edgeinfer.engine import init_backend
+
+    init_backend(False)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True  # the tokenizer only: no tensor is read
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise IncompatibleModelsError(f"llama.cpp could not read the vocabulary of {path.name}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return [llama_cpp.llama_vocab_get_text(vocab, i) for i in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+# --- the plan ----------------------------------------------------------------------
+
+_IN_MEMORY_BOOK = CostBook(None)  # for callers that keep no file: chat turns and benchmark runs still share it
+
+
+@dataclass(frozen=True)
+class SpeculationPlan:
+    """What `--draft` comes to for one target on this machine, decided before any weights load."""
+
+    options: DraftOptions | None  # None: plain decoding was asked for
+    draft_path: Path | None = None  # None with options: prompt lookup
+    book: CostBook = field(default_factory=lambda: _IN_MEMORY_BOOK)
+    skipped: str | None = None  # why speculation will not run although asked for (costs measured earlier)
+    note: str | None = None  # what the plan changed: a draft model set aside for prompt lookup alone
+
+    @property
+    def drafter_name(self) -> str:
+        return self.draft_path.name if self.draft_path else NGRAM
+
+    @property
+    def verifying(self) -> bool:
+        return self.options is not None and self.skipped is None
+
+
+def plan_speculation(target: Path, draft_path: Path | None, options: DraftOptions | None, load_options: LoadOptions,
+                     book: CostBook) -> SpeculationPlan:
+    """Speculate, or not: a pair whose remembered costs say that even a drafter that is always right
+    would lose to plain decoding here is not loaded at all; nor one whose target scores no pass of two
+    tokens exactly as two one-token steps (verifying could then change the answer).
+
+    A draft model that cannot win here still leaves copies out of the context (--draft-lookup), which take
+    no draft step: then prompt lookup runs alone, unless it too cannot win."""
+    if options is None:
+        return SpeculationPlan(None)
+    plan = SpeculationPlan(options, draft_path, book)
+    costs = book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers,
+                               load_options.cache_type))
+    if costs is None or not costs.fresh:
+        return plan
+    cap = costs.verify_cap(options.draft_max)
+    if cap < 1:
+        return replace(plan, skipped=f"speculation off: {NOT_EXACT}")
+    if cap < options.draft_min:
+        if not costs.knows_exactness(options.draft_max + 1):
+            return plan  # longer passes are yet to be tried: this run tries them
+        return replace(plan, skipped=f"speculation off: --draft-min {options.draft_min} asks for more tokens than "
+                                     f"the {cap} that one pass verifies exactly with this model here")
+    if not options.adaptive or costs.measured(2) is None:
+        return plan
+    hint = step_cost_hint(draft_path.stat().st_size, target.stat().st_size) if draft_path is not None else 0.0
+    if can_win(costs, hint, options.draft_min, cap):
+        return plan
+    v = costs.ratios(3)
+    why = (f"on this machine even drafts that were always right would be slower than plain decoding "
+           f"(a pass of 2 tokens costs {v.get(2, 0):.2f}x one, a draft step {costs.draft_step(hint) * 1000:.1f} ms "
+           f"against {costs.measured(1) * 1000:.1f} ms; measured by earlier runs)")
+    if draft_path is not None and options.lookup:
+        lookup = plan_speculation(target, None, options, load_options, book)
+        if lookup.verifying:
+            return replace(lookup, note=f"{draft_path.name} not loaded: {why}; copies out of the context only")
+    return replace(plan, skipped=f"speculation off: {why}")
+
+
+def exact_batch(target: Model, tokens: Sequence[int], upto: int, after: int = 0) -> int:
+    """The largest pass, of up to `upto` tokens, whose logits agree bit for bit with one-token steps.
+
+    Verifying a draft in one pass is exact only if the pass scores each position as a one-token step
+    would, and llama.cpp does not promise that (repacked weights, other kernels for longer passes, and
+    past LONG_CONTEXT another attention kernel; docs/speculative.md). Which sizes agree depends on the
+    CPU, the type, the build and the context's length, so it is measured, on a scratch context that
+    leaves the prompt's cache alone, with the passes placed after `after` tokens of context."""
+    seq = (list(tokens) * (after + upto))[: after + upto]
+    # (past LONG_CONTEXT, room for the KV length llama.cpp pads to, which decides its kernel)
+    with target.scratch(max(32, after + 2 * upto, 2 * LONG_CONTEXT if after else 0)) as scratch:
+        if after:
+            scratch.prefill(seq[:after])
+        singles = np.stack([scratch.decode([t])[0].copy() for t in seq[after:]])
+        for n in range(2, upto + 1):
+            scratch.truncate(after)
+            if not np.array_equal(scratch.decode(seq[after : after + n], all_logits=True), singles[:n]):
+                return n - 1
+    return upto
+
+
+def measure_exactness(target: Model, prompt: Sequence[int], costs: CostModel, upto: int) -> None:
+    """Which passes of up to `upto` tokens are exact, in a short context and a long one, into the costs."""
+    short, long = (exact_batch(target, prompt, upto, after) for after in (0, LONG_PROBE))
+    costs.observe_exactness(short, upto, long)
+
+
+# --- loading and the stepper factories ----------------------------------------------
+
+
+@contextmanager
+def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, max_tokens: int | None = None,
+                cache_file: Path | None = None) -> Iterator[Callable | None]:
+    """Load the draft (if any) beside a loaded target; yields the stepper factory for `generate`.
+
+    What the steppers measured is saved to the plan's cost book on the way out: their timings only if no
+    other program shared the CPU meanwhile, so that a busy minute does not become the machine's figures.
+    """
+    options = plan.options
+    if options is None:
+        yield None
+        return
+    factory = modelless_factory(plan, max_tokens)
+    if plan.skipped:
+        yield factory
+        _reexamine(plan, target)
+        return
+    loaded = [target]
+    try:
+        if factory is not None:
+            yield factory
+            return
+        draft_load = replace(target_load, n_ctx=target.n_ctx, n_threads=options.n_threads or target_load.n_threads,
+                             n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None
+                             else target_load.n_gpu_layers)
+        with load(plan.draft_path, draft_load, cache_file) as draft:
+            loaded.append(draft)
+            drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=options.lookup)
+            yield stepper_factory(lambda: drafter, options, max_tokens, plan.book)
+    finally:
+        plan.book.save(trusted=not any(model.contended for model in loaded))
+
+
+def _reexamine(plan: SpeculationPlan, target: Model) -> None:
+    """A plan skipped on remembered timings is questioned when this run's plain steps were much faster than
+    those (even beside another program: then the record came from a worse minute still): the next run
+    measures again instead of staying plain."""
+    step = target.tuner.typical_step() if target.tuner is not None else None
+    costs = plan.book.peek(pair_key(target.path, plan.drafter_name, target.n_threads, target.n_gpu_layers,
+                                    target.cache_type))
+    if step is None or costs is None or not costs.outdated_by(step):
+        return
+    costs.forget_timings()
+    plan.book.save()
+
+
+def modelless_factory(plan: SpeculationPlan, max_tokens: int | None = None) -> Callable | None:
+    """The stepper factory of a plan that loads no draft model (speculation off, or prompt lookup, perhaps
+    in place of a draft model that cannot win); None for a plan that needs its draft model loaded."""
+    if plan.skipped:
+        return skipped_factory(plan)
+    if plan.draft_path is None:
+        return stepper_factory(NgramDrafter, plan.options, max_tokens, plan.book, plan.note)
+    return None
+
+
+def stepper_factory(make_drafter: Callable[[], Drafter], options: DraftOptions, max_tokens: int | None = None,
+                    book: CostBook | None = None, note: str | None = None) -> Callable[[Model, Sampler], SpeculativeStepper]:
+    from edgeinfer.speculative.stepper import SpeculativeStepper  # (here: the stepper reads this module's plan)
+
+    def factory(target: Model, sampler: Sampler) -> SpeculativeStepper:
+        drafter = make_drafter()
+        stepper = SpeculativeStepper(target, sampler, drafter, options, cost_model(target, drafter, book), max_tokens)
+        stepper.note = note
+        return stepper
+
+    return factory
+
+
+def cost_model(target: Model, drafter: Drafter, book: CostBook | None = None) -> CostModel:
+    """The costs of this (CPU, threads, target, drafter, offload): remembered, or learned from here on."""
+    return (book or _IN_MEMORY_BOOK).get(pair_key(target.path, drafter.name, target.n_threads, target.n_gpu_layers,
+                                                  target.cache_type))
+
+
+def skipped_factory(plan: SpeculationPlan) -> Callable[[Model, Sampler], PlainStepper]:
+    """Plain decoding for a plan whose pair cannot win here, with stats that say so."""
+    return lambda model, sampler: SkippedStepper(model, sampler, plan.drafter_name, plan.skipped)
+
+
+class SkippedStepper(PlainStepper):
+    """Plain decoding where speculation was asked for but cannot win here; its stats say why."""
+
+    def __init__(self, model: Model, sampler: Sampler, drafter: str, reason: str) -> None:
+        super().__init__(model, sampler)
+        self.drafter, self.reason = drafter, reason
+
+    def stats(self) -> dict:
+        return {"drafter": self.drafter, "skipped": self.reason}

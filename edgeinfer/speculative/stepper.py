@@ -1,0 +1,236 @@
+"""One round of speculative decoding: draft, verify the draft in one target pass, keep the accepted
+prefix and one token of the target's own. What to verify and how long is the policy's call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from edgeinfer.engine import Model
+from edgeinfer.sampling import Sampler
+from edgeinfer.speculative.costs import CostModel
+from edgeinfer.speculative.drafters import Draft, Drafter
+from edgeinfer.speculative.plan import LONG_CONTEXT, NOT_EXACT, DraftOptions, measure_exactness
+from edgeinfer.speculative.policy import Choice, DraftPolicy
+
+
+class SpeculativeStepper:
+    """Draft, verify in one target pass, keep the accepted prefix and a bonus token.
+
+    It plugs into `engine.generate` like the plain stepper, so streaming, stop strings, --max-tokens and
+    KV reuse are the same code. Greedy, the output is token for token the target's own; with sampling,
+    a drafted token is accepted with probability min(1, p/q) and a rejection redrawn from max(0, p - q)."""
+
+    def __init__(self, target: Model, sampler: Sampler, drafter: Drafter, options: DraftOptions,
+                 costs: CostModel, max_tokens: int | None = None) -> None:
+        self.target, self.sampler, self.drafter, self.options = target, sampler, drafter, options
+        self.costs, self.max_tokens = costs, max_tokens
+        self.policy = DraftPolicy(costs, options, drafter.step_cost_hint)
+        self.prompt_len: int | None = None
+        self.note: str | None = None  # what the plan changed (a draft model set aside), for the stats
+        self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, tokens=0, k_sum=0, copies=0,
+                           copied=0)
+        self.seconds = 0.0
+
+    def prepare(self, prompt: Sequence[int]) -> None:
+        """The draft reads the prompt now, with the target, rather than in the first round; and on the first
+        use of this pair on this machine, which passes are exact and what they cost are measured before
+        they decide anything."""
+        start = time.perf_counter()
+        read = self.drafter.prepare(prompt)
+        reading = time.perf_counter() - start
+        upto = self.options.draft_max + 1
+        if not self.costs.knows_exactness(upto):
+            measure_exactness(self.target, prompt, self.costs, upto)
+        if self._verify_cap() < 1:
+            self.note = NOT_EXACT
+        if self.options.adaptive and self.costs.measured(2) is None and self._verify_cap() > 0:
+            self._calibrate(prompt)
+        if read > 2 and not self.costs.catch_ups:
+            # A first guess at what reading a backlog costs the draft, the price of a probe (low: a long
+            # prompt is read in bigger batches than a catch-up; real catch-ups replace it).
+            self.costs.observe_catch_up(reading, read)
+
+    def _calibrate(self, prompt: Sequence[int]) -> None:
+        """Time one target pass of each size a round may verify, on the prompt's own tokens, then forget them;
+        and one draft step. Once per pair on a machine (about 40 tokens' time): the first rounds would
+        otherwise guess at the costs that decide between a speed-up and a loss."""
+        base = len(self.target.cached)
+        sizes = min(self._verify_cap() + 1, self.target.n_ctx - base - 1, self.target.n_batch, len(prompt))
+        for n in range(1, sizes + 1):
+            start = time.perf_counter()
+            self.target.decode(prompt[:n], all_logits=True)
+            self.costs.observe_pass(n, time.perf_counter() - start)
+            self.target.truncate(base)
+        step = self.drafter.time_step(prompt)
+        if step is not None:
+            self.costs.observe_draft(step)
+
+    def _verify_cap(self) -> int:
+        return self.costs.verify_cap(self.options.draft_max)
+
+    def advance(self, history: list[int]) -> list[int]:
+        """One round: the policy's choice, the draft (or the copy), one target pass that verifies it, the
+        accepted prefix and one token of the target's own; or one plain step."""
+        start = time.perf_counter()
+        if self.prompt_len is None:
+            self.prompt_len = len(history) - 1
+        length, copy = self._choose(history)
+        out, catch_up = None, 0.0
+        if length:
+            draft = self._draft(history, length, copy)
+            catch_up = draft.catch_up_seconds
+            if len(draft.tokens) >= max(1, self.options.draft_min):
+                out = self._verify(history, draft, length)
+            elif not self.policy.asking_is_free:  # a draft model paid for its doubts and proposed too little
+                self._record(draft, 0, length, rejected=None)
+        # A round in which a draft model was asked is speculative whatever it proposed: it paid for the asking.
+        asked = bool(length) and copy is None and not self.policy.asking_is_free
+        if out is not None:
+            kind = "copy" if copy is not None else "draft"
+        else:
+            kind, out = "draft" if asked else "plain", self._plain(history)
+        elapsed = time.perf_counter() - start
+        # A catch-up (the draft reading the prompt or what plain rounds produced) is paid once and then
+        # sunk: it says nothing about what speculating from here on will deliver.
+        self.policy.record_delivery(kind, len(out), elapsed - (catch_up if kind == "draft" else 0.0), asked)
+        self.counts["tokens"] += len(out)
+        self.counts["passes"] += 1
+        self.seconds += elapsed
+        return out
+
+    def _choose(self, history: list[int]) -> Choice:
+        limit = self.policy.limit(len(history), self._room(history))
+        if not self.options.adaptive:
+            return Choice(self.policy.choose(limit), None)
+        self.policy.judge_copies(history)
+        copy = self.drafter.copy(history, limit) if self.policy.weighs_copies(limit) else None
+        return self.policy.next_round(limit, copy, len(history))
+
+    def _room(self, history: list[int]) -> int:
+        """The most tokens a draft may have before the context, the batch or --max-tokens runs out."""
+        room = min(self.target.n_ctx - len(history), self.target.n_batch - 1)
+        if self.max_tokens is not None:
+            room = min(room, self.max_tokens - (len(history) - self.prompt_len) - 1)
+        return room
+
+    def _draft(self, history: list[int], length: int, copy: Draft | None) -> Draft:
+        """The copy cut to length, or the drafter's proposal, whose timings go to the cost model."""
+        if copy is not None:  # proposed before the length was chosen
+            return replace(copy, tokens=copy.tokens[:length], dists=copy.dists[:length])
+        start = time.perf_counter()
+        draft = self.drafter.propose(history, length, self.sampler, self.options.p_min)
+        spent = time.perf_counter() - start
+        self.costs.observe_catch_up(draft.catch_up_seconds, draft.catch_up_tokens)
+        if draft.sync_seconds:
+            self.costs.observe_sync(draft.sync_seconds)
+        if draft.steps:
+            self.costs.observe_draft((spent - draft.catch_up_seconds - draft.sync_seconds) / draft.steps)
+        return draft
+
+    def _verify(self, history: list[int], draft: Draft, length: int) -> list[int]:
+        """One target pass over the last token and the draft; the tokens it gives."""
+        start = time.perf_counter()
+        # Logits at every position of the batch: each one verifies the draft token after it.
+        rows = self.target.decode([history[-1], *draft.tokens], all_logits=True)
+        self.costs.observe_pass(len(draft.tokens) + 1, time.perf_counter() - start)
+        out, accepted = accept(rows, draft, history, self.sampler, self.target.is_eog)
+        self.target.truncate(len(history) + accepted)  # the rejected tail leaves the target's cache
+        self._record(draft, accepted, length, rejected=accepted < len(draft.tokens) and not self.target.is_eog(out[-1]))
+        return out
+
+    def _plain(self, history: list[int]) -> list[int]:
+        start = time.perf_counter()
+        logits = self.target.decode(history[-1:])[0]
+        self.costs.observe_pass(1, time.perf_counter() - start)
+        return [self.sampler.sample(logits, history)]
+
+    def _record(self, draft: Draft, accepted: int, length: int, rejected: bool | None) -> None:
+        """One speculative round for the stats and the policy (rejected None: nothing was verified)."""
+        c = self.counts
+        if draft.source:  # a copy out of the context
+            c["copies"] += 1
+            c["copied"] += accepted
+        c["drafted"] += len(draft.tokens) if rejected is not None else 0
+        c["accepted"] += accepted
+        c["rejections"] += bool(rejected)
+        c["doubts"] += draft.doubted
+        c["k_sum"] += length
+        self.policy.record(draft, accepted, rejected)
+
+    def stats(self) -> dict:
+        c, rounds, cut = self.counts, self.policy.rounds, self._long_context_note()
+        return {
+            "drafter": self.drafter.name,
+            **({"note": self.note} if self.note else {}),
+            # A user who asked for speed and got plain decoding there should learn why without --stats.
+            **({"long_context": cut} if cut else {}),
+            "drafted": c["drafted"],
+            "accepted": c["accepted"],
+            "rejections": c["rejections"],
+            "doubts": c["doubts"],
+            "copies": c["copies"],  # rounds that verified a copy out of the context
+            "copied": c["copied"],  # accepted tokens that came from those copies
+            "acceptance_rate": round(c["accepted"] / c["drafted"], 3) if c["drafted"] else 0.0,
+            "target_passes": c["passes"],
+            "speculative_passes": rounds,
+            "tokens_per_pass": round(c["tokens"] / c["passes"], 3) if c["passes"] else 0.0,
+            "draft_length": self.policy.length,
+            "mean_draft_length": round(c["k_sum"] / rounds, 2) if rounds else 0.0,
+            "probes": self.policy.probes,
+            "explored": self.policy.explored,  # rounds that tried a neighbouring length to time its pass again
+            "tokens_per_second": round(c["tokens"] / self.seconds, 2) if self.seconds else 0.0,
+            "pass_cost_ratios": self.costs.ratios(self.options.draft_max + 1),
+            "exact_pass_limit": self._verify_cap() + 1,  # the largest pass verified: one that scores exactly
+            "exact_pass_limit_long": self.costs.verify_cap(self.options.draft_max, long=True) + 1,  # past LONG_CONTEXT
+            "draft_step_ms": round(self.costs.draft_step(self.drafter.step_cost_hint) * 1000, 2),
+            "draft_sync_ms": round(self.costs.draft_sync(self.drafter.step_cost_hint) * 1000, 2),
+        }
+
+    def _long_context_note(self) -> str | None:
+        """Say so where verification was cut back past LONG_CONTEXT, and what keeps it whole."""
+        short, long = self._verify_cap(), self.costs.verify_cap(self.options.draft_max, long=True)
+        went_long = self.prompt_len is not None and self.policy.reaches_long_context(self.prompt_len + self.counts["tokens"])
+        if not went_long or long >= short:
+            return None
+        where = f"only passes of up to {long + 1} tokens" if long > 0 else "no pass of 2 tokens or more"
+        fix = "; --cache-type q8_0 or bf16 keeps them exact" if self.target.cache_type == "f16" else ""
+        return (f"past {LONG_CONTEXT} tokens of context {where} score exactly as one-token steps here, "
+                f"so no longer draft was verified there{fix}")
+
+
+def accept(rows: np.ndarray, draft: Draft, history: list[int], sampler: Sampler,
+           is_eog: Callable[[int], bool]) -> tuple[list[int], int]:
+    """The accepted draft prefix plus one token of the target's own (a correction or a bonus), and how many
+    draft tokens were accepted: greedy, while the target's pick is the draft's; with sampling, each with
+    probability min(1, p/q), a rejection redrawn from max(0, p - q) (Leviathan et al. 2023)."""
+    out, context = [], list(history)
+    for i, token in enumerate(draft.tokens):
+        if sampler.params.greedy:
+            best = sampler.sample(rows[i], context)
+            if best != token:
+                return out + [best], i
+        else:
+            p = sampler.distribution(rows[i], context)
+            q = draft.dists[i]
+            q_token = 1.0 if q is None else float(q[token])
+            if sampler.rng.random() * q_token >= p[token]:  # rejected with probability 1 - min(1, p/q)
+                return out + [sampler.draw(_residual(p, q, token))], i
+        out.append(token)
+        context.append(token)
+        if is_eog(token):  # generation ends here: no bonus token
+            return out, i + 1
+    return out + [sampler.sample(rows[len(draft.tokens)], context)], len(draft.tokens)
+
+
+def _residual(p: np.ndarray, q: np.ndarray | None, token: int) -> np.ndarray:
+    """Where the target wants more than the draft offered: max(0, p - q) (unnormalised)."""
+    residual = p.copy()
+    if q is None:
+        residual[token] = 0.0
+    else:
+        residual = (p - q).clip(min=0.0)
+    return residual if residual.sum() > 0 else p
