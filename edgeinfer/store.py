@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeinfer.catalog import check_relative_name
-from edgeinfer.errors import ChecksumError, EdgeinferError, InvalidModelError, ResourceError
+from edgeinfer.errors import ChecksumError, EdgeinferError, InvalidModelError, ResourceError, UsageError
 
 Progress = Callable[[int], None]  # called with the number of bytes just handled
 
@@ -94,7 +94,7 @@ class Store:
         """Files in models/ that no manifest entry names: left by an edgeinfer older than the
         register-then-rename order, or put there by hand. Hidden files (work in progress) are not counted."""
         try:
-            known = {entry.path.resolve() for entry in self.entries().values()}
+            known = {resolved(entry.path) for entry in self.entries().values()}
         except EdgeinferError:
             known = set()
         strays = []
@@ -102,7 +102,7 @@ class Store:
             subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
             for name in sorted(files):
                 path = Path(folder, name)
-                if name.startswith(".") or not path.is_file() or path.resolve() in known:
+                if name.startswith(".") or not path.is_file() or resolved(path) in known:
                     continue
                 relative = path.relative_to(self.models_dir).as_posix()
                 # Named as the manifest would have named it: a hub file by its whole path, others by their folder.
@@ -125,8 +125,8 @@ class Store:
     def model_path(self, key: str, filename: str) -> Path:
         """The final path of a file; refuses any name that would leave the store."""
         folder = self.models_dir.joinpath(*[check_relative_name(part) for part in key.split("/")])
-        path = (folder / check_relative_name(filename)).resolve()
-        if not path.is_relative_to(self.models_dir.resolve()):
+        path = resolved(folder / check_relative_name(filename))
+        if not path.is_relative_to(resolved(self.models_dir)):
             raise EdgeinferError(f"refusing to place {filename!r} outside the store")
         return path
 
@@ -216,7 +216,7 @@ class Store:
             entry = entries.pop(name, None)
             if entry is None:
                 return None
-            if entry.path.resolve().is_relative_to(self.models_dir.resolve()):
+            if resolved(entry.path).is_relative_to(resolved(self.models_dir)):
                 try:
                     entry.path.unlink(missing_ok=True)
                 except OSError as exc:
@@ -229,7 +229,7 @@ class Store:
 
     def drop_empty_folders(self, folder: Path) -> None:
         """Remove `folder` and its parents up to the models folder, as long as they are empty."""
-        folder, stop = folder.resolve(), self.models_dir.resolve()
+        folder, stop = resolved(folder), resolved(self.models_dir)
         while folder != stop and folder.is_relative_to(stop):
             try:
                 folder.rmdir()
@@ -429,3 +429,12 @@ def _blocking_file(exc: OSError, folder: Path) -> Path | None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def resolved(path: Path) -> Path:
+    """The path with its links followed; a link loop in the store (`models -> models`) is the user's to mend,
+    in one line, not an unexpected error."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError
+        raise UsageError(f"{path} runs into a loop of symbolic links; mend the store's folders") from exc

@@ -173,3 +173,13 @@ def test_no_home_and_no_password_entry_is_a_usage_error(edgeinfer_home):
 
     assert done.stdout == ("2 HOME is not set and this user has no home folder in the password database; "
                            "set HOME, or EDGEINFER_HOME to the folder for edgeinfer's store\n"), done.stderr
+
+
+def test_a_models_folder_that_is_a_symlink_loop_is_a_usage_error(tiny_model, edgeinfer_home):
+    (edgeinfer_home / "models").symlink_to("models")
+    for command in (["run", "-m", "smollm2-135m-instruct", "hi"], ["pull", "smollm2-135m-instruct"],
+                    ["quantize", "smollm2-135m-instruct", "--bits", "8"]):
+        done = run_edgeinfer(*command)
+        assert done.exit_code == 2, (command, done.stderr)
+        assert "runs into a loop of symbolic links; mend the store's folders" in done.error_line, command
+    assert run_edgeinfer("list").exit_code == 0
