@@ -213,7 +213,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: the
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens.")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", callback=_utf8, help="Stop when this text appears (repeatable).")]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads, obeyed as given (default: the cores other programs leave free, followed while generating).")]
 GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")]
 CacheTypeOpt = Annotated[str, typer.Option("--cache-type", help="The KV cache's type: f16, bf16 or q8_0 (half the memory). On a CPU, --draft stays exact past 256 tokens of context only with bf16 or q8_0.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", callback=_utf8, help="System message.")]
