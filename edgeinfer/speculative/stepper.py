@@ -103,6 +103,7 @@ class SpeculativeStepper:
         return out
 
     def _choose(self, history: list[int]) -> Choice:
+        """What to verify this round: the policy weighs the copy the context offers, then the draft model."""
         limit = self.policy.limit(len(history), self._room(history))
         if not self.options.adaptive:
             return Choice(self.policy.choose(limit), None)
