@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from edgeinfer.chat import ChatSession, Conversation
 from edgeinfer.engine import GenerationResult, LoadOptions, generate, load
 from edgeinfer.errors import UsageError
-from edgeinfer.models import Library, locate
+from edgeinfer.library import Library, locate
 from edgeinfer.progress import ProgressReporter
 from edgeinfer.sampling import SamplingParams
 from edgeinfer.speculative.costs import CostBook

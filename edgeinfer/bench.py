@@ -1,10 +1,5 @@
-"""Throughput of a model on this machine, measured like llama-bench's pp and tg tests.
-
-pp: a prompt of n tokens evaluated in batches (prompt tokens/s), and the time to
-the first token it gives. tg: n tokens generated one at a time through the same
-decode-and-sample step as `edgeinfer run` (generation tokens/s). Each repetition
-starts from an empty KV cache; the figures are medians with their spread.
-"""
+"""Throughput of a model on this machine, measured like llama-bench's pp and tg tests
+(and, with --draft, plain generation against speculative on a code edit)."""
 
 from __future__ import annotations
 
@@ -46,7 +41,13 @@ class BenchResult:
 
 def bench(name: str, path: Path, options: LoadOptions, *, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
           cache_file: Path | None = None, progress: ProgressReporter | None = None) -> list[BenchResult]:
-    """pp and tg figures for one model (a test is skipped when its size is 0)."""
+    """pp and tg figures for one model (a test is skipped when its size is 0).
+
+    pp: a prompt of n tokens evaluated in batches (prompt tokens/s), and the time to the first token it
+    gives. tg: n tokens generated one at a time through the same decode-and-sample step as `edgeinfer run`
+    (generation tokens/s). Each repetition starts from an empty KV cache; the figures are medians with
+    their spread.
+    """
     progress = progress or SilentProgress()
     need = max(n_prompt, n_gen) + 8
     options = replace(options, n_ctx=max(options.n_ctx or 0, need))

@@ -1,14 +1,9 @@
-"""The model catalog (models.toml) and the parsing of model references.
-
-A reference is what a user types wherever a command takes a model. It is parsed
-here and only here, into one of a few small dataclasses; turning it into a file
-on disk (which may need the network) is `edgeinfer.models.resolve`'s job.
-"""
+"""The model catalog: models.toml read into frozen dataclasses, every value checked for its type.
+References to models (names, hub files, local paths) are parsed in `edgeinfer.references`."""
 
 from __future__ import annotations
 
 import difflib
-import errno
 import re
 import reprlib
 import tomllib
@@ -72,102 +67,8 @@ class Catalog:
             raise ModelNotFoundError(unknown_name_message(name, self.models)) from None
 
 
-# --- references -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CatalogRef:
-    spec: ModelSpec
-
-
-@dataclass(frozen=True)
-class NameRef:
-    """A bare name the catalog does not know: perhaps a model registered in the store."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class HubFileRef:
-    repo: str
-    file: str
-    revision: str = "main"
-
-
-@dataclass(frozen=True)
-class HubQuantRef:
-    """OWNER/REPO:QUANT: the repository's .gguf file whose name carries QUANT."""
-
-    repo: str
-    quant: str
-    revision: str = "main"
-
-
-@dataclass(frozen=True)
-class LocalRef:
-    path: Path
-
-
-Reference = CatalogRef | NameRef | HubFileRef | HubQuantRef | LocalRef
-
-_REPO = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
-_HUB_QUANT = re.compile(rf"^(?P<repo>{_REPO}):(?P<quant>[A-Za-z0-9_.-]+)$")
-_HUB_FILE = re.compile(rf"^(?P<repo>{_REPO})/(?P<file>.+\.gguf)$", re.IGNORECASE)
-_HUB_PREFIXES = ("https://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/")
-
-
-def parse_reference(text: str, catalog: Catalog) -> Reference:
-    """Read a model reference: catalog name, hub reference, or local .gguf path."""
-    text = text.strip()
-    if not text:
-        raise UsageError("empty model reference")
-    if text in catalog.models:
-        return CatalogRef(catalog.models[text])
-    path = _expand_user(text)
-    if text.lower().endswith(".gguf") and (_on_disk(path) or text.startswith((".", "/", "~"))):
-        return LocalRef(path)
-    stripped = strip_hub_prefix(text)
-    if m := _HUB_QUANT.match(stripped):
-        return HubQuantRef(m["repo"], m["quant"])
-    if m := _HUB_FILE.match(stripped):
-        return HubFileRef(m["repo"], check_relative_name(m["file"]))
-    if "/" in text or text.lower().endswith(".gguf"):
-        raise ModelNotFoundError(
-            f"'{text}' is neither a file on disk nor a hub reference (OWNER/REPO:QUANT or OWNER/REPO/FILE.gguf)"
-        )
-    return NameRef(text)
-
-
-def _expand_user(text: str) -> Path:
-    try:
-        return Path(text).expanduser()
-    except RuntimeError:  # ~someone who has no home here: a path that names nothing
-        return Path(text)
-
-
-# What stat() says of a path that is not there (Path.exists answers False to only some of these,
-# and raises the rest, PermissionError included).
-_ABSENT = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL}
-
-
-def _on_disk(path: Path) -> bool:
-    """Whether something is at `path`, as far as one can tell: a path that cannot be looked into
-    (a folder without permission) counts as there, and reading it will say why it fails."""
-    try:
-        path.stat()
-    except OSError as exc:
-        return exc.errno not in _ABSENT
-    except ValueError:  # a NUL byte in the name
-        return False
-    return True
-
-
-def strip_hub_prefix(text: str) -> str:
-    """OWNER/NAME... from a reference that may be written as a hub address (https://huggingface.co/OWNER/NAME...)."""
-    for prefix in _HUB_PREFIXES:
-        if text.startswith(prefix):
-            return text[len(prefix) :]
-    return text
+# A hub repository, OWNER/NAME (a catalog's sources name them; so do references).
+HUB_REPO = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 def check_relative_name(name: str) -> str:
@@ -243,7 +144,7 @@ def _read_toml(text: str, where: str) -> dict:
 _TOML_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
                dict: "a table"}
 _SHA256 = re.compile(r"[0-9A-Fa-f]{64}")
-_REPO_ID = re.compile(_REPO)
+_REPO_ID = re.compile(HUB_REPO)
 _MISSING = object()
 
 

@@ -99,7 +99,7 @@ def _root(
 
 
 def _library():
-    from edgeinfer.models import Library
+    from edgeinfer.library import Library
 
     return Library.open()
 
@@ -124,7 +124,7 @@ def _size(n: int | None) -> str:
 @app.command()
 def pull(ref: Annotated[Optional[str], typer.Argument(help="Catalog name, OWNER/REPO:QUANT, OWNER/REPO/FILE.gguf (default: the catalog's default model).")] = None) -> None:
     """Download a model into the local store, verified by sha256."""
-    from edgeinfer.models import pull as pull_model
+    from edgeinfer.library import pull as pull_model
     from edgeinfer.render import transfer_progress
 
     with transfer_progress(stderr) as progress:
@@ -136,7 +136,7 @@ def pull(ref: Annotated[Optional[str], typer.Argument(help="Catalog name, OWNER/
 @app.command("list")
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """The catalog's models and everything in the local store."""
-    from edgeinfer.models import list_models
+    from edgeinfer.library import list_models
 
     rows = list_models(_library())
     if as_json:
@@ -164,7 +164,7 @@ def info(
 ) -> None:
     """GGUF metadata of a model: architecture, parameters, quantization, context, tokenizer."""
     from edgeinfer.ggufinfo import inspect
-    from edgeinfer.models import model_path_for_info
+    from edgeinfer.library import model_path_for_info
 
     lib = _library()
     meta = inspect(model_path_for_info(lib, ref), lib.store.inspect_cache)
@@ -184,7 +184,7 @@ def info(
 @app.command()
 def rm(ref: Annotated[str, typer.Argument(help="A model in the store.")]) -> None:
     """Remove a model from the local store."""
-    from edgeinfer.models import remove
+    from edgeinfer.library import remove
 
     entry = remove(_library(), ref)
     gone = "; its file was already gone" if entry.file_was_missing else ""
@@ -428,7 +428,7 @@ def bench(
     from edgeinfer.api import checked_plan
     from edgeinfer.bench import bench as bench_model, bench_speculative
     from edgeinfer.errors import UsageError
-    from edgeinfer.models import locate
+    from edgeinfer.library import locate
     from edgeinfer.render import count_progress
 
     if repetitions < 1 or n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
@@ -493,7 +493,7 @@ def _pull_with_progress(model: str | None, draft=None, load=None) -> None:
     with it, a note if the context asked for is past the model's own."""
     from edgeinfer.engine import check_context
     from edgeinfer.ggufinfo import inspect
-    from edgeinfer.models import locate
+    from edgeinfer.library import locate
     from edgeinfer.render import transfer_progress
 
     lib = _library()

@@ -1,8 +1,5 @@
 """What edgeinfer can do on this machine: the llama.cpp build, its devices, memory, the store.
-
-Read-only: it loads no model, and asks llama.cpp only for its build information
-and the devices its backends see.
-"""
+Read-only: it loads no model, and asks llama.cpp only for its build and the devices its backends see."""
 
 from __future__ import annotations
 
@@ -15,7 +12,7 @@ from edgeinfer import __version__, machine, threads
 from edgeinfer.engine import DEFAULT_CTX
 from edgeinfer.errors import EdgeinferError
 from edgeinfer.ggufinfo import inspect
-from edgeinfer.models import Library
+from edgeinfer.library import Library
 
 # The features llama.cpp's system info reports, and what each means for a user.
 _BACKENDS = {"CUDA": "NVIDIA GPUs", "METAL": "Apple GPUs", "VULKAN": "GPUs through Vulkan",

@@ -480,3 +480,21 @@ def load_model_file(path: Path, params) -> object:
         why = next(iter(_backend["errors"]), "unsupported architecture or tensor layout?")
         raise InvalidModelError(f"llama.cpp could not load {path.name}: {why.split('error loading model: ')[-1]}")
     return model
+
+
+def vocabulary(path: Path) -> list[bytes] | None:
+    """The text of each token of a GGUF's vocabulary, as llama.cpp reads it (vocab_only: no tensor is
+    read); None where llama.cpp cannot read it."""
+    import llama_cpp
+
+    init_backend(False)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return None
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return [llama_cpp.llama_vocab_get_text(vocab, i) for i in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+    finally:
+        llama_cpp.llama_model_free(model)

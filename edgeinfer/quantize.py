@@ -215,7 +215,7 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
     """A folder or file on disk; a hub repository of safetensors (OWNER/NAME[@REVISION]); or, as everywhere
     else, a model reference (a catalog or store name, OWNER/REPO:QUANT, OWNER/REPO/FILE.gguf), pulled if
     missing: its GGUF is requantized."""
-    from edgeinfer.catalog import strip_hub_prefix
+    from edgeinfer.references import strip_hub_prefix
 
     if not str(source).strip():
         raise UsageError("empty source: give a model folder, a hub repository, a .gguf file or a model reference")
@@ -241,7 +241,7 @@ def _locate_source(source: str | Path, store: Store, progress: ProgressReporter)
 
 
 def _located(ref: str, store: Store, progress: ProgressReporter) -> Path:
-    from edgeinfer.models import Library, locate
+    from edgeinfer.library import Library, locate
 
     return locate(Library.open(store.root), ref, progress=progress)
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeinfer import config
-from edgeinfer.catalog import HubFileRef, HubQuantRef, HubSource, PyPISource, check_relative_name
+from edgeinfer.catalog import HubSource, PyPISource, check_relative_name
 from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, ResourceError, SourceError
 from edgeinfer.progress import ProgressReporter
+from edgeinfer.references import HubFileRef, HubQuantRef
 from edgeinfer.store import atomic_write_text, check_free_space, disk_full_error, room_for_writing, verify_sha256
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgeinfer import machine  # noqa: E402
 from edgeinfer.engine import LoadOptions, load  # noqa: E402
-from edgeinfer.models import Library, locate  # noqa: E402
+from edgeinfer.library import Library, locate  # noqa: E402
 
 TEXT = "def merge(a, b):\n    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n" * 3
 

@@ -32,7 +32,7 @@ import numpy as np
 from edgeinfer import machine
 from edgeinfer.chat import ChatSession, Conversation
 from edgeinfer.engine import LoadOptions, generate, load
-from edgeinfer.models import Library, locate
+from edgeinfer.library import Library, locate
 from edgeinfer.sampling import SamplingParams
 from edgeinfer.template import chat_tokens
 

@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgeinfer import machine  # noqa: E402
-from edgeinfer.models import Library, locate  # noqa: E402
+from edgeinfer.library import Library, locate  # noqa: E402
 from edgeinfer.speculative.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 from edgeinfer.engine import LoadOptions, generate, load  # noqa: E402
 from edgeinfer.sampling import SamplingParams  # noqa: E402

@@ -32,7 +32,7 @@ def test_bench_refuses_nothing_to_measure(tiny_model, cli, edgeinfer_home):
 
 
 def test_doctor_describes_the_build_the_machine_and_the_store(tiny_model, cli, edgeinfer_home):
-    from edgeinfer.models import Library
+    from edgeinfer.library import Library
     from edgeinfer.store import sha256_file
 
     lib = Library.open()

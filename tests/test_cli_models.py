@@ -382,7 +382,7 @@ def test_pull_into_a_home_that_is_a_file_is_one_line(cli, tmp_path, edgeinfer_ho
 
 
 def test_rm_in_a_store_whose_lock_cannot_be_taken_is_one_line_and_removes_nothing(cli, tmp_path, edgeinfer_home):
-    from edgeinfer.models import Library
+    from edgeinfer.library import Library
 
     mine = tmp_path / "Mine-Q8_0.gguf"
     mine.write_bytes(b"GGUF-ish bytes")
@@ -402,7 +402,7 @@ def test_rm_in_a_store_whose_lock_cannot_be_taken_is_one_line_and_removes_nothin
 
 
 def test_an_entry_whose_file_was_deleted_is_named_and_can_be_removed(cli, tmp_path, edgeinfer_home):
-    from edgeinfer.models import Library
+    from edgeinfer.library import Library
 
     gone = tmp_path / "gone.gguf"
     gone.write_bytes(b"GGUF-ish bytes")

@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeinfer.catalog import (
-    CatalogRef,
-    HubFileRef,
-    HubQuantRef,
-    LocalRef,
-    NameRef,
-    check_relative_name,
-    load_catalog,
-    parse_reference,
-)
+from edgeinfer.catalog import check_relative_name, load_catalog
+from edgeinfer.references import CatalogRef, HubFileRef, HubQuantRef, LocalRef, NameRef, parse_reference
 from edgeinfer.errors import ChecksumError, EdgeinferError, ModelNotFoundError, UsageError
 from edgeinfer.sources import matching_quant_files, quant_of
 from edgeinfer.store import Store, check_free_space, sha256_file, verify_sha256
@@ -237,7 +229,7 @@ def test_a_single_file_is_preferred_to_a_split_one():
 
 
 def test_rm_of_a_model_registered_outside_the_store_forgets_it_but_keeps_the_file(tmp_path, edgeinfer_home, cli):
-    from edgeinfer.models import Library
+    from edgeinfer.library import Library
     from edgeinfer.store import sha256_file
 
     mine = tmp_path / "elsewhere" / "Mine-Q8_0.gguf"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgeinfer.engine import LoadOptions, Model, PlainStepper, load
+from edgeinfer.engine import LoadOptions, Model, PlainStepper, load, vocabulary
 from edgeinfer.errors import IncompatibleModelsError, UsageError
 from edgeinfer.machine import check_threads
 from edgeinfer.sampling import Sampler
@@ -63,8 +63,8 @@ class DraftOptions:
 
 def resolve_draft(lib, target_ref: str | None, options: DraftOptions, progress=None) -> Path | None:
     """The draft model's file (pulled if needed), or None for prompt lookup."""
-    from edgeinfer.catalog import CatalogRef
-    from edgeinfer.models import locate
+    from edgeinfer.library import locate
+    from edgeinfer.references import CatalogRef
 
     if options.ref == NGRAM:
         return None
@@ -104,21 +104,10 @@ def check_pair(target: Path, draft: Path, cache_file: Path | None = None) -> Non
 
 
 def _token_texts(path: Path) -> list[bytes]:
-    import llama_cpp
-
-    from edgeinfer.engine import init_backend
-
-    init_backend(False)
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True  # the tokenizer only: no tensor is read
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
+    texts = vocabulary(path)
+    if texts is None:
         raise IncompatibleModelsError(f"llama.cpp could not read the vocabulary of {path.name}")
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(model)
-        return [llama_cpp.llama_vocab_get_text(vocab, i) for i in range(llama_cpp.llama_vocab_n_tokens(vocab))]
-    finally:
-        llama_cpp.llama_model_free(model)
+    return texts
 
 
 # --- the plan ----------------------------------------------------------------------

