@@ -1,3 +1,5 @@
+"""`python -m edgeinfer`: the command line."""
+
 from edgeinfer.cli import main
 
 main()

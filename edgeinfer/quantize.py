@@ -133,14 +133,7 @@ def quantize(
     """
     progress = progress or SilentProgress()
     store = store or Store(config.edgeinfer_home())
-    check_threads(threads)
-    qtype, ftype = resolve_type(qtype)
-    if qtype in _NEEDS_IMATRIX and imatrix is None:
-        raise UsageError(f"llama.cpp quantizes to {qtype} only with an importance matrix; pass --imatrix FILE")
-    if imatrix is not None:
-        from edgeinfer.imatrix import read_imatrix
-
-        read_imatrix(Path(imatrix))  # refuse a bad file now, before a long conversion
+    qtype, ftype = _check_options(qtype, imatrix, threads)
     src = _locate_source(source, store, progress)
     name = f"{src.name}-{qtype}"
     final = _output_path(output, store, name)
@@ -183,6 +176,19 @@ def quantize(
         seconds_convert=seconds_convert, seconds_quantize=seconds_quantize, seconds_eval=seconds_eval, quality=quality,
         warnings=warnings,
     )
+
+
+def _check_options(qtype: str, imatrix: Path | None, threads: int | None) -> tuple[str, int]:
+    """The type's name and llama.cpp's id, once the options are known to work together (before any work)."""
+    check_threads(threads)
+    qtype, ftype = resolve_type(qtype)
+    if qtype in _NEEDS_IMATRIX and imatrix is None:
+        raise UsageError(f"llama.cpp quantizes to {qtype} only with an importance matrix; pass --imatrix FILE")
+    if imatrix is not None:
+        from edgeinfer.imatrix import read_imatrix
+
+        read_imatrix(Path(imatrix))  # refuse a bad file now, before a long conversion
+    return qtype, ftype
 
 
 def resolve_type(qtype: str) -> tuple[str, int]:

@@ -146,19 +146,10 @@ class Store:
     def exclusive(self, key: str, on_wait: Callable[[], None] | None = None) -> AbstractContextManager[None]:
         """Hold the lock of one model or output (`key`) while writing it; another process waits here
         (after `on_wait`, to say so) until the holder is done or dead (the kernel drops a dead one's lock)."""
-        from filelock import Timeout
-
-        def acquire(lock) -> None:
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                if on_wait is not None:
-                    on_wait()
-                lock.acquire()
-
         # Outside .partial/ and models/, whose folders are removed when done: a lock file deleted while
         # held would let a third process lock a new file of the same name.
-        return self._holding(self.locks_dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"), acquire)
+        lock_file = self.locks_dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+        return _holding(self, lock_file, lambda lock: _acquire_waiting(lock, on_wait))
 
     def place(self, name: str, staged: Path, final: Path, *, sha256: str, source: str, quantization: str = "") -> StoredModel:
         """Give a verified file (`sha256` is the staged file's) its final name, recorded in the manifest.
@@ -238,32 +229,7 @@ class Store:
             folder = folder.parent
 
     def _manifest_lock(self) -> AbstractContextManager[None]:
-        from filelock import Timeout
-
-        def acquire(lock) -> None:
-            try:
-                lock.acquire(timeout=60)
-            except Timeout:
-                raise EdgeinferError(f"the model store at {self.root} is busy: another edgeinfer has held its lock "
-                                     "for a minute; try again when it is done") from None
-
-        return self._holding(self.root / ".manifest.lock", acquire)
-
-    @contextmanager
-    def _holding(self, lock_file: Path, acquire: Callable[[object], None]) -> Iterator[None]:
-        """Hold the file lock `lock_file`, taken by `acquire(lock)`; a store that cannot be written is our error."""
-        from filelock import FileLock
-
-        lock = FileLock(str(lock_file))
-        try:
-            lock_file.parent.mkdir(parents=True, exist_ok=True)
-            acquire(lock)
-        except OSError as exc:
-            raise self._cannot_write(exc) from None
-        try:
-            yield
-        finally:
-            lock.release()
+        return _holding(self, self.root / ".manifest.lock", lambda lock: _acquire_within_a_minute(lock, self.root))
 
     def _write_manifest(self, entries: dict[str, StoredModel]) -> None:
         payload = {"version": MANIFEST_VERSION, "models": {n: e.to_json() for n, e in sorted(entries.items())}}
@@ -429,6 +395,46 @@ def _blocking_file(exc: OSError, folder: Path) -> Path | None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@contextmanager
+def _holding(store: Store, lock_file: Path, acquire: Callable[[object], None]) -> Iterator[None]:
+    """Hold the file lock `lock_file`, taken by `acquire(lock)`; a store that cannot be written is our error."""
+    from filelock import FileLock
+
+    lock = FileLock(str(lock_file))
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        acquire(lock)
+    except OSError as exc:
+        raise store._cannot_write(exc) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _acquire_waiting(lock, on_wait: Callable[[], None] | None) -> None:
+    """Take a model's lock, saying so (`on_wait`) before waiting for another process that holds it."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait is not None:
+            on_wait()
+        lock.acquire()
+
+
+def _acquire_within_a_minute(lock, root: Path) -> None:
+    """Take the manifest's lock; a minute's wait means something is wrong, and the user is told."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=60)
+    except Timeout:
+        raise EdgeinferError(f"the model store at {root} is busy: another edgeinfer has held its lock "
+                             "for a minute; try again when it is done") from None
 
 
 def resolved(path: Path) -> Path:
