@@ -1,30 +1,46 @@
-"""The Python API behind `edgeinfer run`: everything the command does, as one call.
-
-    from edgeinfer.api import RunRequest, run
-    result = run(RunRequest(prompt="Why is the sky blue?", sampling=SamplingParams(temperature=0)))
-"""
+"""The Python API, what the CLI calls: run, chat, bench (each prepared once, then run), pull, list, info,
+remove, quantize, doctor. Functions return data and report progress through a callback; they never print.
+docs/python-api.md shows it in use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from edgeinfer.chat import ChatSession, Conversation
-from edgeinfer.engine import GenerationResult, LoadOptions, generate, load
-from edgeinfer.errors import UsageError
+from edgeinfer.engine import GenerationResult, LoadOptions, check_context, generate, load
+from edgeinfer.errors import EdgeinferError, UsageError
+from edgeinfer.ggufinfo import inspect
 from edgeinfer.library import Library, locate
 from edgeinfer.progress import ProgressReporter
 from edgeinfer.sampling import SamplingParams
-from edgeinfer.speculative.costs import CostBook
 from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, plan_speculation, resolve_draft,
                                    speculation)
+from edgeinfer.speculative.costs import CostBook
 from edgeinfer.template import Message, chat_tokens, raw_tokens
+
+if TYPE_CHECKING:  # (what only some commands need is imported where it is used)
+    from edgeinfer.bench import BenchResult
+    from edgeinfer.chat import ChatSession
+    from edgeinfer.doctor import Report
+    from edgeinfer.ggufinfo import GGUFInfo
+    from edgeinfer.library import ModelRow, PullResult, Removed
+    from edgeinfer.quantize import QuantizeResult
+
+__all__ = ["BenchRequest", "ChatRequest", "DraftOptions", "EdgeinferError", "LoadOptions", "Prepared", "RunRequest",
+           "SamplingParams", "bench", "doctor", "info", "list_models", "open_chat", "prepare", "prepare_bench", "pull",
+           "quantize", "remove", "run"]
+
+
+# --- requests ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RunRequest:
+    """One prompt to answer (`edgeinfer run`)."""
+
     prompt: str
     model: str | None = None  # any model reference; None: the catalog's default
     system: str | None = None
@@ -47,46 +63,94 @@ class RunRequest:
         return [*system, {"role": "user", "content": self.prompt}]
 
 
+@dataclass(frozen=True)
+class ChatRequest:
+    """A conversation to hold (`edgeinfer chat`): the settings of every turn."""
+
+    model: str | None = None
+    system: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    load: LoadOptions = field(default_factory=LoadOptions)
+    draft: DraftOptions | None = None
+    # Read special-token text in messages (`<|im_end|>`) as the tokens it names; by default only the
+    # template's own markup becomes special tokens.
+    parse_special: bool = False
+
+    def __post_init__(self) -> None:
+        check_max_tokens(self.max_tokens)
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """Throughput tests (`edgeinfer bench`): pp and tg like llama-bench, and with a draft plain against speculative."""
+
+    models: tuple[str | None, ...] = (None,)  # model references; None: the catalog's default
+    n_prompt: int = 512  # prompt tokens for the pp test (0 skips it)
+    n_gen: int = 128  # generated tokens for the tg test (0 skips it)
+    repetitions: int = 3
+    load: LoadOptions = field(default_factory=LoadOptions)
+    draft: DraftOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.repetitions < 1 or self.n_prompt < 0 or self.n_gen < 0 or self.n_prompt + self.n_gen == 0:
+            raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
+
+
 def check_max_tokens(max_tokens: int | None) -> None:
     if max_tokens is not None and max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
 
 
-def run(request: RunRequest, *, on_text: Callable[[str], None] | None = None,
-        progress: ProgressReporter | None = None, lib: Library | None = None) -> GenerationResult:
-    """Answer one prompt, streaming text through `on_text`; a catalog model is pulled first if missing."""
+# --- preparing: everything that may download or fail before weights load -----------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request with its model's file found (pulled if it was missing) and what its --draft comes to,
+    checked and planned: what is left is to load and generate."""
+
+    request: RunRequest | ChatRequest | BenchRequest
+    name: str  # the model's reference as given, or the catalog's default
+    path: Path
+    plan: SpeculationPlan
+    notes: tuple[str, ...] = ()  # worth telling the user before the answer (a context past the model's own)
+    cache_file: Path | None = None  # the store's cache of GGUF facts
+
+
+def prepare(request: RunRequest | ChatRequest, progress: ProgressReporter | None = None, *,
+            lib: Library | None = None) -> Prepared:
+    """Find the request's model (pulled if missing, reported to `progress`), check that its context fits,
+    and resolve, pull and pair-check its draft, before any weights load."""
     lib = lib or Library.open()
-    path = locate(lib, request.model, pull_missing=True, progress=progress)
+    return _prepare(lib, request, request.model, progress)
+
+
+def prepare_bench(request: BenchRequest, progress: ProgressReporter | None = None, *,
+                  lib: Library | None = None) -> list[Prepared]:
+    """`prepare` for each model of a bench request."""
+    lib = lib or Library.open()
+    if request.n_gen or request.draft is None:
+        return [_prepare(lib, request, ref, progress) for ref in request.models]
+    # No tg test, nothing to speculate on; but a --draft that names no model is an error all the same,
+    # and a missing draft is pulled, as bench always did.
+    prepared = []
+    for ref in request.models:
+        prepared.append(_prepare(lib, replace(request, draft=None), ref, progress))
+        resolve_draft(lib, ref, request.draft, progress)
+    return prepared
+
+
+def _prepare(lib: Library, request: RunRequest | ChatRequest | BenchRequest, ref: str | None,
+             progress: ProgressReporter | None) -> Prepared:
     cache = lib.store.inspect_cache
-    plan = checked_plan(lib, request.model, path, request.draft, request.load, progress)
-    with load(path, request.load, cache) as model, \
-            speculation(model, plan, request.load, request.max_tokens, cache) as stepper_factory:
-        tokens = raw_tokens(model, request.prompt) if request.raw else \
-            chat_tokens(model, request.messages(), parse_special=request.parse_special)
-        return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop,
-                        on_text=on_text, stepper_factory=stepper_factory)
-
-
-@contextmanager
-def open_chat(model: str | None = None, *, system: str | None = None, sampling: SamplingParams | None = None,
-              load_options: LoadOptions | None = None, max_tokens: int | None = None, stop: tuple[str, ...] = (),
-              draft: DraftOptions | None = None, progress: ProgressReporter | None = None,
-              lib: Library | None = None, parse_special: bool = False) -> Iterator[ChatSession]:
-    """A chat session on a loaded model (pulled first if missing), with its draft if asked; both closed on exit.
-
-    parse_special: read special-token text in messages (`<|im_end|>`) as the tokens it names; by
-    default only the template's own markup becomes special tokens.
-    """
-    check_max_tokens(max_tokens)
-    lib = lib or Library.open()
-    load_options = load_options or LoadOptions()
-    path = locate(lib, model, pull_missing=True, progress=progress)
-    plan = checked_plan(lib, model, path, draft, load_options, progress)
-    with load(path, load_options, lib.store.inspect_cache) as loaded, \
-            speculation(loaded, plan, load_options, max_tokens, lib.store.inspect_cache) as factory:
-        conversation = Conversation(model=model or lib.catalog.default, sampling=sampling or SamplingParams(), system=system)
-        yield ChatSession(loaded, conversation, max_tokens=max_tokens, stop=stop, stepper_factory=factory,
-                          parse_special=parse_special)
+    path = locate(lib, ref, pull_missing=True, progress=progress)
+    # A context that cannot fit is an error here; one past the model's training, a note.
+    note = check_context(inspect(path, cache), request.load.n_ctx, request.load.cache_type) \
+        if request.load.n_ctx else None
+    plan = checked_plan(lib, ref, path, request.draft, request.load, progress)
+    return Prepared(request, ref or lib.catalog.default, path, plan, (note,) if note else (), cache)
 
 
 def checked_plan(lib: Library, target_ref: str | None, target: Path, draft: DraftOptions | None,
@@ -99,3 +163,107 @@ def checked_plan(lib: Library, target_ref: str | None, target: Path, draft: Draf
     if draft_path is not None:
         check_pair(target, draft_path, lib.store.inspect_cache)
     return plan_speculation(target, draft_path, draft, load_options, CostBook(lib.store.speculation_costs))
+
+
+# --- running ------------------------------------------------------------------------
+
+
+def run(prepared: Prepared | RunRequest, *, on_text: Callable[[str], None] | None = None,
+        progress: ProgressReporter | None = None, lib: Library | None = None) -> GenerationResult:
+    """Answer one prompt, streaming text through `on_text`. A RunRequest is prepared first (its model
+    pulled if missing, reported to `progress`)."""
+    if isinstance(prepared, RunRequest):
+        prepared = prepare(prepared, progress, lib=lib)
+    request, cache = prepared.request, prepared.cache_file
+    with load(prepared.path, request.load, cache) as model, \
+            speculation(model, prepared.plan, request.load, request.max_tokens, cache) as stepper_factory:
+        tokens = raw_tokens(model, request.prompt) if request.raw else \
+            chat_tokens(model, request.messages(), parse_special=request.parse_special)
+        return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop,
+                        on_text=on_text, stepper_factory=stepper_factory)
+
+
+@contextmanager
+def open_chat(prepared: Prepared | ChatRequest, *, progress: ProgressReporter | None = None,
+              lib: Library | None = None) -> Iterator[ChatSession]:
+    """A chat session on the loaded model, with its draft if asked; both closed on exit. A ChatRequest is
+    prepared first (its model pulled if missing)."""
+    from edgeinfer.chat import ChatSession, Conversation
+
+    if isinstance(prepared, ChatRequest):
+        prepared = prepare(prepared, progress, lib=lib)
+    request, cache = prepared.request, prepared.cache_file
+    with load(prepared.path, request.load, cache) as loaded, \
+            speculation(loaded, prepared.plan, request.load, request.max_tokens, cache) as factory:
+        conversation = Conversation(model=prepared.name, sampling=request.sampling, system=request.system)
+        yield ChatSession(loaded, conversation, max_tokens=request.max_tokens, stop=request.stop,
+                          stepper_factory=factory, parse_special=request.parse_special)
+
+
+def bench(prepared: Sequence[Prepared] | BenchRequest, progress: ProgressReporter | None = None, *,
+          lib: Library | None = None) -> list[BenchResult]:
+    """pp and tg figures of each prepared model, and with a draft plain against speculative generation
+    on a code edit. A BenchRequest is prepared first."""
+    from edgeinfer.bench import bench as measure, bench_speculative
+
+    if isinstance(prepared, BenchRequest):
+        prepared = prepare_bench(prepared, progress, lib=lib)
+    results: list[BenchResult] = []
+    for one in prepared:
+        request, cache = one.request, one.cache_file
+        results += measure(one.name, one.path, request.load, n_prompt=request.n_prompt, n_gen=request.n_gen,
+                           repetitions=request.repetitions, cache_file=cache, progress=progress)
+        if request.draft is not None and request.n_gen:
+            results += bench_speculative(one.name, one.path, request.load, one.plan, n_gen=request.n_gen,
+                                         repetitions=request.repetitions, cache_file=cache, progress=progress)
+    return results
+
+
+# --- the store and the machine --------------------------------------------------------
+
+
+def pull(ref: str | None = None, progress: ProgressReporter | None = None, *, lib: Library | None = None) -> PullResult:
+    """Download a model into the store, verified by sha256 (None: the catalog's default model)."""
+    from edgeinfer.library import pull as pull_model
+
+    return pull_model(lib or Library.open(), ref, progress)
+
+
+def list_models(*, lib: Library | None = None) -> list[ModelRow]:
+    """The catalog's models and everything in the store."""
+    from edgeinfer.library import list_models as rows
+
+    return rows(lib or Library.open())
+
+
+def info(ref: str | None = None, *, lib: Library | None = None) -> GGUFInfo:
+    """The GGUF metadata of a model in the store or a local .gguf file (never downloads)."""
+    from edgeinfer.library import model_path_for_info
+
+    lib = lib or Library.open()
+    return inspect(model_path_for_info(lib, ref), lib.store.inspect_cache)
+
+
+def remove(ref: str, *, lib: Library | None = None) -> Removed:
+    """Remove a model from the store (never a local file outside it)."""
+    from edgeinfer.library import remove as remove_model
+
+    return remove_model(lib or Library.open(), ref)
+
+
+def quantize(source: str | Path, *, bits: int | None = None, qtype: str | None = None, output: Path | None = None,
+             imatrix: Path | None = None, threads: int | None = None, force: bool = False, evaluate: bool = True,
+             progress: ProgressReporter | None = None) -> QuantizeResult:
+    """Quantize a model folder, hub repository, GGUF file or model reference to `bits` (4: Q4_K_M, the
+    default; 8: Q8_0) or any llama.cpp `qtype`, into the store or `output`, with a quality report."""
+    from edgeinfer.quantize import quantize as quantize_model, type_for
+
+    return quantize_model(source, qtype=type_for(bits, qtype), output=output, imatrix=imatrix, threads=threads,
+                          force=force, evaluate=evaluate, progress=progress)
+
+
+def doctor(*, lib: Library | None = None) -> Report:
+    """The llama.cpp build, its devices, memory and cores, the store, and which local models fit."""
+    from edgeinfer.doctor import diagnose
+
+    return diagnose(lib or Library.open())

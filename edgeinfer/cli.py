@@ -1,16 +1,17 @@
-"""The edgeinfer command line: parse, call one library function, render with rich.
-
-No logic lives here. Errors from the library (EdgeinferError) become one line on
-stderr and the error's exit code; a traceback is shown only with --debug.
-"""
+"""The edgeinfer command line: parse, call one function of `edgeinfer.api`, render with rich. No logic
+lives here. Errors from the library (EdgeinferError) become one line on stderr and the error's exit code;
+a traceback is shown only with --debug."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -21,6 +22,12 @@ from typer.exceptions import TyperException
 from edgeinfer import __version__
 from edgeinfer.errors import EdgeinferError
 from edgeinfer.render import TextConsole, print_error, visible
+
+if TYPE_CHECKING:  # (imported by the commands that use them: `edgeinfer --help` stays instant)
+    from edgeinfer.api import ChatRequest, Prepared, RunRequest
+    from edgeinfer.engine import LoadOptions
+    from edgeinfer.sampling import SamplingParams
+    from edgeinfer.speculative import DraftOptions
 
 # Strings print as text, never as markup: names come from GGUF files and hub listings (render.TextConsole).
 stdout = TextConsole(soft_wrap=True)
@@ -98,12 +105,6 @@ def _root(
     _state["debug"] = debug
 
 
-def _library():
-    from edgeinfer.library import Library
-
-    return Library.open()
-
-
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -124,11 +125,11 @@ def _size(n: int | None) -> str:
 @app.command()
 def pull(ref: Annotated[Optional[str], typer.Argument(help="Catalog name, OWNER/REPO:QUANT, OWNER/REPO/FILE.gguf (default: the catalog's default model).")] = None) -> None:
     """Download a model into the local store, verified by sha256."""
-    from edgeinfer.library import pull as pull_model
+    from edgeinfer import api
     from edgeinfer.render import transfer_progress
 
     with transfer_progress(stderr) as progress:
-        result = pull_model(_library(), ref, progress)
+        result = api.pull(ref, progress)
     verb = "already present" if result.already_present else "pulled"
     stdout.print(f"{visible(result.model.name)}: {verb} ({_size(result.model.size)}) {visible(str(result.model.path))}")
 
@@ -136,9 +137,9 @@ def pull(ref: Annotated[Optional[str], typer.Argument(help="Catalog name, OWNER/
 @app.command("list")
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """The catalog's models and everything in the local store."""
-    from edgeinfer.library import list_models
+    from edgeinfer import api
 
-    rows = list_models(_library())
+    rows = api.list_models()
     if as_json:
         _print_json([{**row.__dict__, "path": str(row.path) if row.path else None} for row in rows])
         return
@@ -163,11 +164,9 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """GGUF metadata of a model: architecture, parameters, quantization, context, tokenizer."""
-    from edgeinfer.ggufinfo import inspect
-    from edgeinfer.library import model_path_for_info
+    from edgeinfer import api
 
-    lib = _library()
-    meta = inspect(model_path_for_info(lib, ref), lib.store.inspect_cache)
+    meta = api.info(ref)
     if as_json:
         _print_json(meta.to_json())
         return
@@ -184,9 +183,9 @@ def info(
 @app.command()
 def rm(ref: Annotated[str, typer.Argument(help="A model in the store.")]) -> None:
     """Remove a model from the local store."""
-    from edgeinfer.library import remove
+    from edgeinfer import api
 
-    entry = remove(_library(), ref)
+    entry = api.remove(ref)
     gone = "; its file was already gone" if entry.file_was_missing else ""
     stdout.print(f"removed {visible(entry.name)} ({_size(entry.size)}){gone}")
 
@@ -204,53 +203,88 @@ def _utf8(value: Any) -> Any:
     return value
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (default: the catalog's default model).")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 is greedy.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")]
-TopPOpt = Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens whose probability reaches p.")]
-MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely.")]
-RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalty for tokens among the last 64 (1: off).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same output (-1: random).")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", callback=_utf8, help="System message.")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens.")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", callback=_utf8, help="Stop when this text appears (repeatable).")]
-CtxOpt = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads, obeyed as given (default: the cores other programs leave free, followed while generating).")]
-GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")]
-CacheTypeOpt = Annotated[str, typer.Option("--cache-type", help="The KV cache's type: f16, bf16 or q8_0 (half the memory). On a CPU, --draft stays exact past 256 tokens of context only with bf16 or q8_0.")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", callback=_utf8, help="System message.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")]
-DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")]
-DraftMaxOpt = Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per round (the length in use adapts below it).")]
-DraftMinOpt = Annotated[int, typer.Option("--draft-min", help="Fewest drafted tokens worth a verification.")]
-DraftPMinOpt = Annotated[float, typer.Option("--draft-p-min", help="Stop drafting when the draft's probability for its token is below this.")]
-DraftThreadsOpt = Annotated[Optional[int], typer.Option("--draft-threads", help="CPU threads for the draft model (default: as --threads).")]
-DraftGpuLayersOpt = Annotated[Optional[int], typer.Option("--draft-gpu-layers", help="Draft layers to offload (default: as --gpu-layers).")]
 ParseSpecialOpt = Annotated[bool, typer.Option("--parse-special", help="Read special-token text in messages (<|im_end|>) as the tokens it names; by default only the chat template's own markup does.")]
-DraftLookupOpt = Annotated[bool, typer.Option("--draft-lookup/--no-draft-lookup", help="With a draft model, also verify copies out of the context where they promise more than the draft.")]
 
 
-def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int | None):
+# The options run, chat and bench share, each written once: a builder's parameters are the options, and what
+# it returns is what the command receives (see _shared_options).
+
+
+def _sampling(
+    temperature: Annotated[float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens whose probability reaches p.")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely.")] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Penalty for tokens among the last 64 (1: off).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same output (-1: random).")] = None,
+) -> SamplingParams:
     from edgeinfer.sampling import SamplingParams
 
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repeat_penalty=repeat_penalty, seed=seed)
 
 
-def _load_options(ctx_size: int | None, threads: int | None, gpu_layers: int | None, verbose: bool,
-                  cache_type: str = "f16"):
+def _loading(
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads, obeyed as given (default: the cores other programs leave free, followed while generating).")] = None,
+    gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")] = None,
+    cache_type: Annotated[str, typer.Option("--cache-type", help="The KV cache's type: f16, bf16 or q8_0 (half the memory). On a CPU, --draft stays exact past 256 tokens of context only with bf16 or q8_0.")] = "f16",
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")] = False,
+) -> LoadOptions:
     from edgeinfer.engine import LoadOptions
 
     return LoadOptions(n_ctx=ctx_size, n_threads=threads, n_gpu_layers=gpu_layers, verbose=verbose,
                        cache_type=cache_type)
 
 
-def _draft_options(draft: str | None, draft_max: int, draft_min: int, p_min: float, threads: int | None,
-                   gpu_layers: int | None, lookup: bool):
+def _drafting(
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")] = None,
+    draft_max: Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per round (the length in use adapts below it).")] = 8,
+    draft_min: Annotated[int, typer.Option("--draft-min", help="Fewest drafted tokens worth a verification.")] = 0,
+    draft_p_min: Annotated[float, typer.Option("--draft-p-min", help="Stop drafting when the draft's probability for its token is below this.")] = 0.75,
+    draft_threads: Annotated[Optional[int], typer.Option("--draft-threads", help="CPU threads for the draft model (default: as --threads).")] = None,
+    draft_gpu_layers: Annotated[Optional[int], typer.Option("--draft-gpu-layers", help="Draft layers to offload (default: as --gpu-layers).")] = None,
+    draft_lookup: Annotated[bool, typer.Option("--draft-lookup/--no-draft-lookup", help="With a draft model, also verify copies out of the context where they promise more than the draft.")] = True,
+) -> DraftOptions | None:
     if draft is None:
         return None
     from edgeinfer.speculative import DraftOptions
 
-    return DraftOptions(ref=draft, draft_max=draft_max, draft_min=draft_min, p_min=p_min,
-                        n_threads=threads, n_gpu_layers=gpu_layers, lookup=lookup)
+    return DraftOptions(ref=draft, draft_max=draft_max, draft_min=draft_min, p_min=draft_p_min,
+                        n_threads=draft_threads, n_gpu_layers=draft_gpu_layers, lookup=draft_lookup)
+
+
+def _shared_options(*, without: tuple[str, ...] = (), **groups: Callable[..., Any]) -> Callable:
+    """Give a command the options of each group's builder (all but those named in `without`, which keep
+    their defaults); the command receives what each builder returns, under the group's name."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        taken = {name: [_evaluated(p, build) for p in inspect.signature(build).parameters.values()
+                        if p.name not in without] for name, build in groups.items()}
+        own = [_evaluated(p, command) for p in inspect.signature(command).parameters.values() if p.name not in groups]
+
+        @functools.wraps(command)
+        def with_groups(**values: Any) -> Any:
+            built = {name: groups[name](**{p.name: values.pop(p.name) for p in params}) for name, params in taken.items()}
+            return command(**values, **built)
+
+        params = [*own, *(p for params in taken.values() for p in params)]
+        with_groups.__signature__ = inspect.Signature(params)  # what Typer reads
+        with_groups.__annotations__ = {p.name: p.annotation for p in params}
+        return with_groups
+
+    return decorate
+
+
+def _evaluated(param: inspect.Parameter, owner: Callable[..., Any]) -> inspect.Parameter:
+    """A parameter with its annotation evaluated, as `inspect.signature(eval_str=True)` would, one at a time:
+    the commands' other annotations name types that this module imports only when a command runs."""
+    if not isinstance(param.annotation, str):
+        return param
+    return param.replace(annotation=eval(param.annotation, owner.__globals__))  # (our own source text)
 
 
 def _read_prompt(prompt: str | None, files: list[Path] | None) -> str:
@@ -286,6 +320,18 @@ def _read_text(handle, what: str) -> str:
         raise UsageError(f"{what} is not UTF-8 text") from None
 
 
+def _prepare(request: RunRequest | ChatRequest) -> Prepared:
+    """The request prepared, with a bar for whatever it pulls (gone before any text streams) and its notes."""
+    from edgeinfer import api
+    from edgeinfer.render import transfer_progress
+
+    with transfer_progress(stderr) as progress:
+        prepared = api.prepare(request, progress)
+        for note in prepared.notes:
+            progress.note(note)
+    return prepared
+
+
 def _stats_line(result) -> str:
     line = (f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated; "
             f"first token {result.time_to_first_token * 1000:.0f} ms, prompt {result.prompt_tokens_per_second:.1f} tok/s, "
@@ -297,6 +343,7 @@ def _stats_line(result) -> str:
 
 
 @app.command()
+@_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
 def run(
     prompt: Annotated[Optional[str], typer.Argument(callback=_utf8, help="The prompt (joined with stdin when piped).")] = None,
     model: ModelOpt = None,
@@ -304,45 +351,22 @@ def run(
     system: SystemOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
     parse_special: ParseSpecialOpt = False,
-    temperature: TemperatureOpt = 0.8,
-    top_k: TopKOpt = 40,
-    top_p: TopPOpt = 0.95,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatPenaltyOpt = 1.0,
-    seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = None,
     stop: StopOpt = None,
-    ctx_size: CtxOpt = None,
-    threads: ThreadsOpt = None,
-    gpu_layers: GpuLayersOpt = None,
-    cache_type: CacheTypeOpt = "f16",
-    draft: DraftOpt = None,
-    draft_max: DraftMaxOpt = 8,
-    draft_min: DraftMinOpt = 0,
-    draft_p_min: DraftPMinOpt = 0.75,
-    draft_threads: DraftThreadsOpt = None,
-    draft_gpu_layers: DraftGpuLayersOpt = None,
-    draft_lookup: DraftLookupOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr after the answer.")] = False,
-    verbose: VerboseOpt = False,
+    *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
     """Answer one prompt, streaming the text to stdout."""
-    from edgeinfer.api import RunRequest, run as run_prompt
-    from edgeinfer.render import describe_stats
+    from edgeinfer import api
+    from edgeinfer.render import describe_stats, print_note
 
-    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
-                               draft_lookup)
-    request = RunRequest(
+    prepared = _prepare(api.RunRequest(
         prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw, parse_special=parse_special,
-        sampling=_sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed),
-        max_tokens=max_tokens, stop=tuple(stop or ()), load=_load_options(ctx_size, threads, gpu_layers, verbose, cache_type),
-        draft=speculate,
-    )
-    _pull_with_progress(model, speculate, request.load)
-    result = run_prompt(request, on_text=None if as_json else _stream_to_stdout)
+        sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, draft=draft))
+    result = api.run(prepared, on_text=None if as_json else _stream_to_stdout)
     if as_json:
-        _print_json({"model": model or _library().catalog.default, **result.to_json()})
+        _print_json({"model": prepared.name, **result.to_json()})
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -351,51 +375,32 @@ def run(
         if result.stats:
             stderr.print(describe_stats(result.stats))
     elif result.stats.get("long_context") and not as_json:
-        from edgeinfer.render import print_note
-
         print_note(stderr, result.stats["long_context"])
     if result.finish_reason == "interrupted":
         raise typer.Exit(130)
 
 
+def _stream_to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 @app.command()
+@_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
 def chat(
     model: ModelOpt = None,
     system: SystemOpt = None,
-    temperature: TemperatureOpt = 0.8,
-    top_k: TopKOpt = 40,
-    top_p: TopPOpt = 0.95,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatPenaltyOpt = 1.0,
-    seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = None,
     stop: StopOpt = None,
-    ctx_size: CtxOpt = None,
-    threads: ThreadsOpt = None,
-    gpu_layers: GpuLayersOpt = None,
-    cache_type: CacheTypeOpt = "f16",
-    verbose: VerboseOpt = False,
-    draft: DraftOpt = None,
-    draft_max: DraftMaxOpt = 8,
-    draft_min: DraftMinOpt = 0,
-    draft_p_min: DraftPMinOpt = 0.75,
-    draft_threads: DraftThreadsOpt = None,
-    draft_gpu_layers: DraftGpuLayersOpt = None,
-    draft_lookup: DraftLookupOpt = True,
     parse_special: ParseSpecialOpt = False,
+    *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
     """Hold a conversation in the terminal (/help lists the commands)."""
-    from edgeinfer import chatui, config
-    from edgeinfer.api import check_max_tokens, open_chat
+    from edgeinfer import api, chatui, config
 
-    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
-                               draft_lookup)
-    sampling, load_options = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed), \
-        _load_options(ctx_size, threads, gpu_layers, verbose, cache_type)
-    check_max_tokens(max_tokens)  # bad options are told before a missing model is pulled
-    _pull_with_progress(model, speculate, load_options)
-    with open_chat(model, system=system, sampling=sampling, load_options=load_options, max_tokens=max_tokens,
-                   stop=tuple(stop or ()), draft=speculate, parse_special=parse_special) as session:
+    prepared = _prepare(api.ChatRequest(model=model, system=system, sampling=sampling, max_tokens=max_tokens,
+                                        stop=tuple(stop or ()), load=load, draft=draft, parse_special=parse_special))
+    with api.open_chat(prepared) as session:
         raise typer.Exit(chatui.loop(session, stderr, config.history_file(), _chat_stats))
 
 
@@ -406,47 +411,25 @@ def _chat_stats(result) -> str:
 
 
 @app.command()
+@_shared_options(load=_loading, draft=_drafting, without=("ctx_size",))
 def bench(
     models: Annotated[Optional[list[str]], typer.Argument(help="Model references (default: the catalog's default model).")] = None,
     n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", help="Prompt tokens for the pp test (0 skips it).")] = 512,
     n_gen: Annotated[int, typer.Option("--n-gen", "-n", help="Generated tokens for the tg test (0 skips it).")] = 128,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 3,
-    threads: ThreadsOpt = None,
-    gpu_layers: GpuLayersOpt = None,
-    cache_type: CacheTypeOpt = "f16",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    verbose: VerboseOpt = False,
-    draft: DraftOpt = None,
-    draft_max: DraftMaxOpt = 8,
-    draft_min: DraftMinOpt = 0,
-    draft_p_min: DraftPMinOpt = 0.75,
-    draft_threads: DraftThreadsOpt = None,
-    draft_gpu_layers: DraftGpuLayersOpt = None,
-    draft_lookup: DraftLookupOpt = True,
+    *, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
     """Prompt and generation throughput, like llama-bench's pp and tg tests (with --draft: plain against speculative)."""
-    from edgeinfer.api import checked_plan
-    from edgeinfer.bench import bench as bench_model, bench_speculative
-    from edgeinfer.errors import UsageError
-    from edgeinfer.library import locate
-    from edgeinfer.render import count_progress
+    from edgeinfer import api
+    from edgeinfer.render import count_progress, transfer_progress
 
-    if repetitions < 1 or n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
-        raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
-    speculate = _draft_options(draft, draft_max, draft_min, draft_p_min, draft_threads, draft_gpu_layers,
-                               draft_lookup)
-    lib, results, load_options = _library(), [], _load_options(None, threads, gpu_layers, verbose, cache_type)
-    for ref in models or [None]:
-        _pull_with_progress(ref, speculate)
-        path = locate(lib, ref, pull_missing=False)
-        name = ref or lib.catalog.default
-        with count_progress(stderr) as progress:
-            results += bench_model(name, path, load_options, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
-                                   cache_file=lib.store.inspect_cache, progress=progress)
-            if speculate is not None and n_gen:
-                plan = checked_plan(lib, ref, path, speculate, load_options)
-                results += bench_speculative(name, path, load_options, plan, n_gen=n_gen,
-                                             repetitions=repetitions, cache_file=lib.store.inspect_cache, progress=progress)
+    request = api.BenchRequest(models=tuple(models or [None]), n_prompt=n_prompt, n_gen=n_gen,
+                               repetitions=repetitions, load=load, draft=draft)
+    with transfer_progress(stderr) as progress:
+        prepared = api.prepare_bench(request, progress)
+    with count_progress(stderr) as progress:
+        results = api.bench(prepared, progress)
     if as_json:
         _print_json([r.to_json() for r in results])
         return
@@ -464,9 +447,9 @@ def bench(
 @app.command()
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """The llama.cpp build, its devices, memory and cores, the store, and which local models fit."""
-    from edgeinfer.doctor import diagnose
+    from edgeinfer import api
 
-    report = diagnose(_library())
+    report = api.doctor()
     if as_json:
         _print_json(report.to_json())
         return
@@ -488,33 +471,6 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     stdout.print(table)
 
 
-def _pull_with_progress(model: str | None, draft=None, load=None) -> None:
-    """Bring missing models in with a progress bar, before any text streams (the bar must be gone by then);
-    with it, a note if the context asked for is past the model's own."""
-    from edgeinfer.engine import check_context
-    from edgeinfer.ggufinfo import inspect
-    from edgeinfer.library import locate
-    from edgeinfer.render import transfer_progress
-
-    lib = _library()
-    with transfer_progress(stderr) as progress:
-        path = locate(lib, model, pull_missing=True, progress=progress)
-        # A context that cannot fit is an error, before the note it would otherwise get.
-        if load is not None and load.n_ctx:
-            note = check_context(inspect(path, lib.store.inspect_cache), load.n_ctx, load.cache_type)
-            if note:
-                progress.note(note)
-        if draft is not None:
-            from edgeinfer.speculative import resolve_draft
-
-            resolve_draft(lib, model, draft, progress)
-
-
-def _stream_to_stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 @app.command()
 def quantize(
     source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a hub repository (OWNER/NAME or OWNER/NAME@REVISION), a .gguf file or a model reference.")],
@@ -528,13 +484,12 @@ def quantize(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Quantize a model to 4 or 8 bits with llama.cpp, and report the quality lost."""
-    from edgeinfer.quantize import quantize as quantize_model
-    from edgeinfer.quantize import type_for
+    from edgeinfer import api
     from edgeinfer.render import count_progress
 
     with count_progress(stderr) as progress:
-        result = quantize_model(source, qtype=type_for(bits, qtype), output=output, imatrix=imatrix, threads=threads,
-                                force=force, evaluate=not no_eval, progress=progress)
+        result = api.quantize(source, bits=bits, qtype=qtype, output=output, imatrix=imatrix, threads=threads,
+                              force=force, evaluate=not no_eval, progress=progress)
     for warning in result.warnings:
         stderr.print(Text.assemble(("warning:", "yellow"), " ", visible(warning)))
     if as_json:

@@ -25,6 +25,19 @@ def test_bench_table_names_every_model(tiny_model, cli, edgeinfer_home, tmp_path
     assert out.count("pp8") == 2 and out.count("tg4") == 2  # one row per model and test
 
 
+def test_python_api_benches_and_chats_as_the_cli_does(tiny_model, edgeinfer_home):
+    from edgeinfer import api
+
+    rows = api.bench(api.BenchRequest(models=(str(tiny_model),), n_prompt=8, n_gen=4, repetitions=1))
+    assert [(r.model, r.test) for r in rows] == [(str(tiny_model), "pp8"), (str(tiny_model), "tg4")]
+    with api.open_chat(api.ChatRequest(model=str(tiny_model), max_tokens=4,
+                                       sampling=api.SamplingParams(temperature=0))) as chat:
+        reply = chat.ask("hello")
+        assert reply.result.completion_tokens <= 4
+        assert chat.conversation.turns == [{"role": "user", "content": "hello"},
+                                           {"role": "assistant", "content": reply.result.text}]
+
+
 def test_bench_refuses_nothing_to_measure(tiny_model, cli, edgeinfer_home):
     result = cli("bench", tiny_model, "-p", "0", "-n", "0")
     assert result.exit_code == 2

@@ -211,6 +211,36 @@ def test_python_api_streams_the_same_text(tiny_model, edgeinfer_home):
     assert result.completion_tokens == 25
 
 
+def test_python_api_prepares_first_then_answers(tiny_model, edgeinfer_home):
+    """What may download or fail comes first and comes back as data (the file, the plan, the notes); then the answer."""
+    from edgeinfer import api
+
+    request = api.RunRequest(prompt="hello", model=str(tiny_model), raw=True, max_tokens=12,
+                             sampling=api.SamplingParams(temperature=0), load=api.LoadOptions(n_ctx=1024))
+    prepared = api.prepare(request)
+    assert prepared.path == tiny_model and prepared.name == str(tiny_model)
+    assert prepared.notes == (f"--ctx-size 1024 is past the 512 tokens {tiny_model.name} was trained on: "
+                              "text beyond that may come out garbled",)
+    assert prepared.plan.options is None  # no --draft: plain decoding
+    assert api.run(prepared).text == api.run(request).text  # a request is prepared on the way
+
+
+def test_a_run_looks_at_the_catalog_and_the_store_once(tiny_model, cli, edgeinfer_home, monkeypatch):
+    """`run --json --draft`: the model found, the draft planned and the answer named from one opening of the library."""
+    from edgeinfer.library import Library
+
+    opened, open_library = [], Library.open
+
+    def counted(home=None):
+        opened.append(home)
+        return open_library(home)
+
+    monkeypatch.setattr(Library, "open", counted)
+    code, out, _ = cli("run", "-m", tiny_model, "--raw", "-n", "4", "--json", "--draft", "ngram", "hi")
+    assert code == 0 and json.loads(out)["model"] == str(tiny_model)
+    assert len(opened) == 1
+
+
 def test_ctrl_c_ends_run_with_the_text_so_far_and_exit_130(tiny_model, edgeinfer_home):
     import pexpect
 
