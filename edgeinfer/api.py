@@ -57,6 +57,7 @@ class RunRequest:
         if not self.prompt.strip():
             raise UsageError("empty prompt: give one as an argument, on stdin, or with --file")
         check_max_tokens(self.max_tokens)
+        _decide_cache_type(self)
 
     def messages(self) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -80,6 +81,7 @@ class ChatRequest:
 
     def __post_init__(self) -> None:
         check_max_tokens(self.max_tokens)
+        _decide_cache_type(self)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,11 @@ class BenchRequest:
     def __post_init__(self) -> None:
         if self.repetitions < 1 or self.n_prompt < 0 or self.n_gen < 0 or self.n_prompt + self.n_gen == 0:
             raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
+
+
+def _decide_cache_type(request: RunRequest | ChatRequest) -> None:
+    """--cache-type auto, decided once for the request: q8_0 where --draft runs on the CPU, else f16."""
+    object.__setattr__(request, "load", request.load.for_speculation(request.draft is not None))
 
 
 def check_max_tokens(max_tokens: int | None) -> None:
@@ -147,7 +154,7 @@ def _prepare(lib: Library, request: RunRequest | ChatRequest | BenchRequest, ref
     cache = lib.store.inspect_cache
     path = locate(lib, ref, pull_missing=True, progress=progress)
     # A context that cannot fit is an error here; one past the model's training, a note.
-    note = check_context(inspect(path, cache), request.load.n_ctx, request.load.cache_type) \
+    note = check_context(inspect(path, cache), request.load.n_ctx, request.load.kv_type) \
         if request.load.n_ctx else None
     plan = checked_plan(lib, ref, path, request.draft, request.load, progress)
     return Prepared(request, ref or lib.catalog.default, path, plan, (note,) if note else (), cache)
@@ -214,7 +221,9 @@ def bench(prepared: Sequence[Prepared] | BenchRequest, progress: ProgressReporte
         results += measure(one.name, one.path, request.load, n_prompt=request.n_prompt, n_gen=request.n_gen,
                            repetitions=request.repetitions, cache_file=cache, progress=progress)
         if request.draft is not None and request.n_gen:
-            results += bench_speculative(one.name, one.path, request.load, one.plan, n_gen=request.n_gen,
+            # (plain and speculative on one target: both with the cache a --draft run gets)
+            results += bench_speculative(one.name, one.path, request.load.for_speculation(True), one.plan,
+                                         n_gen=request.n_gen,
                                          repetitions=request.repetitions, cache_file=cache, progress=progress)
     return results
 

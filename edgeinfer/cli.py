@@ -231,7 +231,7 @@ def _loading(
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads, obeyed as given (default: the cores other programs leave free, followed while generating).")] = None,
     gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")] = None,
-    cache_type: Annotated[str, typer.Option("--cache-type", help="The KV cache's type: f16, bf16 or q8_0 (half the memory). On a CPU, --draft stays exact past 256 tokens of context only with bf16 or q8_0.")] = "f16",
+    cache_type: Annotated[str, typer.Option("--cache-type", help="The KV cache's type: auto (f16; q8_0 for --draft on a CPU, whose passes stay exact past 256 tokens of context only with bf16 or q8_0), f16, bf16 or q8_0 (half the memory).")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")] = False,
 ) -> LoadOptions:
     from edgeinfer.engine import LoadOptions

@@ -131,10 +131,11 @@ def describe_stats(stats: dict) -> str:
     from edgeinfer.speculative.plan import NGRAM
 
     if stats.get("skipped"):
-        return f"speculative ({stats['drafter']}): {stats['skipped']}"
+        return f"speculative ({stats['drafter']}, KV cache {stats.get('cache_type')}): {stats['skipped']}"
     copies = (f", {stats['copied']} of them copied from the context" if stats["copied"] and stats["drafter"] != NGRAM
               else "")
-    who = "; ".join([stats["drafter"], *(stats[k] for k in ("note", "long_context") if stats.get(k))])
+    who = "; ".join([f"{stats['drafter']}, KV cache {stats.get('cache_type')}",
+                     *(stats[k] for k in ("note", "long_context") if stats.get(k))])
     return (f"speculative ({who}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
             f"({stats['acceptance_rate']:.0%}){copies}, {stats['doubts']} stops on doubt, "
             f"{stats['tokens_per_pass']:.2f} tokens per target pass, "

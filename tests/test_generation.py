@@ -120,7 +120,7 @@ def test_stats_go_to_stderr_and_stdout_stays_clean(tiny_model, cli, edgeinfer_ho
         (("run", "-m", "{tiny}", "hi", "-f", "/dev/zero"), 2, "more than any context holds"),
         (("run", "-m", "{tiny}", "hi", "--draft", "ngram", "--draft-threads", "100000"), 2, "--draft-threads"),
         (("quantize", "{tiny}", "--bits", "8", "-t", "100000"), 2, "--threads must be between 1 and 512"),
-        (("run", "-m", "{tiny}", "hi", "--cache-type", "q4"), 2, "--cache-type must be one of f16, bf16, q8_0"),
+        (("run", "-m", "{tiny}", "hi", "--cache-type", "q4"), 2, "--cache-type must be auto or one of f16, bf16, q8_0"),
         (("quantize", "{tiny}", "--bits", "8", "-t", "-5"), 2, "--threads must be between 1 and 512"),
     ],
 )

@@ -148,7 +148,7 @@ def test_past_256_tokens_of_context_only_the_passes_that_score_exactly_there_are
 def test_a_run_that_could_verify_nothing_past_256_tokens_says_why_and_what_helps(models, edgeinfer_home, cli):
     # The tiny Q8_0 target over an f16 cache: passes of up to 9 tokens exact before 256, none after.
     prompt = " ".join(["the dog and the cat sat on the mat"] * 40)
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "40", "-t", "2", prompt]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "40", "-t", "2", "--cache-type", "f16", prompt]
     plain = cli(*args)
     code, out, err = cli(*args, "--draft", "ngram")
     assert code == 0 and out == plain.stdout
@@ -156,7 +156,7 @@ def test_a_run_that_could_verify_nothing_past_256_tokens_says_why_and_what_helps
     code, out, err = cli(*args, "--draft", "ngram", "--cache-type", "q8_0")
     assert code == 0 and "past 256" not in err
     # A chat says it once, not after every answer.
-    chat = cli("chat", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--draft", "ngram",
+    chat = cli("chat", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--cache-type", "f16", "--draft", "ngram",
                input=" ".join(["the dog and the cat sat on the mat"] * 26) + "\nand the dog\n")
     assert chat.exit_code == 0 and chat.stderr.count("past 256 tokens of context") == 1
 
@@ -378,7 +378,7 @@ def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_fa
     # (a step of 50 us: faster than the tiny target's real steps, so this run finds no reason to doubt it).
     remember_costs(edgeinfer_home, models.target.path, Path(models.q4).name, lambda n: 0.00005 * n, 0.00002)
 
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "Once upon a time"]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--cache-type", "f16", "Once upon a time"]
     plain = cli(*args)
     code, out, err = cli(*args, "--draft", models.q4, "--stats", "--no-draft-lookup")
     assert code == 0 and out == plain.stdout
@@ -397,7 +397,7 @@ def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_fa
 
 
 def test_a_draft_min_beyond_the_exact_passes_turns_speculation_off_and_says_why(models, edgeinfer_home, cli):
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "Once upon a time"]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--cache-type", "f16", "Once upon a time"]
     plain = cli(*args)
     # The first runs measure which passes score exactly (no pass of 64 tokens does here), the next one knows.
     for _ in range(3):
@@ -455,7 +455,7 @@ def remember_costs(home: Path, target: Path, drafter: str, pass_cost, draft_step
 
 
 def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(tiny_family, models, edgeinfer_home, cli):
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "30", "-t", "2", "--json",
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "30", "-t", "2", "--cache-type", "f16", "--json",
             "Once upon a time"]
     plain = json.loads(cli(*args).stdout)
     # A fresh home: the first --draft run calibrates, and on models this tiny a draft step costs about as much
@@ -478,7 +478,7 @@ def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(ti
     code, out, err = cli(*args, "--draft", models.q4, "--draft-max", "5", "--draft-p-min", "0", "--no-draft-lookup")
     assert code == 0 and json.loads(out)["text"] == plain["text"] and json.loads(out)["speculative"]["copies"] == 0
     code, out, err = cli(*args[:-2], "--draft", "ngram", "--stats", "The dog and the dog and the dog and the")
-    assert code == 0 and "speculative (ngram)" in err and "tokens per target pass" in err
+    assert code == 0 and "speculative (ngram, KV cache f16)" in err and "tokens per target pass" in err
 
 
 def test_run_refuses_an_incompatible_draft_in_one_line(tiny_family, models, edgeinfer_home, cli):

@@ -144,6 +144,7 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     no draft step: then prompt lookup runs alone, unless it too cannot win."""
     if options is None:
         return SpeculationPlan(None)
+    load_options = load_options.for_speculation(True)  # (the cache type the run will have: part of the key)
     plan = SpeculationPlan(options, draft_path, book)
     costs = book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers,
                                load_options.cache_type))
@@ -291,4 +292,4 @@ class SkippedStepper(PlainStepper):
         self.drafter, self.reason = drafter, reason
 
     def stats(self) -> dict:
-        return {"drafter": self.drafter, "skipped": self.reason}
+        return {"drafter": self.drafter, "skipped": self.reason, "cache_type": self.model.cache_type}

@@ -166,6 +166,7 @@ class SpeculativeStepper:
         c, rounds, cut = self.counts, self.policy.rounds, self._long_context_note()
         return {
             "drafter": self.drafter.name,
+            "cache_type": self.target.cache_type,
             **({"note": self.note} if self.note else {}),
             # A user who asked for speed and got plain decoding there should learn why without --stats.
             **({"long_context": cut} if cut else {}),
