@@ -62,8 +62,10 @@ def test_prompt_lookup_drafting_leaves_the_real_models_answer_unchanged(smollm2_
               "    return width * height\n")
     args = ("run", "--temperature", "0", "-n", "64", "--json", prompt)
 
-    plain = run_edgeinfer(*args, env=_home_env(smollm2_path))
     drafted = run_edgeinfer(*args, "--draft", "ngram", env=_home_env(smollm2_path))
+    # A --draft run on a CPU gets a q8_0 KV cache (--cache-type auto): its answer is the plain one on that cache.
+    cache = json.loads(drafted.stdout)["cache_type"]
+    plain = run_edgeinfer(*args, "--cache-type", cache, env=_home_env(smollm2_path))
 
     assert plain.exit_code == drafted.exit_code == 0, drafted.stderr
     assert json.loads(drafted.stdout)["text"] == json.loads(plain.stdout)["text"]

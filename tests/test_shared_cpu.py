@@ -122,8 +122,8 @@ def test_a_speculation_turned_off_by_a_bad_minute_is_measured_again_by_a_quiet_r
                                                                                     edgeinfer_home, cli):
     # Recorded in a bad minute: a 10 s step, drafts that could never pay.
     remember_costs(edgeinfer_home, models.target.path, Path(models.q4).name, lambda n: 10.0 * n, 4.0)
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2",
-            "--draft", models.q4, "--no-draft-lookup", "--stats", "Once upon a time"]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--cache-type",
+            "f16", "--draft", models.q4, "--no-draft-lookup", "--stats", "Once upon a time"]
     code, _, err = cli(*args)
     assert code == 0 and "speculation off" in err  # this run still believes the record...
     code, _, err = cli(*args)
