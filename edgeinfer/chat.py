@@ -1,10 +1,9 @@
-"""A conversation with a loaded model: messages, the context window, save and load.
+"""A conversation with a loaded model: messages, the context window, save and load."""
 
-The KV cache is reused across turns for free: each turn renders the whole
-conversation, and `Model.prefill` evaluates only what follows the prefix it
-already holds. When the conversation outgrows the context, the oldest turns go
-(the system message stays) and the reply says how many.
-"""
+# The KV cache is reused across turns for free: each turn renders the whole
+# conversation, and `Model.prefill` evaluates only what follows the prefix it
+# already holds. When the conversation outgrows the context, the oldest turns go
+# (the system message stays) and the reply says how many.
 
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
-"""The terminal side of `edgeinfer chat`: prompt_toolkit for input, plain streaming for answers.
+"""The terminal side of `edgeinfer chat`: prompt_toolkit for input, plain streaming for answers."""
 
-Input: arrow-key history kept across sessions, Esc-Enter (or Alt-Enter) for a new
-line, pasted blocks arrive whole (bracketed paste), and a block between two lines
-of three quotes (\"\"\") is one message. Ctrl-C clears the line, or exits at an
-empty prompt; Ctrl-D exits. Ctrl-C while the model answers stops the answer only.
-"""
+# Input: arrow-key history kept across sessions, Esc-Enter (or Alt-Enter) for a new
+# line, pasted blocks arrive whole (bracketed paste), and a block between two lines
+# of three quotes (""") is one message. Ctrl-C clears the line, or exits at an
+# empty prompt; Ctrl-D exits. Ctrl-C while the model answers stops the answer only.
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""Configuration read from the environment, in one place.
+"""Configuration read from the environment, in one place."""
 
-Everything else in edgeinfer receives these values as arguments. The Hugging
-Face variables (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE) are read by
-huggingface_hub itself; pip reads its own (PIP_INDEX_URL, PIP_FIND_LINKS, ...).
-"""
+# Everything else in edgeinfer receives these values as arguments. The Hugging
+# Face variables (HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE) are read by
+# huggingface_hub itself; pip reads its own (PIP_INDEX_URL, PIP_FIND_LINKS, ...).
 
 from __future__ import annotations
 

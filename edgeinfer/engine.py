@@ -1,11 +1,10 @@
-"""A loaded model and the token loop, on llama-cpp-python's low-level API.
+"""A loaded model and the token loop, on llama-cpp-python's low-level API."""
 
-`Model` owns one llama.cpp model and context and knows which tokens its KV cache
-holds, so a new prompt that shares a prefix with the last one (the next chat
-turn) only evaluates the new tokens. `generate` is the one token loop: it asks a
-`Stepper` for the next tokens (one at a time for plain decoding, several for
-speculative decoding), and streams their text.
-"""
+# `Model` owns one llama.cpp model and context and knows which tokens its KV cache
+# holds, so a new prompt that shares a prefix with the last one (the next chat
+# turn) only evaluates the new tokens. `generate` is the one token loop: it asks a
+# `Stepper` for the next tokens (one at a time for plain decoding, several for
+# speculative decoding), and streams their text.
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""The one exception family of edgeinfer.
+"""The one exception family of edgeinfer."""
 
-Library code raises these with messages written for people; only the CLI turns
-them into a line on stderr and an exit code. The exit codes are part of the
-public interface (documented in the README), so scripts can tell failures apart.
-"""
+# Library code raises these with messages written for people; only the CLI turns
+# them into a line on stderr and an exit code. The exit codes are part of the
+# public interface (documented in the README), so scripts can tell failures apart.
 
 from __future__ import annotations
 

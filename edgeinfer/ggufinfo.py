@@ -1,10 +1,9 @@
-"""Reading and validating GGUF files with the gguf package, before llama.cpp sees them.
+"""Reading and validating GGUF files with the gguf package, before llama.cpp sees them."""
 
-llama.cpp's loader trusts the file: a truncated model, an absurd count in the
-header, or a metadata value it only asserts on (a layer or expert count past its
-limits, a token listed twice) can crash the whole process. `validate` proves the
-file is sound with the pure-Python reader first, and raises our own error when it is not.
-"""
+# llama.cpp's loader trusts the file: a truncated model, an absurd count in the
+# header, or a metadata value it only asserts on (a layer or expert count past its
+# limits, a token listed twice) can crash the whole process. `validate` proves the
+# file is sound with the pure-Python reader first, and raises our own error when it is not.
 
 from __future__ import annotations
 

@@ -1,12 +1,11 @@
-"""Importance matrices written by llama.cpp's llama-imatrix, for `edgeinfer quantize --imatrix`.
+"""Importance matrices written by llama.cpp's llama-imatrix, for `edgeinfer quantize --imatrix`."""
 
-An importance matrix holds, for each weight matrix, the mean squared activation
-of each of its input columns over some calibration text; the quantizer spends its
-precision where those are large. Both of llama-imatrix's formats are read: GGUF
-(`NAME.in_sum2` sums and `NAME.counts`, divided here, per expert) and the legacy
-.dat (values already averaged over `ncall` chunks, divided by it here as llama.cpp
-does). What comes out is what llama_model_quantize takes: name -> float32 values.
-"""
+# An importance matrix holds, for each weight matrix, the mean squared activation
+# of each of its input columns over some calibration text; the quantizer spends its
+# precision where those are large. Both of llama-imatrix's formats are read: GGUF
+# (`NAME.in_sum2` sums and `NAME.counts`, divided here, per expert) and the legacy
+# .dat (values already averaged over `ncall` chunks, divided by it here as llama.cpp
+# does). What comes out is what llama_model_quantize takes: name -> float32 values.
 
 from __future__ import annotations
 

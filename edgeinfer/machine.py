@@ -1,8 +1,7 @@
-"""Facts about this machine that decide how a model is run: cores, memory, CPU, GPU offload.
+"""Facts about this machine that decide how a model is run: cores, memory, CPU, GPU offload."""
 
-Also the memory estimate (weights plus KV cache) that lets `run` and `chat` stop
-with a clear message instead of swapping or being killed.
-"""
+# Also the memory estimate (weights plus KV cache) that lets `run` and `chat` stop
+# with a clear message instead of swapping or being killed.
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""How long-running library calls report progress without printing.
+"""How long-running library calls report progress without printing."""
 
-The library calls these methods; the CLI implements them with rich (or not at
-all, when stderr is not a terminal), which keeps `--json` and pipes clean.
-"""
+# The library calls these methods; the CLI implements them with rich (or not at
+# all, when stderr is not a terminal), which keeps `--json` and pipes clean.
 
 from __future__ import annotations
 

@@ -1,17 +1,16 @@
-"""How much a quantized model lost: perplexity, KL divergence and top-1 agreement against its source.
+"""How much a quantized model lost: perplexity, KL divergence and top-1 agreement against its source."""
 
-Both models read the same text (edgeinfer/data/eval.txt by default: prose, a
-letter, questions, Python and SQL) through llama.cpp, side by side, in chunks: a
-chunk is decoded by the source, then by the quantized model, the two next-token
-distributions are compared at every position, and the logits are dropped before
-the next chunk. Memory therefore stays at the two models plus one chunk of logits
-per model, whatever the vocabulary size, and no text is tokenized twice.
-
-- perplexity: exp of the mean negative log-likelihood of each next token;
-- mean KL divergence: of the quantized model's next-token distribution from the
-  source's, KL(P_source || P_quantized), averaged over positions (0 is identical);
-- top-1 agreement: how often both models rank the same token first.
-"""
+# Both models read the same text (edgeinfer/data/eval.txt by default: prose, a
+# letter, questions, Python and SQL) through llama.cpp, side by side, in chunks: a
+# chunk is decoded by the source, then by the quantized model, the two next-token
+# distributions are compared at every position, and the logits are dropped before
+# the next chunk. Memory therefore stays at the two models plus one chunk of logits
+# per model, whatever the vocabulary size, and no text is tokenized twice.
+#
+# - perplexity: exp of the mean negative log-likelihood of each next token;
+# - mean KL divergence: of the quantized model's next-token distribution from the
+#   source's, KL(P_source || P_quantized), averaged over positions (0 is identical);
+# - top-1 agreement: how often both models rank the same token first.
 
 from __future__ import annotations
 

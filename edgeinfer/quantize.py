@@ -1,22 +1,21 @@
-"""`edgeinfer quantize`: a Hugging Face model or a GGUF in, a 4- or 8-bit GGUF out, with a quality report.
+"""`edgeinfer quantize`: a Hugging Face model or a GGUF in, a 4- or 8-bit GGUF out, with a quality report."""
 
-    source (HF folder | hub repository | GGUF)
-      -> unquantized GGUF (convert_hf_to_gguf, skipped for a GGUF source)
-      -> llama.cpp's quantizer, in a child process
-      -> Name-Q4_K_M.gguf, registered in the store
-      -> quality report against the unquantized GGUF (edgeinfer.quality)
-
-Why a child process: `llama_model_quantize` is one blocking C call. Python only
-runs its SIGINT handler between bytecodes, so in-process Ctrl-C would wait for
-the whole quantization; a thread cannot be stopped at all. In a child, the
-parent stays responsive: on Ctrl-C it kills the child and deletes the partial
-file. If the parent itself is killed, the child sees its stdin (its lifeline)
-close, deletes the partial file and exits. Either way nothing ever appears under
-the final name, which is reached only by a rename once the quantizer succeeded.
-The child is a plain `python -c` subprocess rather than multiprocessing's spawn,
-which would re-run the caller's main script. It starts first thing, so that its
-start (about 0.1 s: Python and llama.cpp's C bindings) overlaps the conversion.
-"""
+#     source (HF folder | hub repository | GGUF)
+#       -> unquantized GGUF (convert_hf_to_gguf, skipped for a GGUF source)
+#       -> llama.cpp's quantizer, in a child process
+#       -> Name-Q4_K_M.gguf, registered in the store
+#       -> quality report against the unquantized GGUF (edgeinfer.quality)
+#
+# Why a child process: `llama_model_quantize` is one blocking C call. Python only
+# runs its SIGINT handler between bytecodes, so in-process Ctrl-C would wait for
+# the whole quantization; a thread cannot be stopped at all. In a child, the
+# parent stays responsive: on Ctrl-C it kills the child and deletes the partial
+# file. If the parent itself is killed, the child sees its stdin (its lifeline)
+# close, deletes the partial file and exits. Either way nothing ever appears under
+# the final name, which is reached only by a rename once the quantizer succeeded.
+# The child is a plain `python -c` subprocess rather than multiprocessing's spawn,
+# which would re-run the caller's main script. It starts first thing, so that its
+# start (about 0.1 s: Python and llama.cpp's C bindings) overlaps the conversion.
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Rich renderings used by the CLI: consoles that print text as text, and progress bars that
-implement ProgressReporter.
+implement ProgressReporter."""
 
-Bars go to stderr and only when it is a terminal, so pipes and --json stay clean.
-"""
+# Bars go to stderr and only when it is a terminal, so pipes and --json stay clean.
 
 from __future__ import annotations
 

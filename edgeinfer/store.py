@@ -1,18 +1,17 @@
-"""The local model store: where files live, the manifest, checksums, atomic placement.
+"""The local model store: where files live, the manifest, checksums, atomic placement."""
 
-Layout under the store's root:
-
-    manifest.json                 what is here, written atomically under a lock
-    models/<name>/<file>.gguf     catalog models and models registered by `quantize`
-    models/hf.co/<owner>/<repo>/... files pulled by hub reference
-    .partial/<key>/               downloads in progress (resumable); never a final name
-    .locks/                       one lock file per model or output being written
-
-A file reaches its final name only by `os.replace` after its checksum matched and
-after the manifest recorded it, so a reader of the store never sees a partial or
-corrupted model, and a crash leaves a registered file or none. One process at a
-time writes a given model (`Store.exclusive`); another one waits for it.
-"""
+# Layout under the store's root:
+#
+#     manifest.json                 what is here, written atomically under a lock
+#     models/<name>/<file>.gguf     catalog models and models registered by `quantize`
+#     models/hf.co/<owner>/<repo>/... files pulled by hub reference
+#     .partial/<key>/               downloads in progress (resumable); never a final name
+#     .locks/                       one lock file per model or output being written
+#
+# A file reaches its final name only by `os.replace` after its checksum matched and
+# after the manifest recorded it, so a reader of the store never sees a partial or
+# corrupted model, and a crash leaves a registered file or none. One process at a
+# time writes a given model (`Store.exclusive`); another one waits for it.
 
 from __future__ import annotations
 

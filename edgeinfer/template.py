@@ -1,10 +1,9 @@
-"""Turning messages into prompt tokens with the model's own chat template.
+"""Turning messages into prompt tokens with the model's own chat template."""
 
-The template comes from the GGUF metadata (tokenizer.chat_template) and is
-rendered in jinja2's immutable sandbox: a model file is untrusted input, and its
-template must not reach Python internals. Models without a template get ChatML,
-as llama.cpp does.
-"""
+# The template comes from the GGUF metadata (tokenizer.chat_template) and is
+# rendered in jinja2's immutable sandbox: a model file is untrusted input, and its
+# template must not reach Python internals. Models without a template get ChatML,
+# as llama.cpp does.
 
 from __future__ import annotations
 

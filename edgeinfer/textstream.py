@@ -1,10 +1,9 @@
-"""Token bytes in, printable text out: UTF-8 safe, stop strings honoured.
+"""Token bytes in, printable text out: UTF-8 safe, stop strings honoured."""
 
-A character may be split across tokens (emoji, CJK) and a stop string across
-pieces, so text is released only when it can no longer change: incomplete UTF-8
-sequences wait in the incremental decoder, and a tail that could still grow into
-a stop string is held back.
-"""
+# A character may be split across tokens (emoji, CJK) and a stop string across
+# pieces, so text is released only when it can no longer change: incomplete UTF-8
+# sequences wait in the incremental decoder, and a tail that could still grow into
+# a stop string is held back.
 
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
 """How many threads llama.cpp computes with: chosen from the cores free when a model loads, then adapted
-while it generates, so that another busy program slows a run down instead of stalling it.
+while it generates, so that another busy program slows a run down instead of stalling it."""
 
-llama.cpp's threads meet at a barrier hundreds of times per token; when another program takes a core,
-one of them waits for its turn and the others wait for it. Fewer threads than cores then win. OpenMP's
-barrier spin is left at libgomp's default: no other setting measured better both idle and under load.
-The numbers and the reasons are in docs/threads.md.
-"""
+# llama.cpp's threads meet at a barrier hundreds of times per token; when another program takes a core,
+# one of them waits for its turn and the others wait for it. Fewer threads than cores then win. OpenMP's
+# barrier spin is left at libgomp's default: no other setting measured better both idle and under load.
+# The numbers and the reasons are in docs/threads.md.
 
 from __future__ import annotations
 

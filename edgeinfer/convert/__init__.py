@@ -1,23 +1,22 @@
-"""Hugging Face safetensors -> GGUF, without torch: the common pipeline.
+"""Hugging Face safetensors -> GGUF, without torch: the common pipeline."""
 
-    config.json -> HFConfig -> family module (llama, qwen2, qwen3, gemma3)
-    *.safetensors headers -> plan: every tensor's GGUF name, shape and type, checked
-    tokenizer.json -> vocabulary (convert/vocab.py)
-    GGUF header, metadata and tensor table written first, then tensors one at a time
-
-Writing the header before the data is what lets tensors stream: each one is
-read, transformed, written and dropped, so memory stays near a few copies of the
-largest tensor however big the model is. The file appears under its final name
-only when complete.
-
-A family module provides:
-    GGUF_ARCH: str                                    llama.cpp's architecture name
-    expected_tensors(cfg) -> {hf_name: shape}         the tensors the model must have
-and, where the defaults do not fit:
-    write_hparams(writer, cfg) -> None                its metadata (default: write_decoder_hparams)
-    transform(hf_name, data, cfg) -> data             layout changes llama.cpp needs (default: none)
-    extra_tensors(cfg) -> {gguf_name: float32 array}  tensors computed from the config (default: none)
-"""
+#     config.json -> HFConfig -> family module (llama, qwen2, qwen3, gemma3)
+#     *.safetensors headers -> plan: every tensor's GGUF name, shape and type, checked
+#     tokenizer.json -> vocabulary (convert/vocab.py)
+#     GGUF header, metadata and tensor table written first, then tensors one at a time
+#
+# Writing the header before the data is what lets tensors stream: each one is
+# read, transformed, written and dropped, so memory stays near a few copies of the
+# largest tensor however big the model is. The file appears under its final name
+# only when complete.
+#
+# A family module provides:
+#     GGUF_ARCH: str                                    llama.cpp's architecture name
+#     expected_tensors(cfg) -> {hf_name: shape}         the tensors the model must have
+# and, where the defaults do not fit:
+#     write_hparams(writer, cfg) -> None                its metadata (default: write_decoder_hparams)
+#     transform(hf_name, data, cfg) -> data             layout changes llama.cpp needs (default: none)
+#     extra_tensors(cfg) -> {gguf_name: float32 array}  tensors computed from the config (default: none)
 
 from __future__ import annotations
 

@@ -1,16 +1,15 @@
-"""Gemma 3 (text, Gemma3ForCausalLM: 270M and 1B): llama.cpp's "gemma3" architecture.
+"""Gemma 3 (text, Gemma3ForCausalLM: 270M and 1B): llama.cpp's "gemma3" architecture."""
 
-What differs from the Llama layout, and how llama.cpp expects it:
-- every RMS norm multiplies by (1 + weight), so 1 is added to each norm here;
-- four norms per layer (before and after attention, before and after the MLP),
-  and an RMS norm over each head of Q and K;
-- the embedding is scaled by sqrt(hidden) and the output head is tied to it:
-  llama.cpp does both itself;
-- five sliding-window layers for one global one. llama.cpp hard-codes that
-  pattern, the sliding layers' RoPE base (10000) and the attention scale
-  (1/sqrt(head_dim), 1/sqrt(hidden/heads) for the 27B), so a config that asks
-  for anything else is refused rather than converted into a different model.
-"""
+# What differs from the Llama layout, and how llama.cpp expects it:
+# - every RMS norm multiplies by (1 + weight), so 1 is added to each norm here;
+# - four norms per layer (before and after attention, before and after the MLP),
+#   and an RMS norm over each head of Q and K;
+# - the embedding is scaled by sqrt(hidden) and the output head is tied to it:
+#   llama.cpp does both itself;
+# - five sliding-window layers for one global one. llama.cpp hard-codes that
+#   pattern, the sliding layers' RoPE base (10000) and the attention scale
+#   (1/sqrt(head_dim), 1/sqrt(hidden/heads) for the 27B), so a config that asks
+#   for anything else is refused rather than converted into a different model.
 
 from __future__ import annotations
 

@@ -1,15 +1,14 @@
-"""Llama, Llama 3.x, SmolLM/SmolLM2, Mistral (dense): llama.cpp's "llama" architecture.
+"""Llama, Llama 3.x, SmolLM/SmolLM2, Mistral (dense): llama.cpp's "llama" architecture."""
 
-Two things differ from the Hugging Face checkpoint:
-
-- Q and K rows are permuted. Hugging Face's Llama rotates the two halves of each
-  head (`rotate_half`); llama.cpp's "llama" RoPE rotates adjacent pairs. Reordering
-  each head's rows from [x0..x(d/2-1), x(d/2)..x(d-1)] to [x0, x(d/2), x1, ...]
-  makes the pair rotation compute exactly what the half rotation did, and the
-  attention scores are unchanged because Q and K get the same order.
-- Llama 3.1+ long-context RoPE ("llama3" rope_type) becomes a `rope_freqs` tensor
-  of per-frequency divisors, which llama.cpp applies to its RoPE frequencies.
-"""
+# Two things differ from the Hugging Face checkpoint:
+#
+# - Q and K rows are permuted. Hugging Face's Llama rotates the two halves of each
+#   head (`rotate_half`); llama.cpp's "llama" RoPE rotates adjacent pairs. Reordering
+#   each head's rows from [x0..x(d/2-1), x(d/2)..x(d-1)] to [x0, x(d/2), x1, ...]
+#   makes the pair rotation compute exactly what the half rotation did, and the
+#   attention scores are unchanged because Q and K get the same order.
+# - Llama 3.1+ long-context RoPE ("llama3" rope_type) becomes a `rope_freqs` tensor
+#   of per-frequency divisors, which llama.cpp applies to its RoPE frequencies.
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""Qwen2 and Qwen2.5: llama.cpp's "qwen2" architecture.
+"""Qwen2 and Qwen2.5: llama.cpp's "qwen2" architecture."""
 
-Unlike "llama", llama.cpp runs qwen2 with NEOX-style RoPE, which rotates the two
-halves of each head just as Hugging Face's `rotate_half` does, so Q and K are
-written as they are, with no row permutation. Q, K and V carry biases.
-"""
+# Unlike "llama", llama.cpp runs qwen2 with NEOX-style RoPE, which rotates the two
+# halves of each head just as Hugging Face's `rotate_half` does, so Q and K are
+# written as they are, with no row permutation. Q, K and V carry biases.
 
 from __future__ import annotations
 

@@ -1,24 +1,23 @@
-"""A Hugging Face tokenizer.json turned into the vocabulary llama.cpp reads from GGUF metadata.
+"""A Hugging Face tokenizer.json turned into the vocabulary llama.cpp reads from GGUF metadata."""
 
-Two tokenizer families are understood, the two llama.cpp implements natively:
-
-- byte-level BPE ("gpt2" in GGUF: Llama 3, SmolLM2, Qwen2/2.5/3, ...). llama.cpp
-  re-implements the pre-tokenizer's split regex itself and picks it by name
-  (`tokenizer.ggml.pre`). llama.cpp's own converter finds that name by hashing
-  the tokenization of a fixed text with `transformers`; we read the
-  pre-tokenizer out of tokenizer.json instead and accept only the ones whose
-  regexes are known to be llama.cpp's, so a model is never written with a
-  pre-tokenizer llama.cpp would silently get wrong.
-- SentencePiece-style BPE with byte fallback ("llama" in GGUF: Mistral 7B,
-  Llama 2, Gemma), read from tokenizer.json without the sentencepiece package.
-  llama.cpp's SPM tokenizer merges the pair whose result scores highest, so each
-  token scores minus the rank of the merge that makes it: the same order the
-  Hugging Face BPE applies its merges in.
-
-Special tokens, add-BOS behaviour and the chat template come from gguf's SpecialVocab,
-which reads tokenizer_config.json, config.json and chat_template.jinja the way
-llama.cpp's converter does.
-"""
+# Two tokenizer families are understood, the two llama.cpp implements natively:
+#
+# - byte-level BPE ("gpt2" in GGUF: Llama 3, SmolLM2, Qwen2/2.5/3, ...). llama.cpp
+#   re-implements the pre-tokenizer's split regex itself and picks it by name
+#   (`tokenizer.ggml.pre`). llama.cpp's own converter finds that name by hashing
+#   the tokenization of a fixed text with `transformers`; we read the
+#   pre-tokenizer out of tokenizer.json instead and accept only the ones whose
+#   regexes are known to be llama.cpp's, so a model is never written with a
+#   pre-tokenizer llama.cpp would silently get wrong.
+# - SentencePiece-style BPE with byte fallback ("llama" in GGUF: Mistral 7B,
+#   Llama 2, Gemma), read from tokenizer.json without the sentencepiece package.
+#   llama.cpp's SPM tokenizer merges the pair whose result scores highest, so each
+#   token scores minus the rank of the merge that makes it: the same order the
+#   Hugging Face BPE applies its merges in.
+#
+# Special tokens, add-BOS behaviour and the chat template come from gguf's SpecialVocab,
+# which reads tokenizer_config.json, config.json and chat_template.jinja the way
+# llama.cpp's converter does.
 
 from __future__ import annotations
 

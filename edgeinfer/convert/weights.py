@@ -1,14 +1,13 @@
-"""Hugging Face weights, read one tensor at a time from .safetensors files.
+"""Hugging Face weights, read one tensor at a time from .safetensors files."""
 
-The safetensors format is a little-endian u64 header length, a JSON header
-(name -> dtype, shape, byte range) and the raw bytes. The header is checked
-here against the file's size before any tensor is trusted. Data is read with
-plain file reads into a fresh buffer per tensor, instead of through the safetensors
-library's memory map, for two reasons: numpy has no bfloat16, so BF16 tensors
-must arrive as raw bytes anyway; and pages of a long-lived map stay resident, so
-converting a model would look (and, under memory pressure, be) as large as the
-model. A tensor read this way is freed as soon as it is written out.
-"""
+# The safetensors format is a little-endian u64 header length, a JSON header
+# (name -> dtype, shape, byte range) and the raw bytes. The header is checked
+# here against the file's size before any tensor is trusted. Data is read with
+# plain file reads into a fresh buffer per tensor, instead of through the safetensors
+# library's memory map, for two reasons: numpy has no bfloat16, so BF16 tensors
+# must arrive as raw bytes anyway; and pages of a long-lived map stay resident, so
+# converting a model would look (and, under memory pressure, be) as large as the
+# model. A tensor read this way is freed as soon as it is written out.
 
 from __future__ import annotations
 
