@@ -21,7 +21,7 @@ from typer.exceptions import TyperException
 
 from edgeinfer import __version__
 from edgeinfer.errors import EdgeinferError
-from edgeinfer.render import TextConsole, print_error, visible
+from edgeinfer.render import TextConsole, describe_threads, print_error, visible
 
 if TYPE_CHECKING:  # (imported by the commands that use them: `edgeinfer --help` stays instant)
     from edgeinfer.api import ChatRequest, Prepared, RunRequest
@@ -336,9 +336,7 @@ def _stats_line(result) -> str:
     line = (f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated; "
             f"first token {result.time_to_first_token * 1000:.0f} ms, prompt {result.prompt_tokens_per_second:.1f} tok/s, "
             f"generation {result.generation_tokens_per_second:.1f} tok/s; finish: {result.finish_reason}")
-    from edgeinfer.threads import describe
-
-    shared = describe(result.threads)
+    shared = describe_threads(result.threads)
     return line + (f"\n{shared}" if shared else "")
 
 

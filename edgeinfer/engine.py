@@ -259,9 +259,9 @@ class Model:
     def _retune(self, size: int, seconds: float) -> None:
         """Follow other programs' load: a look at /proc/stat every ThreadTuner.LOOK seconds."""
         self.tuner.observe(size, seconds)
+        if time.monotonic() - self._load_mark.wall < self.tuner.LOOK:
+            return  # (the clock only: /proc/stat is read once a look, not once a token)
         now = machine.cpu_sample()
-        if now.wall - self._load_mark.wall < self.tuner.LOOK:
-            return
         before = self.tuner.now
         if self.tuner.observe_load(now.others_since(self._load_mark)) != before:
             self._ll.llama_set_n_threads(self._ctx, self.tuner.now, self.tuner.now)

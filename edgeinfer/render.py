@@ -140,3 +140,20 @@ def describe_stats(stats: dict) -> str:
             f"{stats['tokens_per_pass']:.2f} tokens per target pass, "
             f"draft length {stats['draft_length']} (mean {stats['mean_draft_length']}), "
             f"{stats['tokens_per_second']:.1f} tok/s")
+
+
+def describe_threads(summary: dict) -> str | None:
+    """One sentence for --stats when other programs slowed the run, and what was done; None when they did not."""
+    if not summary.get("contended"):
+        return None
+    said = [f"the CPU was shared: other programs kept {summary['others_at_load']:.1f} of {summary['most']} cores "
+            f"busy at load" if summary["others_at_load"] >= 0.5 else "the CPU was shared"]
+    if summary["slowed"]:
+        said.append(f"steps took up to {summary['slowest_vs_fastest']:.1f}x the run's fastest")
+    counts = ", ".join(f"{n} thread{'s' if n > 1 else ''} for {d}" for n, d in summary["decodes_by_threads"].items())
+    said.append(f"ran {counts} decodes" if counts else f"ran {summary['start']} threads")
+    if summary["fixed"]:
+        said.append("--threads was kept as given")
+    if summary["changes"]:
+        said.append(f"the thread count changed {summary['changes']} times as the load came and went")
+    return "; ".join(said)

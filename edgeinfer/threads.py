@@ -81,7 +81,7 @@ class ThreadTuner:
     def summary(self) -> dict:
         """What other programs' load did and what was done about it (for --stats and --json)."""
         return {"most": self.most, "fixed": self.fixed, "start": self.start, "end": self.now, "changes": self.changes,
-                "others_at_load": round(self.others_at_load, 2), "slowest_vs_fastest": round(self.slowest, 2),
+                "others_at_load": round(self.others_at_load, 2), "slowest_vs_fastest": round(self.slowest, 2), "slowed": self.slowest > self.SLOW,
                 "contended": self.contended, "decodes_by_threads": dict(sorted(self.by_threads.items()))}
 
 
@@ -90,19 +90,3 @@ def start(most: int, others_busy: float, fixed: bool = False) -> ThreadTuner:
     `most` threads whatever the load (--threads)."""
     return ThreadTuner(most, most if fixed else choose(most, others_busy), others_busy, fixed)
 
-
-def describe(summary: dict) -> str | None:
-    """One sentence for --stats when other programs slowed the run, and what was done; None when they did not."""
-    if not summary.get("contended"):
-        return None
-    said = [f"the CPU was shared: other programs kept {summary['others_at_load']:.1f} of {summary['most']} cores "
-            f"busy at load" if summary["others_at_load"] >= 0.5 else "the CPU was shared"]
-    if summary["slowest_vs_fastest"] > ThreadTuner.SLOW:
-        said.append(f"steps took up to {summary['slowest_vs_fastest']:.1f}x the run's fastest")
-    counts = ", ".join(f"{n} thread{'s' if n > 1 else ''} for {d}" for n, d in summary["decodes_by_threads"].items())
-    said.append(f"ran {counts} decodes" if counts else f"ran {summary['start']} threads")
-    if summary["fixed"]:
-        said.append("--threads was kept as given")
-    if summary["changes"]:
-        said.append(f"the thread count changed {summary['changes']} times as the load came and went")
-    return "; ".join(said)

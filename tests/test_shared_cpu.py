@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgeinfer import machine, threads
+from edgeinfer.render import describe_threads
 from edgeinfer.speculative.costs import CostBook, CostModel, PairKey
 from test_speculative import models, remember_costs  # noqa: F401 (the tiny target and its drafts, a fixture)
 
@@ -33,13 +34,13 @@ def test_a_busy_program_at_load_starts_the_run_on_fewer_threads_and_its_end_give
     assert tuner.observe_load(0.95) == 1  # still there
     assert tuner.observe_load(0.05) == 2  # gone: both cores again
     assert tuner.observe_load(0.7) == 1 and tuner.changes == 2
-    assert "changed 2 times" in threads.describe(tuner.summary())
+    assert "changed 2 times" in describe_threads(tuner.summary())
 
 
 def test_threads_given_by_the_user_are_obeyed_whatever_the_load():
     tuner = threads.start(2, others_busy=1.0, fixed=True)
     assert tuner.now == 2 and tuner.observe_load(1.5) == 2 and tuner.contended
-    assert "--threads was kept as given" in threads.describe(tuner.summary())
+    assert "--threads was kept as given" in describe_threads(tuner.summary())
 
 
 def test_decodes_much_slower_than_the_fastest_say_the_run_was_slowed():
@@ -47,11 +48,11 @@ def test_decodes_much_slower_than_the_fastest_say_the_run_was_slowed():
     for seconds in [0.010] * 8:
         tuner.observe(1, seconds)
     tuner.observe(37, 0.2)  # another size has its own scale: a prompt is not a slow step
-    assert not tuner.contended and threads.describe(tuner.summary()) is None
+    assert not tuner.contended and describe_threads(tuner.summary()) is None
     for seconds in [0.031, 0.029, 0.035, 0.030]:
         tuner.observe(1, seconds)
     assert tuner.contended and tuner.summary()["slowest_vs_fastest"] == pytest.approx(3.0)
-    assert "steps took up to 3.0x the run's fastest" in threads.describe(tuner.summary())
+    assert "steps took up to 3.0x the run's fastest" in describe_threads(tuner.summary())
     assert tuner.typical_step() == pytest.approx(0.010)
 
 
