@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeinfer.engine import GenerationResult, LoadOptions, check_context, generate, load
-from edgeinfer.errors import EdgeinferError, UsageError
+from edgeinfer.errors import ChatTemplateError, EdgeinferError, UsageError
 from edgeinfer.ggufinfo import inspect
+from edgeinfer.catalog import ModelSpec
 from edgeinfer.library import Library, locate
+from edgeinfer.references import CatalogRef
 from edgeinfer.progress import ProgressReporter
-from edgeinfer.sampling import SamplingParams
+from edgeinfer.sampling import LLAMA_CPP, SamplingParams
 from edgeinfer.speculative import (DraftOptions, SpeculationPlan, check_pair, plan_speculation, resolve_draft,
                                    speculation)
+from edgeinfer.speculative.plan import Workload
 from edgeinfer.speculative.costs import CostBook
 from edgeinfer.template import Message, chat_tokens, raw_tokens
 
@@ -30,8 +33,9 @@ if TYPE_CHECKING:  # (what only some commands need is imported where it is used)
     from edgeinfer.quantize import QuantizeResult
 
 __all__ = ["BenchRequest", "ChatRequest", "DraftOptions", "EdgeinferError", "LoadOptions", "Prepared", "RunRequest",
-           "SamplingParams", "bench", "doctor", "info", "list_models", "open_chat", "prepare", "prepare_bench", "pull",
-           "quantize", "remove", "run"]
+           "SamplingParams", "bench", "chat_template", "doctor", "info", "list_models", "model_and_prompt", "one_model",
+           "open_chat", "prepare", "prepare_bench", "pull", "quantize", "recommended_settings",
+           "remove", "run"]
 
 
 # --- requests ---------------------------------------------------------------------
@@ -57,7 +61,6 @@ class RunRequest:
         if not self.prompt.strip():
             raise UsageError("empty prompt: give one as an argument, on stdin, or with --file")
         check_max_tokens(self.max_tokens)
-        _decide_cache_type(self)
 
     def messages(self) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -81,7 +84,6 @@ class ChatRequest:
 
     def __post_init__(self) -> None:
         check_max_tokens(self.max_tokens)
-        _decide_cache_type(self)
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,6 @@ class BenchRequest:
     def __post_init__(self) -> None:
         if self.repetitions < 1 or self.n_prompt < 0 or self.n_gen < 0 or self.n_prompt + self.n_gen == 0:
             raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
-
-
-def _decide_cache_type(request: RunRequest | ChatRequest) -> None:
-    """--cache-type auto, decided once for the request: q8_0 where --draft runs on the CPU, else f16."""
-    object.__setattr__(request, "load", request.load.for_speculation(request.draft is not None))
 
 
 def check_max_tokens(max_tokens: int | None) -> None:
@@ -124,6 +121,11 @@ class Prepared:
     plan: SpeculationPlan
     notes: tuple[str, ...] = ()  # worth telling the user before the answer (a context past the model's own)
     cache_file: Path | None = None  # the store's cache of GGUF facts
+    load: LoadOptions = field(default_factory=LoadOptions)  # the request's, with --cache-type auto decided
+    # The request's sampling and --max-tokens, with what it leaves unchosen taken from the model's catalog entry
+    # (its recommendation), else from llama.cpp's defaults.
+    sampling: SamplingParams = LLAMA_CPP
+    max_tokens: int | None = None
 
 
 def prepare(request: RunRequest | ChatRequest, progress: ProgressReporter | None = None, *,
@@ -156,12 +158,40 @@ def _prepare(lib: Library, request: RunRequest | ChatRequest | BenchRequest, ref
     # A context that cannot fit is an error here; one past the model's training, a note.
     note = check_context(inspect(path, cache), request.load.n_ctx, request.load.kv_type) \
         if request.load.n_ctx else None
-    plan = checked_plan(lib, ref, path, request.draft, request.load, progress)
-    return Prepared(request, ref or lib.catalog.default, path, plan, (note,) if note else (), cache)
+    plan = checked_plan(lib, ref, path, request.draft, request.load, progress, _workload(request))
+    notes = tuple(n for n in (note, plan.change) if n)
+    return Prepared(request, ref or lib.catalog.default, path, plan, notes, cache,
+                    request.load.decided(plan.cache_type), *_settings(request, _catalog_entry(lib, ref)))
+
+
+def _catalog_entry(lib: Library, ref: str | None) -> ModelSpec | None:
+    """The catalog entry a reference names (its recommended settings apply), or None (a file, a hub model)."""
+    parsed = lib.parse(ref)
+    return parsed.spec if isinstance(parsed, CatalogRef) else None
+
+
+def _settings(request: RunRequest | ChatRequest | BenchRequest,
+              entry: ModelSpec | None) -> tuple[SamplingParams, int | None]:
+    """Each sampling setting and the answer's length at most: the option, else the entry's, else llama.cpp's."""
+    if isinstance(request, BenchRequest):  # (bench measures speed: its sampling is its own)
+        return LLAMA_CPP, None
+    recommended = entry.sampling if entry else SamplingParams()
+    max_tokens = request.max_tokens if request.max_tokens is not None else entry and entry.max_tokens
+    return request.sampling.over(recommended, LLAMA_CPP), max_tokens
+
+
+def recommended_settings(ref: str | None = None, *, lib: Library | None = None) -> dict[str, float | int] | None:
+    """The sampling settings (and max_tokens) a catalog model's entry recommends; None for a model not in
+    the catalog."""
+    entry = _catalog_entry(lib or Library.open(), ref)
+    if entry is None:
+        return None
+    return {**entry.sampling.chosen(), **({"max_tokens": entry.max_tokens} if entry.max_tokens else {})}
 
 
 def checked_plan(lib: Library, target_ref: str | None, target: Path, draft: DraftOptions | None,
-                 load_options: LoadOptions, progress: ProgressReporter | None = None) -> SpeculationPlan:
+                 load_options: LoadOptions, progress: ProgressReporter | None = None,
+                 workload: Workload | None = None) -> SpeculationPlan:
     """What --draft comes to: the draft model's file, proven to pair with the target before any weights
     load, or prompt lookup, or plain decoding where earlier runs measured that speculation cannot win."""
     if draft is None:
@@ -169,7 +199,15 @@ def checked_plan(lib: Library, target_ref: str | None, target: Path, draft: Draf
     draft_path = resolve_draft(lib, target_ref, draft, progress)
     if draft_path is not None:
         check_pair(target, draft_path, lib.store.inspect_cache)
-    return plan_speculation(target, draft_path, draft, load_options, CostBook(lib.store.speculation_costs))
+    return plan_speculation(target, draft_path, draft, load_options, CostBook(lib.store.speculation_costs), workload)
+
+
+def _workload(request: RunRequest | ChatRequest | BenchRequest) -> Workload | None:
+    """What a one-shot run asks of a draft model (a conversation or a benchmark loads it whatever it costs)."""
+    if not isinstance(request, RunRequest):
+        return None
+    text = request.prompt + (request.system or "")
+    return Workload(prompt_tokens=len(text) // 4 + 8, max_tokens=request.max_tokens)  # (+ the template's markup)
 
 
 # --- running ------------------------------------------------------------------------
@@ -182,11 +220,11 @@ def run(prepared: Prepared | RunRequest, *, on_text: Callable[[str], None] | Non
     if isinstance(prepared, RunRequest):
         prepared = prepare(prepared, progress, lib=lib)
     request, cache = prepared.request, prepared.cache_file
-    with load(prepared.path, request.load, cache) as model, \
-            speculation(model, prepared.plan, request.load, request.max_tokens, cache) as stepper_factory:
+    with load(prepared.path, prepared.load, cache) as model, \
+            speculation(model, prepared.plan, prepared.load, prepared.max_tokens, cache) as stepper_factory:
         tokens = raw_tokens(model, request.prompt) if request.raw else \
             chat_tokens(model, request.messages(), parse_special=request.parse_special)
-        return generate(model, tokens, request.sampling, max_tokens=request.max_tokens, stop=request.stop,
+        return generate(model, tokens, prepared.sampling, max_tokens=prepared.max_tokens, stop=request.stop,
                         on_text=on_text, stepper_factory=stepper_factory)
 
 
@@ -200,10 +238,10 @@ def open_chat(prepared: Prepared | ChatRequest, *, progress: ProgressReporter | 
     if isinstance(prepared, ChatRequest):
         prepared = prepare(prepared, progress, lib=lib)
     request, cache = prepared.request, prepared.cache_file
-    with load(prepared.path, request.load, cache) as loaded, \
-            speculation(loaded, prepared.plan, request.load, request.max_tokens, cache) as factory:
-        conversation = Conversation(model=prepared.name, sampling=request.sampling, system=request.system)
-        yield ChatSession(loaded, conversation, max_tokens=request.max_tokens, stop=request.stop,
+    with load(prepared.path, prepared.load, cache) as loaded, \
+            speculation(loaded, prepared.plan, prepared.load, prepared.max_tokens, cache) as factory:
+        conversation = Conversation(model=prepared.name, sampling=prepared.sampling, system=request.system)
+        yield ChatSession(loaded, conversation, max_tokens=prepared.max_tokens, stop=request.stop,
                           stepper_factory=factory, parse_special=request.parse_special)
 
 
@@ -222,7 +260,7 @@ def bench(prepared: Sequence[Prepared] | BenchRequest, progress: ProgressReporte
                            repetitions=request.repetitions, cache_file=cache, progress=progress)
         if request.draft is not None and request.n_gen:
             # (plain and speculative on one target: both with the cache a --draft run gets)
-            results += bench_speculative(one.name, one.path, request.load.for_speculation(True), one.plan,
+            results += bench_speculative(one.name, one.path, one.load, one.plan,
                                          n_gen=request.n_gen,
                                          repetitions=request.repetitions, cache_file=cache, progress=progress)
     return results
@@ -251,6 +289,31 @@ def info(ref: str | None = None, *, lib: Library | None = None) -> GGUFInfo:
 
     lib = lib or Library.open()
     return inspect(model_path_for_info(lib, ref), lib.store.inspect_cache)
+
+
+def chat_template(ref: str | None = None, *, lib: Library | None = None) -> str:
+    """The chat template (Jinja text) a model's GGUF carries; ChatTemplateError where it carries none."""
+    meta = info(ref, lib=lib)
+    if meta.chat_template is None:
+        raise ChatTemplateError(f"{meta.path.name} carries no chat template (edgeinfer formats its chats with "
+                                "ChatML, as llama.cpp does)")
+    return meta.chat_template
+
+
+def model_and_prompt(args: Sequence[str], model: str | None = None, *, more_text: bool = False,
+                     lib: Library | None = None) -> tuple[str | None, str | None]:
+    """`edgeinfer run`'s positional arguments: [MODEL] PROMPT, the first taken as the model when it names
+    one (with `more_text`, the prompt comes from stdin or a file, and a lone argument may be the model)."""
+    from edgeinfer.library import model_and_prompt as split
+
+    return split(lib or Library.open(), args, model, more_text=more_text)
+
+
+def one_model(argument: str | None, option: str | None) -> str | None:
+    """The model of `edgeinfer chat [MODEL]`, given as the argument or with -m, not both."""
+    from edgeinfer.library import one_model as chosen
+
+    return chosen(argument, option)
 
 
 def remove(ref: str, *, lib: Library | None = None) -> Removed:

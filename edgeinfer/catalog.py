@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 
 from edgeinfer.errors import EdgeinferError, ModelNotFoundError, UsageError
+from edgeinfer.sampling import WHOLE, SamplingParams, out_of_range
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ModelSpec:
     license: str
     sources: tuple[Source, ...]
     draft: str | None = None
+    # Recommended settings, as an Ollama Modelfile's parameters: options given to a command override them.
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int | None = None  # an answer's length at most, where no --max-tokens is given
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def check_relative_name(name: str) -> str:
 
 
 def unknown_name_message(name: str, known: object) -> str:
-    names = list(known)
+    names = list(dict.fromkeys(known))  # (a catalog model in the store is known twice: named once)
     close = [n for n in names if name.lower() in n.lower()][:3] or difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `edgeinfer list` shows the catalog"
     return f"unknown model '{name}'{hint}"
@@ -208,8 +212,28 @@ def _parse_models(data: dict, where: str) -> dict[str, ModelSpec]:
             license=_text(entry, "license", entry_where, default=""),
             draft=_text(entry, "draft", entry_where, default=None),
             sources=tuple(_parse_source(s, f"{entry_where}, source {i}") for i, s in enumerate(sources, 1)),
+            **_parse_sampling(_field(entry, "sampling", (dict,), entry_where, default={}), f"{entry_where}, sampling"),
         )
     return models
+
+
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "max_tokens")
+
+
+def _parse_sampling(table: dict, where: str) -> dict:
+    """A [models.NAME.sampling] table: ModelSpec's `sampling` and `max_tokens`, each value checked."""
+    unknown = sorted(set(table) - set(_SAMPLING_KEYS))
+    if unknown:
+        raise EdgeinferError(f"{where}: unknown setting '{unknown[0]}' (the settings are {', '.join(_SAMPLING_KEYS)})")
+    values = {key: _field(table, key, (int,) if key in (*WHOLE, "max_tokens") else (int, float), where)
+              for key in table}
+    max_tokens = values.pop("max_tokens", None)
+    if max_tokens is not None and max_tokens < 1:
+        raise EdgeinferError(f"{where}: 'max_tokens' must be at least 1, not {max_tokens}")
+    for key, value in values.items():
+        if wrong := out_of_range(key, value):
+            raise EdgeinferError(f"{where}: '{key}' {wrong}, not {value}")
+    return {"sampling": SamplingParams(**values), "max_tokens": max_tokens}
 
 
 def _parse_source(entry: object, where: str) -> Source:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from edgeinfer.engine import GenerationResult, Model, Stepper, generate
 from edgeinfer.errors import EdgeinferError, GenerationError, UsageError
-from edgeinfer.sampling import Sampler, SamplingParams
+from edgeinfer.sampling import LLAMA_CPP, Sampler, SamplingParams, setting_names, with_setting
 from edgeinfer.store import atomic_write_text
 from edgeinfer.template import Message, chat_tokens
+from edgeinfer.textstream import is_text
 
 ANSWER_RESERVE = 512  # tokens kept free for the answer when trimming old turns
 LOAD_LIMIT = 16 << 20  # bytes of a saved conversation that /load reads, as `run --file` reads of a file
@@ -113,7 +114,7 @@ class _NotSaved(Exception):
     """Why a JSON document is not a saved conversation (Conversation.load words it for the user)."""
 
 
-_JSON_TYPES = {"float": (int, float), "int": (int,), "int | None": (int, type(None))}  # SamplingParams' annotations
+_JSON_TYPES = {"float | None": (int, float, type(None)), "int | None": (int, type(None))}  # SamplingParams' annotations
 
 
 def _sampling(data: object) -> SamplingParams:
@@ -132,17 +133,6 @@ def _sampling(data: object) -> SamplingParams:
     except (EdgeinferError, TypeError, ValueError) as exc:
         raise _NotSaved(f"sampling settings: {exc}") from None
     return params
-
-
-def is_text(value: object) -> bool:
-    """A str the tokenizer can take: JSON's \\u escapes can write lone surrogates, which UTF-8 cannot."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _shown(value: object) -> str:
@@ -239,5 +229,35 @@ class ChatSession:
         self.conversation.system = text or None
 
     def replace(self, conversation: Conversation) -> None:
-        """Continue a loaded conversation (same model; its sampling settings come with it)."""
+        """Continue a loaded conversation (same model; its sampling settings come with it, and what it
+        leaves unset stays as it was)."""
+        conversation.sampling = conversation.sampling.over(self.conversation.sampling)
         self.conversation = conversation
+
+    def set(self, name: str, value: str) -> str:
+        """Change one setting for the answers to come, from what a person typed (`temperature`, `0.3`):
+        a sampling setting, or max-tokens (`none` lifts the cap); returns the setting's name as `settings`
+        has it. A bad name or value is a UsageError."""
+        key = name.lower().replace("_", "-")
+        key = "temperature" if key == "temp" else key
+        if key == "max-tokens":
+            self.max_tokens = _max_tokens(value)
+        elif key in setting_names():
+            self.conversation.sampling = with_setting(self.conversation.sampling, key, value)
+        else:
+            raise UsageError(f"unknown setting {name!r}; the settings are {', '.join(self.settings())}")
+        return key
+
+    def settings(self) -> dict[str, float | int | None]:
+        """What the next answer is sampled with, by name (seed None: random; max-tokens None: the context's room)."""
+        sampling = self.conversation.sampling.over(LLAMA_CPP)
+        return {**{name: getattr(sampling, name.replace("-", "_")) for name in setting_names()},
+                "max-tokens": self.max_tokens}
+
+
+def _max_tokens(text: str) -> int | None:
+    if text.lower() in ("none", "off"):
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"max-tokens takes a whole number of at least 1, or none; not {text!r}")
+    return int(text)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
@@ -109,6 +108,12 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _whole_lines_when_piped() -> TextConsole:
+    """stdout, or where it is not a terminal a console too wide to cut or wrap a line: a script or a
+    pager gets every path and description whole."""
+    return stdout if stdout.is_terminal else TextConsole(width=1 << 16, soft_wrap=True)
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "?"
@@ -143,41 +148,56 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     if as_json:
         _print_json([{**row.__dict__, "path": str(row.path) if row.path else None} for row in rows])
         return
-    table = Table(box=None)
-    table.add_column("name", no_wrap=True)
+    from rich.table import Table
+
+    # One line a model at 80 columns: paths are in `info` and `--json`; a description is cut at a
+    # terminal, whole in a pipe. A long name folds rather than push the row off the screen.
+    table = Table(box=None, pad_edge=False)
+    table.add_column("name", overflow="fold")
     table.add_column("quant", no_wrap=True)
     table.add_column("size", no_wrap=True, justify="right")
     table.add_column("present", no_wrap=True)
-    table.add_column("path / description")
+    table.add_column("description", no_wrap=True, overflow="ellipsis")
     for row in rows:
-        # A path cut short is no path: it folds; a description may be cut.
-        where = Text(visible(str(row.path)), overflow="fold") if row.present else \
-            Text(visible(row.description), overflow="ellipsis", no_wrap=True)
         present = ("yes" if row.registered else "unregistered") if row.present else "-"
-        table.add_row(visible(row.name), visible(row.quantization), _size(row.size), present, where)
-    (stdout if stdout.is_terminal else TextConsole(width=1000)).print(table)  # a pipe: whole lines
+        table.add_row(visible(row.name), visible(row.quantization), _size(row.size), present, visible(row.description))
+    _whole_lines_when_piped().print(table)
 
 
 @app.command()
 def info(
     ref: Annotated[Optional[str], typer.Argument(help="A model in the store or a local .gguf file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    template: Annotated[bool, typer.Option("--template", help="Print the model's chat template (its raw text) instead.")] = False,
 ) -> None:
     """GGUF metadata of a model: architecture, parameters, quantization, context, tokenizer."""
     from edgeinfer import api
 
-    meta = api.info(ref)
-    if as_json:
-        _print_json(meta.to_json())
+    if template:
+        text = api.chat_template(ref)
+        if as_json:
+            _print_json({"chat_template": text})
+        else:  # as the file has it, ended by a newline
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
-    table = Table(show_header=False, box=None)
+    meta, recommended = api.info(ref), api.recommended_settings(ref)
+    if as_json:
+        _print_json({**meta.to_json(), "sampling": recommended})
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # (a path folds at a terminal, never cut short)
     for key, value in meta.to_json().items():
         if key == "parameters":
             value = f"{value:,}"
         elif key == "file_size":
             value = f"{_size(value)} ({value:,} bytes)"
         table.add_row(key.replace("_", " "), visible(str(value)))
-    stdout.print(table)
+    if recommended:  # (a catalog model's: options override them)
+        table.add_row("sampling", ", ".join(f"{k.replace('_', '-')} {v}" for k, v in recommended.items()))
+    _whole_lines_when_piped().print(table)
 
 
 @app.command()
@@ -196,15 +216,16 @@ def rm(ref: Annotated[str, typer.Argument(help="A model in the store.")]) -> Non
 def _utf8(value: Any) -> Any:
     """A text option or argument (or a list of them) as given, if it is UTF-8: Python passes argv's other
     bytes on as lone surrogates, which no tokenizer takes."""
-    from edgeinfer.chat import is_text
+    from edgeinfer.textstream import is_text  # (not chat: it would load numpy and llama.cpp to parse options)
 
     if any(text is not None and not is_text(text) for text in (value if isinstance(value, list) else [value])):
         raise typer.BadParameter("not UTF-8 text")
     return value
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (default: the catalog's default model).")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", callback=_utf8, help="System message.")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", callback=_utf8, help="System message (the text itself).")]
+SystemFileOpt = Annotated[Optional[Path], typer.Option("--system-file", help="Read the system message from a file (UTF-8).")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens (default: the model's cap, if its catalog entry sets one).")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", callback=_utf8, help="Stop when this text appears (repeatable).")]
 ParseSpecialOpt = Annotated[bool, typer.Option("--parse-special", help="Read special-token text in messages (<|im_end|>) as the tokens it names; by default only the chat template's own markup does.")]
 
@@ -213,12 +234,13 @@ ParseSpecialOpt = Annotated[bool, typer.Option("--parse-special", help="Read spe
 # it returns is what the command receives (see _shared_options).
 
 
+# Sampling options left out are the model's catalog recommendation (`edgeinfer info` shows it), else llama.cpp's default.
 def _sampling(
-    temperature: Annotated[float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 is greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens whose probability reaches p.")] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely.")] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Penalty for tokens among the last 64 (1: off).")] = 1.0,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "--temp", help="Sampling temperature; 0 is greedy (default: the model's, else 0.8).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens; 0: all (default: the model's, else 40).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Keep the smallest set of tokens whose probability reaches p (default: the model's, else 0.95).")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens less likely than min-p times the most likely (default: the model's, else 0.05).")] = None,
+    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", help="Penalty for tokens among the last 64; 1: off (default: the model's, else 1).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same output (-1: random).")] = None,
 ) -> SamplingParams:
     from edgeinfer.sampling import SamplingParams
@@ -231,8 +253,8 @@ def _loading(
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads, obeyed as given (default: the cores other programs leave free, followed while generating).")] = None,
     gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")] = None,
-    cache_type: Annotated[str, typer.Option("--cache-type", help="The KV cache's type: auto (f16; q8_0 for --draft on a CPU, whose passes stay exact past 256 tokens of context only with bf16 or q8_0), f16, bf16 or q8_0 (half the memory).")] = "auto",
-    verbose: Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's own log on stderr.")] = False,
+    cache_type: Annotated[str, typer.Option("--cache-type", help="The KV cache's type: auto (f16; with --draft on a CPU, q8_0 or bf16, whichever this machine measured faster: passes stay exact past 256 tokens of context only with those), f16, bf16 or q8_0 (half the memory).")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's own log on stderr, and with --stats every speculation figure.")] = False,
 ) -> LoadOptions:
     from edgeinfer.engine import LoadOptions
 
@@ -287,22 +309,35 @@ def _evaluated(param: inspect.Parameter, owner: Callable[..., Any]) -> inspect.P
     return param.replace(annotation=eval(param.annotation, owner.__globals__))  # (our own source text)
 
 
-def _read_prompt(prompt: str | None, files: list[Path] | None) -> str:
-    """The argument, then stdin when it is piped, then each --file: joined by blank lines."""
-    from edgeinfer.errors import UsageError
-
-    parts = [prompt] if prompt else []
+def _read_prompt(files: list[Path] | None) -> str:
+    """The prompt's text beyond the argument: stdin when it is piped, then each --file, joined by blank lines."""
+    parts = []
     if not sys.stdin.isatty():
         piped = _read_text(sys.stdin.buffer, "stdin")
         if piped.strip():
             parts.append(piped)
     for path in files or []:
-        try:
-            with path.open("rb") as handle:
-                parts.append(f"{path.name}:\n{_read_text(handle, f'--file {path}')}")
-        except OSError as exc:
-            raise UsageError(f"cannot read --file {path}: {exc.strerror}") from None
+        parts.append(f"{path.name}:\n{_read_file(path, '--file')}")
     return "\n\n".join(parts)
+
+
+def _read_system(system: str | None, system_file: Path | None) -> str | None:
+    """--system's text, or --system-file's (llama.cpp's -sysf): one of them."""
+    from edgeinfer.errors import UsageError
+
+    if system is not None and system_file is not None:
+        raise UsageError("give the system message once: --system TEXT or --system-file PATH")
+    return _read_file(system_file, "--system-file") if system_file is not None else system
+
+
+def _read_file(path: Path, option: str) -> str:
+    from edgeinfer.errors import UsageError
+
+    try:
+        with path.open("rb") as handle:
+            return _read_text(handle, f"{option} {path}")
+    except OSError as exc:
+        raise UsageError(f"cannot read {option} {path}: {exc.strerror}") from None
 
 
 _TEXT_LIMIT = 16 << 20  # more text than any context holds: a mistake (-f /dev/zero would read forever)
@@ -343,10 +378,11 @@ def _stats_line(result) -> str:
 @app.command()
 @_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
 def run(
-    prompt: Annotated[Optional[str], typer.Argument(callback=_utf8, help="The prompt (joined with stdin when piped).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Argument(metavar="[MODEL] PROMPT", callback=_utf8, help="The prompt, after a model reference if you like (edgeinfer run MODEL PROMPT); joined with stdin when piped.")] = None,
     model: ModelOpt = None,
     file: Annotated[Optional[list[Path]], typer.Option("--file", "-f", help="Add a file's text to the prompt (repeatable).")] = None,
     system: SystemOpt = None,
+    system_file: SystemFileOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion: no chat template.")] = False,
     parse_special: ParseSpecialOpt = False,
     max_tokens: MaxTokensOpt = None,
@@ -359,8 +395,11 @@ def run(
     from edgeinfer import api
     from edgeinfer.render import describe_stats, print_note
 
+    more = _read_prompt(file)  # (first: a lone MODEL argument is the model when the prompt comes from here)
+    model, prompt = api.model_and_prompt(prompt or [], model, more_text=bool(more.strip()))
     prepared = _prepare(api.RunRequest(
-        prompt=_read_prompt(prompt, file), model=model, system=system, raw=raw, parse_special=parse_special,
+        prompt="\n\n".join(filter(None, [prompt, more])), model=model, system=_read_system(system, system_file),
+        raw=raw, parse_special=parse_special,
         sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, draft=draft))
     result = api.run(prepared, on_text=None if as_json else _stream_to_stdout)
     if as_json:
@@ -371,7 +410,7 @@ def run(
     if stats:
         stderr.print(_stats_line(result))
         if result.stats:
-            stderr.print(describe_stats(result.stats))
+            stderr.print(describe_stats(result.stats, detailed=load.verbose))
     elif result.stats.get("long_context") and not as_json:
         print_note(stderr, result.stats["long_context"])
     if result.finish_reason == "interrupted":
@@ -386,8 +425,10 @@ def _stream_to_stdout(text: str) -> None:
 @app.command()
 @_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
 def chat(
+    ref: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="The model (as -m; default: the catalog's default model).")] = None,
     model: ModelOpt = None,
     system: SystemOpt = None,
+    system_file: SystemFileOpt = None,
     max_tokens: MaxTokensOpt = None,
     stop: StopOpt = None,
     parse_special: ParseSpecialOpt = False,
@@ -396,7 +437,8 @@ def chat(
     """Hold a conversation in the terminal (/help lists the commands)."""
     from edgeinfer import api, chatui, config
 
-    prepared = _prepare(api.ChatRequest(model=model, system=system, sampling=sampling, max_tokens=max_tokens,
+    prepared = _prepare(api.ChatRequest(model=api.one_model(ref, model), system=_read_system(system, system_file),
+                                        sampling=sampling, max_tokens=max_tokens,
                                         stop=tuple(stop or ()), load=load, draft=draft, parse_special=parse_special))
     with api.open_chat(prepared) as session:
         raise typer.Exit(chatui.loop(session, stderr, config.history_file(), _chat_stats))
@@ -405,7 +447,7 @@ def chat(
 def _chat_stats(result) -> str:
     from edgeinfer.render import describe_stats
 
-    return _stats_line(result) + (("\n" + describe_stats(result.stats)) if result.stats else "")
+    return _stats_line(result) + (("\n" + describe_stats(result.stats, detailed=True)) if result.stats else "")
 
 
 @app.command()
@@ -431,6 +473,8 @@ def bench(
     if as_json:
         _print_json([r.to_json() for r in results])
         return
+    from rich.table import Table
+
     table = Table(box=None)
     table.add_column("model", overflow="fold")
     table.add_column("test", no_wrap=True)
@@ -451,6 +495,8 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     if as_json:
         _print_json(report.to_json())
         return
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     table.add_row("edgeinfer", f"{report.edgeinfer_version} (llama-cpp-python {report.llama_cpp_python_version}, Python {report.python})")
     table.add_row("llama.cpp", report.system_info)
@@ -493,6 +539,8 @@ def quantize(
     if as_json:
         _print_json(result.to_json())
         return
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     table.add_row("model", visible(f"{result.name} ({result.path})"))
     table.add_row("size", f"{_size(result.input_size)} -> {_size(result.output_size)}, {result.bits_per_weight:.2f} bits per weight")
@@ -500,7 +548,7 @@ def quantize(
                           f"evaluate {result.seconds_eval:.1f})")
     if (q := result.quality) is not None:
         table.add_row("perplexity", f"{q.ppl_source:.3f} -> {q.ppl_quantized:.3f} (delta {q.delta_ppl:+.3f}) over {q.tokens} tokens")
-        table.add_row("KL divergence", f"{q.mean_kld:.5f} (mean, from the unquantized model)")
+        table.add_row("KL divergence", f"{q.mean_kld:.5f} (mean, from {result.reference})")
         table.add_row("top-1 agreement", f"{q.top1_agreement:.1%}")
     stdout.print(table)
 

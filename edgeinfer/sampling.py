@@ -7,50 +7,106 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
-import numpy as np
+import sys
+from typing import TYPE_CHECKING
 
 from edgeinfer.errors import UsageError
 
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    # numpy, imported by the first Sampler: the catalog holds SamplingParams, and reading it (`edgeinfer
+    # list`, `--help`) must not pay numpy's import.
+    np = None
+
 # A temperature below this (1e-310, say) has no finite inverse: it is taken as 0, greedy, which is what
 # so small a temperature asks for anyway.
-GREEDY_BELOW = 1 / np.finfo(np.float64).max
+GREEDY_BELOW = 1 / sys.float_info.max
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8  # 0 (or below GREEDY_BELOW) means greedy
-    top_k: int = 40  # 0 disables
-    top_p: float = 0.95  # 1 disables
-    min_p: float = 0.05  # 0 disables
-    repeat_penalty: float = 1.0  # 1 disables
-    repeat_last_n: int = 64
-    seed: int | None = None
+    """Sampling settings; None is "not chosen": the model's recommendation (its catalog entry), else
+    llama.cpp's default (LLAMA_CPP). `over` fills the gaps; the Sampler always does."""
+
+    temperature: float | None = None  # 0 (or below GREEDY_BELOW) means greedy
+    top_k: int | None = None  # 0 disables
+    top_p: float | None = None  # 1 disables
+    min_p: float | None = None  # 0 disables
+    repeat_penalty: float | None = None  # 1 disables
+    repeat_last_n: int | None = None
+    seed: int | None = None  # None or -1: a random seed
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.temperature >= 0, "--temperature must be >= 0"),
-            (self.top_k >= 0, "--top-k must be >= 0"),
-            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "--min-p must be in [0, 1]"),
-            (self.repeat_penalty > 0, "--repeat-penalty must be > 0"),
-            (self.repeat_last_n >= 0, "--repeat-last-n must be >= 0"),
-            (self.seed is None or self.seed >= -1, "--seed must be -1 (random, as in llama.cpp) or >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        for f in fields(self):
+            if wrong := out_of_range(f.name, getattr(self, f.name)):
+                raise UsageError(f"--{f.name.replace('_', '-')} {wrong}")
+
+    def over(self, *fallbacks: "SamplingParams") -> "SamplingParams":
+        """These settings, each one left unchosen taken from the first fallback that chose it."""
+        chosen = {}
+        for f in fields(self):
+            layers = (getattr(layer, f.name) for layer in (self, *fallbacks))
+            chosen[f.name] = next((value for value in layers if value is not None), None)
+        return SamplingParams(**chosen)
+
+    def chosen(self) -> dict[str, float | int]:
+        """The settings given a value, by name (what a catalog entry recommends, say)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
+        return self.temperature is not None and self.temperature < GREEDY_BELOW
+
+
+_RANGES = {"temperature": ">= 0", "top_k": ">= 0", "top_p": "in (0, 1]", "min_p": "in [0, 1]",
+           "repeat_penalty": "> 0", "repeat_last_n": ">= 0", "seed": "-1 (random, as in llama.cpp) or >= 0"}
+_CHECKS = {"temperature": lambda v: v >= 0, "top_k": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1,
+           "min_p": lambda v: 0 <= v <= 1, "repeat_penalty": lambda v: v > 0, "repeat_last_n": lambda v: v >= 0,
+           "seed": lambda v: v >= -1}
+
+def out_of_range(name: str, value: float | int | None) -> str | None:
+    """What is wrong with a value of the setting `name` ("must be >= 0"), or None when nothing is."""
+    return None if value is None or _CHECKS[name](value) else f"must be {_RANGES[name]}"
+
+
+# llama.cpp's own defaults (common/common.h), for whatever neither the user nor the catalog chose.
+LLAMA_CPP = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, repeat_last_n=64)
+
+# The settings `/set` (chat) and catalog entries name, with the type of their values.
+WHOLE = ("top_k", "repeat_last_n", "seed")
+
+
+def with_setting(params: SamplingParams, name: str, text: str) -> SamplingParams:
+    """`params` with one setting changed from what a person typed (`top-k`, `40`); a bad name or value
+    is a UsageError that says what would do."""
+    key = name.lower().replace("-", "_")
+    key = "temperature" if key == "temp" else key
+    if key not in _RANGES:
+        raise UsageError(f"unknown setting {name!r}; the settings are {', '.join(setting_names())}")
+    try:
+        value = int(text) if key in WHOLE else float(text)
+    except ValueError:
+        kind = "a whole number" if key in WHOLE else "a number"
+        raise UsageError(f"{name} takes {kind}, not {text!r}") from None
+    if wrong := out_of_range(key, value):
+        raise UsageError(f"{name} {wrong}")
+    return replace(params, **{key: value})
+
+
+def setting_names() -> list[str]:
+    return [name.replace("_", "-") for name in _RANGES]
 
 
 class Sampler:
     def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self.rng = np.random.default_rng(None if params.seed == -1 else params.seed)
+        global np
+        import numpy as np
+
+        self.params = params.over(LLAMA_CPP)
+        self.rng = np.random.default_rng(None if self.params.seed == -1 else self.params.seed)
 
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
         if self.params.greedy and self.params.repeat_penalty == 1.0:
