@@ -77,7 +77,12 @@ def test_ctrl_c_stops_the_answer_and_the_conversation_goes_on(tiny_model, edgein
     child.sendintr()
     child.expect_exact("[answer stopped]")
     child.expect(PROMPT)
-    child.sendcontrol("c")  # Ctrl-C at an empty prompt leaves
+    # With a conversation to lose, Ctrl-C at the empty prompt (perhaps a second press meant for the answer)
+    # says how to leave; the next one leaves.
+    child.sendcontrol("c")
+    child.expect_exact("Ctrl-C again, Ctrl-D or /exit leaves")
+    child.expect(PROMPT)
+    child.sendcontrol("c")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
