@@ -32,8 +32,8 @@ if TYPE_CHECKING:  # (what only some commands need is imported where it is used)
     from edgeinfer.library import ModelRow, PullResult, Removed
     from edgeinfer.quantize import QuantizeResult
 
-__all__ = ["BenchRequest", "ChatRequest", "DraftOptions", "EdgeinferError", "LoadOptions", "Prepared", "RunRequest",
-           "SamplingParams", "bench", "chat_template", "doctor", "info", "list_models", "model_and_prompt", "one_model",
+__all__ = ["BenchRequest", "ChatRequest", "DraftOptions", "EdgeinferError", "Library", "LoadOptions", "Prepared",
+           "RunRequest", "SamplingParams", "bench", "chat_template", "doctor", "info", "list_models", "model_and_prompt", "one_model",
            "open_chat", "prepare", "prepare_bench", "pull", "quantize", "recommended_settings",
            "remove", "run"]
 

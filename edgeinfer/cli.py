@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from edgeinfer import __version__
@@ -23,8 +23,10 @@ from edgeinfer.errors import EdgeinferError
 from edgeinfer.render import TextConsole, describe_threads, print_error, visible
 
 if TYPE_CHECKING:  # (imported by the commands that use them: `edgeinfer --help` stays instant)
+    import click  # (Typer's own copy of it since 0.26: only for the annotations)
     from edgeinfer.api import ChatRequest, Prepared, RunRequest
     from edgeinfer.engine import LoadOptions
+    from edgeinfer.library import Library
     from edgeinfer.sampling import SamplingParams
     from edgeinfer.speculative import DraftOptions
 
@@ -81,12 +83,46 @@ class _ErrorsToMessages(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class _Command(TyperCommand):
+    """Help written as Click, git and pip write it, whatever Typer's version: `edgeinfer rm [OPTIONS] MODEL`
+    (recent Typers write `{ref}` and `<bool>`), each argument listed under that name."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        arguments = [_argument_name(p, usage=True) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [self.options_metavar, *arguments]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = self.get_params(ctx)
+        arguments = [(_argument_name(p), p.help) for p in params if p.param_type_name == "argument" and p.help]
+        options = [record for p in params if p.param_type_name == "option" and (record := p.get_help_record(ctx))]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_name(param: click.Parameter, usage: bool = False) -> str:
+    """MODEL, [MODEL] when it may be left out, MODEL... when it repeats; a metavar is written as given."""
+    if param.metavar:
+        return param.metavar
+    name = param.name.upper() + ("..." if param.nargs != 1 else "")
+    return f"[{name}]" if usage and not param.required else name
+
+
+def _examples(*commands: str) -> str:
+    """A command's help epilog: command lines kept as written (Click's \\b), not rewrapped."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {command}" for command in commands)
+
+
 app = typer.Typer(
     cls=_ErrorsToMessages,
     help="Run quantized language models on this machine, through llama.cpp.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help, Click's: two columns that fit 80 columns (rich's panels left the descriptions 18 wide),
+    # no markup to eat `[brackets]` in a description, and no rich.console to import for `--help`.
+    rich_markup_mode=None,
 )
 
 
@@ -127,8 +163,9 @@ def _size(n: int | None) -> str:
 # --- models ----------------------------------------------------------------------
 
 
-@app.command()
-def pull(ref: Annotated[Optional[str], typer.Argument(help="Catalog name, OWNER/REPO:QUANT, OWNER/REPO/FILE.gguf (default: the catalog's default model).")] = None) -> None:
+@app.command(cls=_Command, epilog=_examples("edgeinfer pull qwen2.5-coder-0.5b-instruct",
+                                            "edgeinfer pull bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"))
+def pull(ref: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Catalog name, OWNER/REPO:QUANT, OWNER/REPO/FILE.gguf (default: the catalog's default model).")] = None) -> None:
     """Download a model into the local store, verified by sha256."""
     from edgeinfer import api
     from edgeinfer.render import transfer_progress
@@ -139,9 +176,11 @@ def pull(ref: Annotated[Optional[str], typer.Argument(help="Catalog name, OWNER/
     stdout.print(f"{visible(result.model.name)}: {verb} ({_size(result.model.size)}) {visible(str(result.model.path))}")
 
 
-@app.command("list")
+@app.command("list", cls=_Command, epilog=_examples("edgeinfer list", "edgeinfer list --json   # with each file's path"))
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """The catalog's models and everything in the local store."""
+    """The catalog's models and everything in the local store.
+
+    At a terminal a description is cut to fit the width; piped, lines are whole. `info` shows a model's path."""
     from edgeinfer import api
 
     rows = api.list_models()
@@ -164,13 +203,17 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
     _whole_lines_when_piped().print(table)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("edgeinfer info smollm2-135m-instruct", "edgeinfer info ./model.gguf --json",
+                                            "edgeinfer info qwen2.5-coder-0.5b-instruct --template"))
 def info(
-    ref: Annotated[Optional[str], typer.Argument(help="A model in the store or a local .gguf file.")] = None,
+    ref: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="A model in the store or a local .gguf file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     template: Annotated[bool, typer.Option("--template", help="Print the model's chat template (its raw text) instead.")] = False,
 ) -> None:
-    """GGUF metadata of a model: architecture, parameters, quantization, context, tokenizer."""
+    """A model's file and GGUF metadata.
+
+    Its path, architecture, parameters, quantization, context and tokenizer, and the sampling settings
+    its catalog entry recommends."""
     from edgeinfer import api
 
     if template:
@@ -200,8 +243,8 @@ def info(
     _whole_lines_when_piped().print(table)
 
 
-@app.command()
-def rm(ref: Annotated[str, typer.Argument(help="A model in the store.")]) -> None:
+@app.command(cls=_Command, epilog=_examples("edgeinfer rm gemma-3-270m"))
+def rm(ref: Annotated[str, typer.Argument(metavar="MODEL", help="A model in the store.")]) -> None:
     """Remove a model from the local store."""
     from edgeinfer import api
 
@@ -222,11 +265,11 @@ def _utf8(value: Any) -> Any:
         raise typer.BadParameter("not UTF-8 text")
     return value
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (default: the catalog's default model).")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", callback=_utf8, help="System message (the text itself).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="Model reference (default: the catalog's default model).")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", metavar="TEXT", callback=_utf8, help="System message (the text itself).")]
 SystemFileOpt = Annotated[Optional[Path], typer.Option("--system-file", help="Read the system message from a file (UTF-8).")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", help="Stop after this many tokens (default: the model's cap, if its catalog entry sets one).")]
-StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", callback=_utf8, help="Stop when this text appears (repeatable).")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", callback=_utf8, help="Stop when this text appears (repeatable).")]
 ParseSpecialOpt = Annotated[bool, typer.Option("--parse-special", help="Read special-token text in messages (<|im_end|>) as the tokens it names; by default only the chat template's own markup does.")]
 
 
@@ -253,7 +296,7 @@ def _loading(
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Context window in tokens (default: the model's, at most 4096).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads, obeyed as given (default: the cores other programs leave free, followed while generating).")] = None,
     gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", help="Layers to offload, -1 for all (default: all on a GPU build, 0 on CPU).")] = None,
-    cache_type: Annotated[str, typer.Option("--cache-type", help="The KV cache's type: auto (f16; with --draft on a CPU, q8_0 or bf16, whichever this machine measured faster: passes stay exact past 256 tokens of context only with those), f16, bf16 or q8_0 (half the memory).")] = "auto",
+    cache_type: Annotated[str, typer.Option("--cache-type", metavar="TYPE", help="The KV cache's type: auto (f16; with --draft on a CPU, q8_0 or bf16, whichever this machine measured faster: passes stay exact past 256 tokens of context only with those), f16, bf16 or q8_0 (half the memory).")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's own log on stderr, and with --stats every speculation figure.")] = False,
 ) -> LoadOptions:
     from edgeinfer.engine import LoadOptions
@@ -263,7 +306,7 @@ def _loading(
 
 
 def _drafting(
-    draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", metavar="MODEL", help="Speculative decoding: a draft model reference, 'auto' (the catalog's draft for the model) or 'ngram' (prompt lookup).")] = None,
     draft_max: Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per round (the length in use adapts below it).")] = 8,
     draft_min: Annotated[int, typer.Option("--draft-min", help="Fewest drafted tokens worth a verification.")] = 0,
     draft_p_min: Annotated[float, typer.Option("--draft-p-min", help="Stop drafting when the draft's probability for its token is below this.")] = 0.75,
@@ -355,13 +398,13 @@ def _read_text(handle, what: str) -> str:
         raise UsageError(f"{what} is not UTF-8 text") from None
 
 
-def _prepare(request: RunRequest | ChatRequest) -> Prepared:
+def _prepare(request: RunRequest | ChatRequest, lib: Library | None = None) -> Prepared:
     """The request prepared, with a bar for whatever it pulls (gone before any text streams) and its notes."""
     from edgeinfer import api
     from edgeinfer.render import transfer_progress
 
     with transfer_progress(stderr) as progress:
-        prepared = api.prepare(request, progress)
+        prepared = api.prepare(request, progress, lib=lib)
         for note in prepared.notes:
             progress.note(note)
     return prepared
@@ -375,7 +418,10 @@ def _stats_line(result) -> str:
     return line + (f"\n{shared}" if shared else "")
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'edgeinfer run qwen2.5-coder-0.5b-instruct "Write a haiku"',
+    'edgeinfer run -m qwen2.5-coder-1.5b-instruct -f main.py "Explain this code"',
+    'git diff | edgeinfer run "Write a commit message for this change"'))
 @_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
 def run(
     prompt: Annotated[Optional[list[str]], typer.Argument(metavar="[MODEL] PROMPT", callback=_utf8, help="The prompt, after a model reference if you like (edgeinfer run MODEL PROMPT); joined with stdin when piped.")] = None,
@@ -395,12 +441,13 @@ def run(
     from edgeinfer import api
     from edgeinfer.render import describe_stats, print_note
 
+    lib = api.Library.open()  # (one look at the catalog and the store, for the arguments and the request)
     more = _read_prompt(file)  # (first: a lone MODEL argument is the model when the prompt comes from here)
-    model, prompt = api.model_and_prompt(prompt or [], model, more_text=bool(more.strip()))
+    model, prompt = api.model_and_prompt(prompt or [], model, more_text=bool(more.strip()), lib=lib)
     prepared = _prepare(api.RunRequest(
         prompt="\n\n".join(filter(None, [prompt, more])), model=model, system=_read_system(system, system_file),
         raw=raw, parse_special=parse_special,
-        sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, draft=draft))
+        sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, draft=draft), lib)
     result = api.run(prepared, on_text=None if as_json else _stream_to_stdout)
     if as_json:
         _print_json({"model": prepared.name, **result.to_json()})
@@ -422,7 +469,8 @@ def _stream_to_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("edgeinfer chat qwen2.5-coder-1.5b-instruct",
+                                            'edgeinfer chat -m smollm2-135m-instruct --system "Answer briefly"'))
 @_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
 def chat(
     ref: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="The model (as -m; default: the catalog's default model).")] = None,
@@ -450,17 +498,20 @@ def _chat_stats(result) -> str:
     return _stats_line(result) + (("\n" + describe_stats(result.stats, detailed=True)) if result.stats else "")
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("edgeinfer bench smollm2-135m-instruct qwen2.5-coder-0.5b-instruct",
+                                            "edgeinfer bench qwen2.5-coder-1.5b-instruct --draft auto -n 64"))
 @_shared_options(load=_loading, draft=_drafting, without=("ctx_size",))
 def bench(
-    models: Annotated[Optional[list[str]], typer.Argument(help="Model references (default: the catalog's default model).")] = None,
+    models: Annotated[Optional[list[str]], typer.Argument(metavar="[MODEL]...", help="Model references (default: the catalog's default model).")] = None,
     n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", help="Prompt tokens for the pp test (0 skips it).")] = 512,
     n_gen: Annotated[int, typer.Option("--n-gen", "-n", help="Generated tokens for the tg test (0 skips it).")] = 128,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     *, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
-    """Prompt and generation throughput, like llama-bench's pp and tg tests (with --draft: plain against speculative)."""
+    """Prompt and generation throughput, as llama-bench measures them.
+
+    Its pp and tg tests; with --draft, plain decoding against speculative."""
     from edgeinfer import api
     from edgeinfer.render import count_progress, transfer_progress
 
@@ -486,9 +537,11 @@ def bench(
     stdout.print(table)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("edgeinfer doctor", "edgeinfer doctor --json"))
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """The llama.cpp build, its devices, memory and cores, the store, and which local models fit."""
+    """What this machine offers llama.cpp, and which models fit.
+
+    The llama.cpp build and its devices, memory and cores, the store, and whether each local model fits in memory."""
     from edgeinfer import api
 
     report = api.doctor()
@@ -515,11 +568,12 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     stdout.print(table)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("edgeinfer quantize Qwen/Qwen2.5-0.5B-Instruct",
+                                            "edgeinfer quantize ./my-model --bits 8 -o my-model-q8_0.gguf"))
 def quantize(
     source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a hub repository (OWNER/NAME or OWNER/NAME@REVISION), a .gguf file or a model reference.")],
     bits: Annotated[Optional[int], typer.Option("--bits", help="4 (Q4_K_M, the default) or 8 (Q8_0).")] = None,
-    qtype: Annotated[Optional[str], typer.Option("--type", help="Any llama.cpp type: Q4_0, Q4_K_S, Q5_K_M, Q6_K, ... (overrides --bits).")] = None,
+    qtype: Annotated[Optional[str], typer.Option("--type", metavar="TYPE", help="Any llama.cpp type: Q4_0, Q4_K_S, Q5_K_M, Q6_K, ... (overrides --bits).")] = None,
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix from llama-imatrix (GGUF or .dat).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all cores to quantize, physical cores to evaluate).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File or folder to write (default: the store).")] = None,
@@ -527,7 +581,9 @@ def quantize(
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the quality report (perplexity, KL divergence).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Quantize a model to 4 or 8 bits with llama.cpp, and report the quality lost."""
+    """Quantize a model to 4 or 8 bits, and report the quality lost.
+
+    With llama.cpp's quantizer; the report compares the result with its source (perplexity, KL divergence)."""
     from edgeinfer import api
     from edgeinfer.render import count_progress
 

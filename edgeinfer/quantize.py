@@ -76,10 +76,18 @@ class QuantizeResult:
     seconds_eval: float
     quality: QualityReport | None
     warnings: tuple[str, ...] = ()
+    source_type: str = ""  # a GGUF source's type (F16, Q4_K_M, ...); "" for a Hugging Face model
 
     @property
     def seconds_total(self) -> float:
         return self.seconds_convert + self.seconds_quantize + self.seconds_eval
+
+    @property
+    def reference(self) -> str:
+        """What the quality report measures against, in words: a quantized source is no unquantized model."""
+        if self.source_type and self.source_type.lower() not in _UNQUANTIZED:
+            return f"the source model ({self.source_type})"
+        return "the unquantized model" + (f" ({self.source_type})" if self.source_type else "")
 
     def to_json(self) -> dict:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -107,6 +115,7 @@ class _Source:
     name: str  # the model's name, for the output's
     size: int
     download: Path | None = None  # a hub download's staging folder: removed once the output is whole
+    qtype: str = ""  # a GGUF's type, as its metadata names it
 
 
 def quantize(
@@ -169,11 +178,14 @@ def quantize(
     if report.requantized:
         warnings += (f"{src.path.name} was already quantized ({', '.join(report.requantized)}); requantizing loses more "
                      "quality than quantizing from F16/BF16",)
+    if model.size > src.size:  # (Q8_0 from Q4_K_M: more bytes, none of the lost quality back)
+        warnings += (f"the {qtype} output is larger than its source{f' ({src.qtype})' if src.qtype else ''}, "
+                     f"{model.size / src.size:.2f} times its size; more bits bring none of the lost quality back",)
     return QuantizeResult(
         name=model.name, path=final, qtype=qtype, source=src.label, input_size=src.size, output_size=model.size,
         parameters=report.parameters, bits_per_weight=report.bits_per_weight or 8 * model.size / report.parameters,
         seconds_convert=seconds_convert, seconds_quantize=seconds_quantize, seconds_eval=seconds_eval, quality=quality,
-        warnings=warnings,
+        warnings=warnings, source_type=src.qtype,
     )
 
 
@@ -256,8 +268,9 @@ def _gguf(path: Path, label: str, store: Store) -> _Source:
     remembered, as for every model: a file in the store was checked when it was pulled)."""
     from edgeinfer.ggufinfo import inspect
 
-    inspect(path, store.inspect_cache)
-    return _Source("gguf", path, label, _PRECISION_SUFFIX.sub("", path.stem), path.stat().st_size)
+    info = inspect(path, store.inspect_cache)
+    return _Source("gguf", path, label, _PRECISION_SUFFIX.sub("", path.stem), path.stat().st_size,
+                   qtype=info.quantization)
 
 
 def _hf_folder(folder: Path, label: str, name: str | None = None) -> _Source:
@@ -507,7 +520,9 @@ def _child_main() -> None:
     import threading
 
     orphaned = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None  # the parent's working folder
-    llama_cpp = _llama_bindings()
+    from edgeinfer.bindings import c_api
+
+    llama_cpp = c_api()  # (without llama_cpp's Llama, jinja2 and chat formats: a quarter second)
     line = sys.stdin.buffer.readline()
     if not line:  # the parent ended before sending a job (done with an error, or killed while converting)
         if orphaned:
@@ -560,34 +575,6 @@ def _child_main() -> None:
         requantized = sorted(t.upper() for t in input_types - _UNQUANTIZED)
         send({"report": {"parameters": parameters, "bits_per_weight": bits_per_weight, "requantized": requantized}})
     os._exit(0 if status == 0 else 1)  # no interpreter teardown: the watcher must not fire
-
-
-def _llama_bindings():
-    """llama.cpp's C API (llama_cpp.llama_cpp) without the rest of the llama_cpp package.
-
-    `import llama_cpp` also loads its high-level Llama class, jinja2 and the chat
-    formats: a quarter of a second, several percent of quantizing a small model. The
-    child needs only the ctypes bindings, so it loads them under an empty package
-    module; should that ever fail (a new package layout), it imports the whole package.
-    """
-    import importlib.util
-    import sys
-    import types
-
-    try:
-        spec = importlib.util.find_spec("llama_cpp")
-        package = types.ModuleType("llama_cpp")
-        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-        sys.modules["llama_cpp"] = package
-        import llama_cpp.llama_cpp as bindings
-
-        return bindings
-    except Exception:
-        for name in [n for n in sys.modules if n == "llama_cpp" or n.startswith("llama_cpp.")]:
-            del sys.modules[name]
-        import llama_cpp
-
-        return llama_cpp
 
 
 def _imatrix_array(llama_cpp, importance: dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +53,10 @@ _HUB_FILE = re.compile(rf"^(?P<repo>{HUB_REPO})/(?P<file>.+\.gguf)$", re.IGNOREC
 _HUB_PREFIXES = ("https://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/")
 
 
-def parse_reference(text: str, catalog: Catalog) -> Reference:
-    """Read a model reference: catalog name, hub reference, or local .gguf path."""
+def parse_reference(text: str, catalog: Catalog, stored: Callable[[], Iterable[str]] = tuple) -> Reference:
+    """Read a model reference: catalog name, hub reference, or local .gguf path. A bare name in another
+    case than its model's is that model when it matches only one (`stored` gives the store's names; it
+    is asked only then, so a damaged manifest troubles no other reference)."""
     text = text.strip()
     if not text:
         raise UsageError("empty model reference")
@@ -71,7 +74,20 @@ def parse_reference(text: str, catalog: Catalog) -> Reference:
         raise ModelNotFoundError(
             f"'{text}' is neither a file on disk nor a hub reference (OWNER/REPO:QUANT or OWNER/REPO/FILE.gguf)"
         )
-    return NameRef(text)
+    return _named(text, catalog, stored)
+
+
+def _named(text: str, catalog: Catalog, stored: Callable[[], Iterable[str]]) -> CatalogRef | NameRef:
+    """A bare name, taken as the one catalog or store name it equals ignoring case (SmolLM2-135M-Instruct
+    for smollm2-135m-instruct); an exact store name, or one that matches none or several, as it is."""
+    names = set(stored())
+    if text in names:
+        return NameRef(text)
+    matches = {n for n in [*catalog.models, *names] if n.lower() == text.lower()}
+    if len(matches) != 1:
+        return NameRef(text)
+    name = matches.pop()
+    return CatalogRef(catalog.models[name]) if name in catalog.models else NameRef(name)
 
 
 def _expand_user(text: str) -> Path:

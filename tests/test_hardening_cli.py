@@ -134,7 +134,7 @@ def _run_bytes(*args: str | bytes | os.PathLike, env: dict[str, str | None] | No
 
 
 @pytest.mark.parametrize("args, named", [
-    (["run", b"caf\xe9"], "'prompt'"),
+    (["run", b"caf\xe9"], "'[MODEL] PROMPT'"),
     (["run", "--system", b"\xff", "hi"], "'--system'"),
     (["run", "--stop", "a", "--stop", b"\xff", "hi"], "'--stop'"),
     (["chat", "--system", b"caf\xe9"], "'--system'"),
