@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from edgeinfer import machine, threads
+from edgeinfer.bindings import c_api  # (llama.cpp's C API without llama-cpp-python's high-level half)
 from edgeinfer.errors import GenerationError, InvalidModelError, UsageError
 from edgeinfer.ggufinfo import GGUFInfo, inspect
 from edgeinfer.sampling import Sampler, SamplingParams
@@ -43,7 +44,7 @@ class LoadOptions:
     repack: bool = True
     # --cache-type: the KV cache's type (llama.cpp's -ctk/-ctv). On the CPU, a q8_0 or bf16 cache keeps
     # speculation's passes exact past 256 tokens of context, where an f16 one does not (speculative.LONG_CONTEXT).
-    # "auto": f16 (llama.cpp's default) for plain decoding, q8_0 for speculation on the CPU (for_speculation).
+    # "auto": f16 (llama.cpp's default) for plain decoding, q8_0 or bf16 for speculation on the CPU (decided).
     cache_type: str = AUTO_CACHE
 
     def __post_init__(self) -> None:
@@ -55,14 +56,18 @@ class LoadOptions:
         if self.cache_type != AUTO_CACHE and self.cache_type not in machine.KV_CACHE_TYPES:
             raise UsageError(f"--cache-type must be {AUTO_CACHE} or one of {', '.join(machine.KV_CACHE_TYPES)}")
 
-    def for_speculation(self, speculating: bool) -> "LoadOptions":
-        """These options with an "auto" cache type decided: q8_0 where a run verifies drafts on the CPU (its
-        passes stay exact past 256 tokens of context: 1.5-1.7x on code edits where f16 gives none), else f16,
-        so that plain answers stay llama.cpp's own. A type the user named is kept."""
+    def decided(self, speculation_cache: str | None = None) -> "LoadOptions":
+        """These options with an "auto" cache type decided: `speculation_cache` where a run verifies drafts on
+        the CPU (q8_0 or bf16, whichever this machine measured faster: its passes stay exact past 256 tokens of
+        context, 1.5-1.7x on code edits where f16 gives none), else f16, so that plain answers stay llama.cpp's
+        own. A type the user named is kept."""
         if self.cache_type != AUTO_CACHE:
             return self
-        on_cpu = self.n_gpu_layers == 0 or not gpu_offload()
-        return replace(self, cache_type="q8_0" if speculating and on_cpu else "f16")
+        return replace(self, cache_type=speculation_cache if speculation_cache and self.on_cpu else "f16")
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.n_gpu_layers == 0 or not gpu_offload()
 
     @property
     def kv_type(self) -> str:
@@ -98,7 +103,7 @@ def load(path: Path, options: LoadOptions = LoadOptions(), cache_file: Path | No
 class Model:
     def __init__(self, path: Path, info: GGUFInfo, options: LoadOptions, n_ctx: int) -> None:
         init_backend(options.verbose)
-        import llama_cpp
+        llama_cpp = c_api()
 
         self._ll = llama_cpp
         self.path, self.info, self.n_ctx = path, info, n_ctx
@@ -464,7 +469,7 @@ def init_backend(verbose: bool) -> None:
     """Initialise llama.cpp once; route its log to stderr only when asked (--verbose), keeping its errors."""
     import os
 
-    import llama_cpp
+    llama_cpp = c_api()
 
     # Should llama.cpp abort (a bug, or a file no check foresaw), one line on stderr, not a debugger's
     # backtrace on stdout, where it would take the place of an answer or of --json.
@@ -489,7 +494,7 @@ def init_backend(verbose: bool) -> None:
 
 def gpu_offload() -> bool:
     """Can this build of llama.cpp offload layers to a GPU (CUDA, Metal, Vulkan...)?"""
-    import llama_cpp
+    llama_cpp = c_api()
 
     return bool(llama_cpp.llama_supports_gpu_offload())
 
@@ -497,7 +502,7 @@ def gpu_offload() -> bool:
 def load_model_file(path: Path, params) -> object:
     """llama.cpp's model from a checked GGUF, or an InvalidModelError that says why llama.cpp refused it
     (the first error it logged, e.g. a tensor it found missing), though its log is not shown."""
-    import llama_cpp
+    llama_cpp = c_api()
 
     _backend["errors"] = []
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
@@ -510,7 +515,7 @@ def load_model_file(path: Path, params) -> object:
 def vocabulary(path: Path) -> list[bytes] | None:
     """The text of each token of a GGUF's vocabulary, as llama.cpp reads it (vocab_only: no tensor is
     read); None where llama.cpp cannot read it."""
-    import llama_cpp
+    llama_cpp = c_api()
 
     init_backend(False)
     params = llama_cpp.llama_model_default_params()

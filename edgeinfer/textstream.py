@@ -11,6 +11,17 @@ import codecs
 from collections.abc import Sequence
 
 
+def is_text(value: object) -> bool:
+    """A str the tokenizer can take: JSON's \\u escapes can write lone surrogates, which UTF-8 cannot."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class TextStream:
     def __init__(self, stop: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
