@@ -191,16 +191,21 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] =
 
     # One line a model at 80 columns: paths are in `info` and `--json`; a description is cut at a
     # terminal, whole in a pipe. A long name folds rather than push the row off the screen.
+    cells = [(visible(row.name), visible(row.quantization), _size(row.size),
+              ("yes" if row.registered else "unregistered") if row.present else "-", visible(row.description)) for row in rows]
+    console = _whole_lines_when_piped()
     table = Table(box=None, pad_edge=False)
-    table.add_column("name", overflow="fold")
-    table.add_column("quant", no_wrap=True)
-    table.add_column("size", no_wrap=True, justify="right")
-    table.add_column("present", no_wrap=True)
-    table.add_column("description", no_wrap=True, overflow="ellipsis")
-    for row in rows:
-        present = ("yes" if row.registered else "unregistered") if row.present else "-"
-        table.add_row(visible(row.name), visible(row.quantization), _size(row.size), present, visible(row.description))
-    _whole_lines_when_piped().print(table)
+    used = 0
+    for k, (header, limit) in enumerate((("name", 40), ("quant", 12), ("size", 10), ("present", 12))):
+        width = max([len(header), *(len(c[k]) for c in cells)])
+        width = min(width, limit) if console.is_terminal else width  # (at a terminal a longer name folds)
+        table.add_column(header, width=width, overflow="fold", justify="right" if header == "size" else "left")
+        used += width + 2
+    # The description takes what is left, cut: rich would squeeze every column alike.
+    table.add_column("description", max_width=max(console.width - used, 12), no_wrap=True, overflow="ellipsis")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
 
 
 @app.command(cls=_Command, epilog=_examples("edgeinfer info smollm2-135m-instruct", "edgeinfer info ./model.gguf --json",

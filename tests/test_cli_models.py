@@ -83,7 +83,8 @@ def test_a_pulled_model_is_listed_as_present_with_its_path(cli, tiny_in_store, t
     assert row["size"] == tiny_model.stat().st_size
     code, out, _ = cli("list")
     assert "tiny-test" in out and "yes" in out
-    assert row["path"] in out  # whole, not cut to the width of a terminal that is not there
+    assert "a tiny test model" in out  # (the path is --json's and info's: list keeps to 80 columns)
+    assert row["path"] in cli("info", "tiny-test").stdout  # whole, not cut to the width of a terminal that is not there
 
 
 def test_a_model_deleted_behind_the_stores_back_is_not_present_and_is_pulled_again(cli, tiny_in_store):
