@@ -10,10 +10,16 @@
    alike; medians and ratios are reported. Greedy, same prompt, fresh KV cache.
 2. Chat time to first token at turn 1 and turn 10 of a conversation (default
    model), the KV cache reused across turns as `edgeinfer chat` does.
+3. With --whole-process: what a user waits for, start-up included. `edgeinfer run
+   -n N` as a whole process against the five-line llama-cpp-python script a user
+   would write instead (`Llama(model_path, n_ctx, n_threads, verbose=False)`, one
+   greedy chat completion of the same prompt), interleaved, medians of wall time
+   and peak RSS, and `edgeinfer --help`. Goal: `run -n 1` within 1.15x the script.
 
 Usage:
     python scripts/bench_generation.py --model smollm2-135m-instruct --model qwen2.5-coder-1.5b-instruct
     python scripts/bench_generation.py --reps 3 --tokens 64          # quicker
+    python scripts/bench_generation.py --whole-process --model smollm2-135m-instruct --reps 10
 Models are catalog names (pulled if missing) or .gguf paths.
 """
 
@@ -165,6 +171,77 @@ def bench_chat(path: Path, reps: int, threads: int, answer_tokens: int) -> dict:
             "turn1_all_ms": turn1, "turn10_all_ms": turn10}
 
 
+# --- whole processes --------------------------------------------------------------------------
+
+BARE_SCRIPT = """
+import sys
+from llama_cpp import Llama
+path, n, threads, n_ctx, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=n, temperature=0)
+print(out["choices"][0]["message"]["content"])
+"""
+
+
+def timed_process(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (user + system, steadier on a busy machine) of one
+    whole process, its output discarded."""
+    import os
+    import subprocess
+
+    # As an installed package has them: the warm-up writes the .pyc files that an editable checkout under
+    # PYTHONDONTWRITEBYTECODE would otherwise compile again on every run (~0.1 s of edgeinfer's start-up).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}): {proc.stderr.read().decode()[-400:]}")
+    proc.stderr.close()
+    return wall, usage.ru_maxrss // 1024, usage.ru_utime + usage.ru_stime  # (Linux gives the RSS in KiB)
+
+
+def bench_processes(path: Path, reps: int, counts: list[int], threads: int, n_ctx: int) -> dict:
+    edgeinfer = str(Path(sys.executable).with_name("edgeinfer"))
+    commands = {"--help": {"edgeinfer --help": [edgeinfer, "--help"]}}
+    for n in counts:
+        commands[f"-n {n}"] = {
+            "edgeinfer run": [edgeinfer, "run", "-m", str(path), "-n", str(n), "--temp", "0", "-t", str(threads),
+                              "-c", str(n_ctx), PROMPT],
+            "llama-cpp-python script": [sys.executable, "-c", BARE_SCRIPT, str(path), str(n), str(threads), str(n_ctx), PROMPT],
+        }
+    rows = {}
+    for test, variants in commands.items():
+        for cmd in variants.values():  # warm-up: the weights and the Python files in the page cache
+            timed_process(cmd)
+        samples = {k: [] for k in variants}
+        names = list(variants)
+        for rep in range(reps):
+            for k in names[rep % len(names):] + names[: rep % len(names)]:
+                samples[k].append(timed_process(variants[k]))
+        rows[test] = {k: {"wall_s": statistics.median(s[0] for s in runs), "peak_rss_mib": statistics.median(s[1] for s in runs),
+                          "cpu_s": statistics.median(s[2] for s in runs), "all_wall_s": [round(s[0], 4) for s in runs]}
+                      for k, runs in samples.items()}
+        if "llama-cpp-python script" in rows[test]:
+            ours, bare = rows[test]["edgeinfer run"], rows[test]["llama-cpp-python script"]
+            rows[test]["wall_ratio"] = ours["wall_s"] / bare["wall_s"]
+    return rows
+
+
+def report_processes(name: str, rows: dict) -> None:
+    print(f"\n{name}: whole processes, {PROMPT[:40]!r}...")
+    for test, row in rows.items():
+        for k, v in row.items():
+            if isinstance(v, dict):
+                print(f"  {test:8s} {k:24s} {v['wall_s']:7.3f} s  (CPU {v['cpu_s']:6.3f} s)  peak RSS {v['peak_rss_mib']:5.0f} MiB")
+        if "wall_ratio" in row:
+            goal = "  (goal for -n 1: <= 1.15x)" if test == "-n 1" else ""
+            print(f"  {test:8s} edgeinfer / script: {row['wall_ratio']:.3f}x wall time{goal}")
+    sys.stdout.flush()
+
+
 _SILENT = None
 
 
@@ -181,9 +258,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chat-answer-tokens", type=int, default=48)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time `edgeinfer run -n N` and a bare llama-cpp-python script as whole processes")
+    parser.add_argument("--process-tokens", type=int, action="append",
+                        help="N of the whole-process runs (repeatable; default 1 and 96)")
+    parser.add_argument("--ctx", type=int, default=4096, help="context of the whole-process runs")
     args = parser.parse_args()
     lib = Library.open()
     models = args.model or [lib.catalog.default]
+    if args.whole_process:
+        print(f"CPU: {machine.cpu_name()}; threads {args.threads}; context {args.ctx}; greedy; "
+              f"{args.reps} interleaved repetitions after a warm-up, medians", flush=True)
+        results = {name: bench_processes(locate(lib, name), args.reps, args.process_tokens or [1, 96], args.threads, args.ctx)
+                   for name in models}
+        for name, rows in results.items():
+            report_processes(name, rows)
+        if args.json:
+            args.json.write_text(json.dumps({"cpu": machine.cpu_name(), "threads": args.threads, "processes": results}, indent=2))
+        return
 
     print(f"CPU: {machine.cpu_name()} ({' '.join(machine.cpu_flags())}); threads {args.threads}; greedy; "
           f"{args.reps} interleaved repetitions, medians", flush=True)
