@@ -58,6 +58,7 @@ from edgeinfer.sampling import SamplingParams  # noqa: E402
 from edgeinfer.speculative.costs import CostBook, expected_round  # noqa: E402
 from edgeinfer.speculative import (DraftOptions, check_pair, cost_model,  # noqa: E402
                                    modelless_factory, plan_speculation, stepper_factory)
+from edgeinfer.speculative.plan import SPECULATION_CACHES  # noqa: E402
 from edgeinfer.template import chat_tokens  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
@@ -574,8 +575,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=2048)
-    parser.add_argument("--cache-type", default="f16", choices=list(machine.KV_CACHE_TYPES),
-                        help="the KV cache's type, as `run --cache-type`")
+    parser.add_argument("--cache-type", default="auto", choices=["auto", *machine.KV_CACHE_TYPES],
+                        help="the KV cache's type, as `run --cache-type` (auto: what a first `run --draft` takes here)")
     parser.add_argument("--draft-max", type=int, default=8)
     parser.add_argument("--p-min", type=float, default=0.75)
     parser.add_argument("--targets", default="q4,q8", help="which targets: q4, q8 or both")
@@ -591,6 +592,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     args.methods = args.methods.split(",")
+    if args.cache_type == "auto":  # what a first `run --draft` takes (plan.choose_cache): both sides run on it
+        args.cache_type = SPECULATION_CACHES[0]
 
     codes, edits = [("code", p) for p in CODING[: args.prompts]], [("edit", p) for p in EDITS[: args.edits]]
     prompts = [p for i in range(max(len(codes), len(edits))) for p in (codes[i:i + 1] + edits[i:i + 1])]

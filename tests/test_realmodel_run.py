@@ -30,7 +30,9 @@ def test_the_default_model_answers_through_its_chat_template_as_llama_cpp_python
                                           temperature=0)["choices"][0]["message"]["content"]
     llm.close()
 
-    done = run_edgeinfer("run", "--temperature", "0", "-n", "40", "--json", question, env=_home_env(smollm2_path))
+    # (the catalog recommends a repeat penalty for this model; llama-cpp-python's completion applies none)
+    done = run_edgeinfer("run", "--temperature", "0", "--repeat-penalty", "1", "-n", "40", "--json", question,
+                         env=_home_env(smollm2_path))
 
     assert done.exit_code == 0, done.stderr
     answer = json.loads(done.stdout)
@@ -48,7 +50,7 @@ def test_raw_greedy_run_matches_llama_cpp_python_on_the_real_model(smollm2_path)
     expected = llm.create_completion(prompt, max_tokens=48, temperature=0)["choices"][0]["text"]
     llm.close()
 
-    done = run_edgeinfer("run", "--raw", "--temperature", "0", "-n", "48", "-c", "512", "-t", "2", prompt,
+    done = run_edgeinfer("run", "--raw", "--temperature", "0", "--repeat-penalty", "1", "-n", "48", "-c", "512", "-t", "2", prompt,
                          env=_home_env(smollm2_path))
 
     assert done.exit_code == 0, done.stderr

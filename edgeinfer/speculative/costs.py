@@ -13,7 +13,7 @@ from statistics import median
 _STALE_SECONDS = 7 * 24 * 3600  # a verdict older than this is learned again: machines and builds change
 # The timings of an entry: what another program's load distorts (docs/speculative.md, the cost book).
 # Rates and exactness are not.
-TIMINGS = ("steps", "passes", "draft_steps", "draft_syncs", "catch_ups")
+TIMINGS = ("steps", "passes", "draft_steps", "draft_syncs", "catch_ups", "loads")
 REEXAMINE = 0.67  # plain steps this much faster than the recorded ones: the recorded timings were a bad minute
 SWITCH_ON_MARGIN = 1.03  # speculate only when it promises to be this much faster than plain decoding
 
@@ -73,6 +73,20 @@ def can_win(costs: "CostModel", step_hint: float, draft_min: int, cap: int, copy
     return best > SWITCH_ON_MARGIN / costs.measured(1)
 
 
+def repays_loading(costs: "CostModel", step_hint: float, cap: int, prompt_tokens: int, answer_tokens: int,
+                   draft_min: int = 0) -> bool:
+    """Would speculating over an answer of `answer_tokens` save more time than loading the draft model and
+    its reading of a `prompt_tokens` prompt cost, at the best draft length and the rates seen so far? (What
+    the user waits for is the whole run, not the token loop.) Unknown costs: yes, the run learns them."""
+    step = costs.measured(1)
+    if not costs.loads or step is None or costs.measured(2) is None:
+        return True
+    speed = max(expected_speeds(costs, step_hint, draft_min, cap, reject=costs.rejection_prior(),
+                                doubt=costs.doubt_prior()).values())
+    saved = answer_tokens * (step - 1.0 / speed)
+    return saved > median(costs.loads) + prompt_tokens * costs.catch_up_per_token(step_hint)
+
+
 class Tally:
     """Events among trials, the past forgotten at `decay` per update: a rate that follows change."""
 
@@ -112,6 +126,8 @@ class CostModel:
         self.draft_steps: deque[float] = deque(maxlen=window)  # a draft model's one-token step / v(1)
         self.draft_syncs: deque[float] = deque(maxlen=window)  # its first evaluation in a round / v(1)
         self.catch_ups: deque[float] = deque(maxlen=window)  # a draft's catch-up per token / v(1)
+        self.loads: deque[float] = deque(maxlen=window)  # seconds to load the draft model (disk, not compute)
+        self.answers: deque[int] = deque(maxlen=window)  # tokens of the latest answers: how long one runs here
         self.rejections = Tally(self.LONG_DECAY)  # rejected among judged proposed tokens
         self.doubts = Tally(self.LONG_DECAY)  # stops below --draft-p-min among tests of it
         self.sources: dict[str, Tally] = {}  # rejected among judged, per kind of copy (prompt lookup's match length)
@@ -145,6 +161,20 @@ class CostModel:
     def _relative(self, samples: deque[float], seconds: float) -> None:
         if (v1 := self.measured(1)) is not None:
             samples.append(seconds / v1)
+
+    def observe_load(self, seconds: float) -> None:
+        self.loads.append(seconds)
+
+    def observe_answer(self, tokens: int) -> None:
+        self.answers.append(tokens)
+
+    def typical_answer(self, max_tokens: int | None) -> int | None:
+        """How many tokens an answer will likely have: the latest answers' median, within --max-tokens
+        (None: nothing to go by)."""
+        known = int(median(self.answers)) if self.answers else None
+        if max_tokens is None or known is None:
+            return known if max_tokens is None else max_tokens
+        return min(max_tokens, known)
 
     def observe_round(self, judged: int, rejected: bool, tests: int, doubted: bool) -> None:
         self.rejections.add(rejected, judged)
@@ -219,24 +249,27 @@ class CostModel:
         """The chance the draft stops, unsure, at a position it reached, as earlier runs saw it."""
         return self.doubts.rate(default, enough=3)
 
-    def observe_exactness(self, agreeing: int, tried: int, agreeing_long: int) -> None:
-        self.exact, self.exact_long = (agreeing, tried), agreeing_long
+    def observe_exactness(self, agreeing: int, tried: int, agreeing_long: int | None) -> None:
+        """(agreeing_long None: the long context was not probed; what an earlier run found there stays.)"""
+        self.exact = (agreeing, tried)
+        if agreeing_long is not None:
+            self.exact_long = agreeing_long
         self.updated = time.time()
 
-    def knows_exactness(self, upto: int) -> bool:
+    def knows_exactness(self, upto: int, long: bool = True) -> bool:
         """Is it known which passes of up to `upto` tokens score exactly as one-token steps do, in a short
-        context and in a long one?"""
-        if self.exact is None or self.exact_long is None:
+        context and (long) in one past plan.LONG_CONTEXT tokens?"""
+        if self.exact is None or (long and self.exact_long is None):
             return False
         agreeing, tried = self.exact
-        return tried >= upto or (agreeing < tried and self.exact_long < tried)
+        return tried >= upto or (agreeing < tried and (not long or self.exact_long < tried))
 
     def verify_cap(self, draft_max: int, long: bool = False) -> int:
         """The most tokens a round may draft: --draft-max, within the passes known to be exact (long: past
-        plan.LONG_CONTEXT tokens of context)."""
+        plan.LONG_CONTEXT tokens of context, where none is verified until one was found exact there)."""
         if self.exact is None:
             return draft_max
-        agreeing = self.exact_long if long and self.exact_long is not None else self.exact[0]
+        agreeing = (self.exact_long or 1) if long else self.exact[0]
         return min(draft_max, agreeing - 1)
 
     def ratios(self, upto: int) -> dict[int, float]:
@@ -248,7 +281,8 @@ class CostModel:
     def to_json(self) -> dict:
         return {"format": self.FORMAT, "steps": list(self.steps),
                 "passes": {str(n): list(v) for n, v in self.passes.items()}, "draft_steps": list(self.draft_steps),
-                "draft_syncs": list(self.draft_syncs), "catch_ups": list(self.catch_ups),
+                "draft_syncs": list(self.draft_syncs), "catch_ups": list(self.catch_ups), "loads": list(self.loads),
+                "answers": list(self.answers),
                 "rejections": self.rejections.to_json(), "doubts": self.doubts.to_json(),
                 "sources": {k: t.to_json() for k, t in self.sources.items()},
                 **({"exact": list(self.exact)} if self.exact else {}),
@@ -265,6 +299,8 @@ class CostModel:
         model.draft_steps.extend(float(s) for s in data.get("draft_steps", []))
         model.draft_syncs.extend(float(s) for s in data.get("draft_syncs", []))
         model.catch_ups.extend(float(s) for s in data.get("catch_ups", []))
+        model.loads.extend(float(s) for s in data.get("loads", []))
+        model.answers.extend(int(n) for n in data.get("answers", []))
         model.rejections = Tally(cls.LONG_DECAY, *data.get("rejections", ()))
         model.doubts = Tally(cls.LONG_DECAY, *data.get("doubts", ()))
         model.sources = {k: Tally(cls.LONG_DECAY, *v) for k, v in data.get("sources", {}).items()}
@@ -284,7 +320,7 @@ class CostModel:
         """Drop what was timed (kept: the rates and which passes are exact), to be measured again."""
         self.steps.clear()
         self.passes.clear()
-        for samples in (self.draft_steps, self.draft_syncs, self.catch_ups):
+        for samples in (self.draft_steps, self.draft_syncs, self.catch_ups, self.loads):
             samples.clear()
         self.forgotten = True
 

@@ -4,6 +4,7 @@ manager that loads the draft beside a target and hands `generate` its stepper fa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -12,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgeinfer.engine import LoadOptions, Model, PlainStepper, load, vocabulary
-from edgeinfer.errors import IncompatibleModelsError, UsageError
+from edgeinfer.engine import AUTO_CACHE, LoadOptions, Model, PlainStepper, load, vocabulary
+from edgeinfer.errors import IncompatibleModelsError, ModelNotFoundError, UsageError
 from edgeinfer.machine import check_threads
 from edgeinfer.sampling import Sampler
-from edgeinfer.speculative.costs import CostBook, CostModel, can_win, pair_key
+from edgeinfer.speculative.costs import CostBook, CostModel, can_win, expected_speeds, pair_key, repays_loading
 from edgeinfer.speculative.drafters import Drafter, ModelDrafter, NgramDrafter, step_cost_hint
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ _VOCAB_SLACK = 128  # converters pad vocabularies to a multiple of 64 or 128; th
 # context a pass may score otherwise than one-token steps, though it agreed before. Measured on both sides.
 LONG_CONTEXT = 256
 LONG_PROBE = LONG_CONTEXT + 44  # where passes are tried past it
+# The KV cache types whose passes stay exact past LONG_CONTEXT on the CPU; --cache-type auto takes the one this
+# machine measured faster for speculation (choose_cache), trying each once, in this order.
+SPECULATION_CACHES = ("q8_0", "bf16")
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,17 @@ def resolve_draft(lib, target_ref: str | None, options: DraftOptions, progress=N
 
     if options.ref == NGRAM:
         return None
-    ref = options.ref
-    if ref == AUTO:
-        parsed = lib.parse(target_ref)
-        ref = parsed.spec.draft if isinstance(parsed, CatalogRef) else None
-        if not ref:
-            raise UsageError(f"--draft auto: the catalog names no draft model for {target_ref or lib.catalog.default}; "
-                             "give one with --draft MODEL, or use --draft ngram")
+    if options.ref != AUTO:
+        try:
+            return locate(lib, options.ref, pull_missing=True, progress=progress)
+        except ModelNotFoundError as exc:  # (perhaps a mistyped keyword rather than a model)
+            raise ModelNotFoundError(f"--draft {options.ref}: {exc}; --draft also takes 'auto' (the catalog's "
+                                     "draft model) or 'ngram' (prompt lookup)") from None
+    parsed = lib.parse(target_ref)
+    ref = parsed.spec.draft if isinstance(parsed, CatalogRef) else None
+    if not ref:
+        raise UsageError(f"--draft auto: the catalog names no draft model for {target_ref or lib.catalog.default}; "
+                         "give one with --draft MODEL, or use --draft ngram")
     return locate(lib, ref, pull_missing=True, progress=progress)
 
 
@@ -112,6 +120,14 @@ def _token_texts(path: Path) -> list[bytes]:
 
 # --- the plan ----------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class Workload:
+    """What one run asks of a draft, as known before anything loads."""
+
+    prompt_tokens: int  # estimated (about 4 characters a token): the draft must read them too
+    max_tokens: int | None = None
+
 _IN_MEMORY_BOOK = CostBook(None)  # for callers that keep no file: chat turns and benchmark runs still share it
 
 
@@ -124,6 +140,7 @@ class SpeculationPlan:
     book: CostBook = field(default_factory=lambda: _IN_MEMORY_BOOK)
     skipped: str | None = None  # why speculation will not run although asked for (costs measured earlier)
     note: str | None = None  # what the plan changed: a draft model set aside for prompt lookup alone
+    cache_type: str | None = None  # the KV cache type the run speculates with (--cache-type, auto decided)
 
     @property
     def drafter_name(self) -> str:
@@ -133,19 +150,28 @@ class SpeculationPlan:
     def verifying(self) -> bool:
         return self.options is not None and self.skipped is None
 
+    @property
+    def change(self) -> str | None:
+        """One short line for the user when --draft will not run as asked (the figures: --stats --verbose)."""
+        said = self.skipped or self.note
+        return said.split(" (", 1)[0] if said else None
+
 
 def plan_speculation(target: Path, draft_path: Path | None, options: DraftOptions | None, load_options: LoadOptions,
-                     book: CostBook) -> SpeculationPlan:
+                     book: CostBook, workload: Workload | None = None) -> SpeculationPlan:
     """Speculate, or not: a pair whose remembered costs say that even a drafter that is always right
     would lose to plain decoding here is not loaded at all; nor one whose target scores no pass of two
     tokens exactly as two one-token steps (verifying could then change the answer).
 
     A draft model that cannot win here still leaves copies out of the context (--draft-lookup), which take
-    no draft step: then prompt lookup runs alone, unless it too cannot win."""
+    no draft step: then prompt lookup runs alone, unless it too cannot win. So does a run (`workload`) whose
+    answer would not repay loading the draft model and its reading of the prompt."""
     if options is None:
         return SpeculationPlan(None)
-    load_options = load_options.for_speculation(True)  # (the cache type the run will have: part of the key)
-    plan = SpeculationPlan(options, draft_path, book)
+    if load_options.cache_type == AUTO_CACHE and load_options.on_cpu:
+        load_options = load_options.decided(choose_cache(book, target, draft_path, load_options, options))
+    load_options = load_options.decided()  # (the cache type the run will have: part of the key)
+    plan = SpeculationPlan(options, draft_path, book, cache_type=load_options.cache_type)
     costs = book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers,
                                load_options.cache_type))
     if costs is None or not costs.fresh:
@@ -154,7 +180,7 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     if cap < 1:
         return replace(plan, skipped=f"speculation off: {NOT_EXACT}")
     if cap < options.draft_min:
-        if not costs.knows_exactness(options.draft_max + 1):
+        if not costs.knows_exactness(options.draft_max + 1, long=False):  # (past 256 no more passes agree)
             return plan  # longer passes are yet to be tried: this run tries them
         return replace(plan, skipped=f"speculation off: --draft-min {options.draft_min} asks for more tokens than "
                                      f"the {cap} that one pass verifies exactly with this model here")
@@ -162,43 +188,92 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
         return plan
     hint = step_cost_hint(draft_path.stat().st_size, target.stat().st_size) if draft_path is not None else 0.0
     if can_win(costs, hint, options.draft_min, cap):
-        return plan
+        answer = costs.typical_answer(workload.max_tokens) if workload is not None and draft_path is not None else None
+        if answer is None or repays_loading(costs, hint, cap, workload.prompt_tokens, answer, options.draft_min):
+            return plan
+        return _without_draft_model(plan, target, load_options, f"an answer of about {answer} tokens would not "
+                                    "repay loading it and its reading of the prompt")
     v = costs.ratios(3)
     why = (f"on this machine even drafts that were always right would be slower than plain decoding "
            f"(a pass of 2 tokens costs {v.get(2, 0):.2f}x one, a draft step {costs.draft_step(hint) * 1000:.1f} ms "
            f"against {costs.measured(1) * 1000:.1f} ms; measured by earlier runs)")
-    if draft_path is not None and options.lookup:
-        lookup = plan_speculation(target, None, options, load_options, book)
+    if draft_path is None:
+        return replace(plan, skipped=f"speculation off: {why}")
+    return _without_draft_model(plan, target, load_options, why)
+
+
+def _without_draft_model(plan: SpeculationPlan, target: Path, load_options: LoadOptions, why: str) -> SpeculationPlan:
+    """A plan whose draft model is not worth loading: prompt lookup alone (--draft-lookup) if it can win, else off."""
+    if plan.options.lookup:
+        lookup = plan_speculation(target, None, plan.options, load_options, plan.book)
         if lookup.verifying:
-            return replace(lookup, note=f"{draft_path.name} not loaded: {why}; copies out of the context only")
-    return replace(plan, skipped=f"speculation off: {why}")
+            return replace(lookup, note=f"{plan.draft_path.name} not loaded, copies out of the context only: {why}")
+    return replace(plan, skipped=f"speculation off: {plan.draft_path.name} not loaded: {why}")
 
 
-def exact_batch(target: Model, tokens: Sequence[int], upto: int, after: int = 0) -> int:
+def choose_cache(book: CostBook, target: Path, draft_path: Path | None, load_options: LoadOptions,
+                 options: DraftOptions) -> str:
+    """--cache-type auto for a --draft run on the CPU: each of SPECULATION_CACHES is tried by one run (which
+    measures its pass costs, as any first run of a pair does), then the one whose costs promise the faster
+    speculation here is kept, as long as those costs are remembered."""
+    drafter = draft_path.name if draft_path is not None else NGRAM
+    hint = step_cost_hint(draft_path.stat().st_size, target.stat().st_size) if draft_path is not None else 0.0
+    speeds = {}
+    for cache in SPECULATION_CACHES:
+        costs = book.peek(pair_key(target, drafter, load_options.threads, load_options.n_gpu_layers, cache))
+        untried = costs is None or not costs.fresh or (costs.verify_cap(options.draft_max) >= 1 and costs.measured(2) is None)
+        if untried:
+            return cache
+        speeds[cache] = _promised_speed(costs, hint, options, copy=draft_path is None)
+    return max(speeds, key=speeds.__getitem__)
+
+
+def _promised_speed(costs: CostModel, hint: float, options: DraftOptions, copy: bool) -> float:
+    """Tokens per second the best draft length promises with these costs and the rates seen so far (0: no
+    pass is exact)."""
+    cap = costs.verify_cap(options.draft_max)
+    if cap < 1:
+        return 0.0
+    return max(expected_speeds(costs, hint, options.draft_min, cap, reject=costs.rejection_prior(),
+                               doubt=costs.doubt_prior(), copy=copy).values())
+
+
+def exact_batch(target: Model, tokens: Sequence[int], upto: int, after: int = 0, timings: CostModel | None = None) -> int:
     """The largest pass, of up to `upto` tokens, whose logits agree bit for bit with one-token steps.
 
     Verifying a draft in one pass is exact only if the pass scores each position as a one-token step
     would, and llama.cpp does not promise that (repacked weights, other kernels for longer passes, and
     past LONG_CONTEXT another attention kernel; docs/speculative.md). Which sizes agree depends on the
     CPU, the type, the build and the context's length, so it is measured, on a scratch context that
-    leaves the prompt's cache alone, with the passes placed after `after` tokens of context."""
+    leaves the prompt's cache alone, with the passes placed after `after` tokens of context. The steps
+    and passes are timed into `timings`: the pass costs a first run would otherwise measure again."""
     seq = (list(tokens) * (after + upto))[: after + upto]
     # (past LONG_CONTEXT, room for the KV length llama.cpp pads to, which decides its kernel)
     with target.scratch(max(32, after + 2 * upto, 2 * LONG_CONTEXT if after else 0)) as scratch:
         if after:
             scratch.prefill(seq[:after])
-        singles = np.stack([scratch.decode([t])[0].copy() for t in seq[after:]])
+        singles = np.stack([_timed(scratch, [t], timings)[0].copy() for t in seq[after:]])
         for n in range(2, upto + 1):
             scratch.truncate(after)
-            if not np.array_equal(scratch.decode(seq[after : after + n], all_logits=True), singles[:n]):
+            if not np.array_equal(_timed(scratch, seq[after : after + n], timings), singles[:n]):
                 return n - 1
     return upto
 
 
-def measure_exactness(target: Model, prompt: Sequence[int], costs: CostModel, upto: int) -> None:
-    """Which passes of up to `upto` tokens are exact, in a short context and a long one, into the costs."""
-    short, long = (exact_batch(target, prompt, upto, after) for after in (0, LONG_PROBE))
-    costs.observe_exactness(short, upto, long)
+def _timed(scratch: Model, tokens: Sequence[int], timings: CostModel | None) -> np.ndarray:
+    start = time.perf_counter()
+    rows = scratch.decode(tokens, all_logits=len(tokens) > 1)
+    if timings is not None:
+        timings.observe_pass(len(tokens), time.perf_counter() - start)
+    return rows
+
+
+def measure_exactness(target: Model, prompt: Sequence[int], costs: CostModel, upto: int, long: bool = True) -> None:
+    """Which passes of up to `upto` tokens are exact, in a short context (timed into the costs) and, for a run
+    that may reach LONG_CONTEXT, in a long one: a short answer to a short prompt does not pay for that probe's
+    prefill."""
+    short = exact_batch(target, prompt, upto, timings=costs)
+    costs.observe_exactness(short, upto, exact_batch(target, prompt, upto, LONG_PROBE) if long else None)
 
 
 # --- loading and the stepper factories ----------------------------------------------
@@ -229,11 +304,16 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
         draft_load = replace(target_load, n_ctx=target.n_ctx, n_threads=options.n_threads or target_load.n_threads,
                              n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None
                              else target_load.n_gpu_layers)
+        start = time.perf_counter()
         with load(plan.draft_path, draft_load, cache_file) as draft:
             loaded.append(draft)
             drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=options.lookup)
-            yield stepper_factory(lambda: drafter, options, max_tokens, plan.book)
+            cost_model(target, drafter, plan.book).observe_load(time.perf_counter() - start)
+            factory = stepper_factory(lambda: drafter, options, max_tokens, plan.book)
+            yield factory
     finally:
+        for stepper in getattr(factory, "made", ()):
+            stepper.costs.observe_answer(stepper.counts["tokens"] + 1)  # (+ the token read off the prompt)
         plan.book.save(trusted=not any(model.contended for model in loaded))
 
 
@@ -268,8 +348,10 @@ def stepper_factory(make_drafter: Callable[[], Drafter], options: DraftOptions, 
         drafter = make_drafter()
         stepper = SpeculativeStepper(target, sampler, drafter, options, cost_model(target, drafter, book), max_tokens)
         stepper.note = note
+        factory.made.append(stepper)
         return stepper
 
+    factory.made = []  # (each generation's stepper: how long its answer ran goes to the costs at the end)
     return factory
 
 

@@ -43,11 +43,14 @@ class SpeculativeStepper:
         read = self.drafter.prepare(prompt)
         reading = time.perf_counter() - start
         upto = self.options.draft_max + 1
-        if not self.costs.knows_exactness(upto):
-            measure_exactness(self.target, prompt, self.costs, upto)
+        # (the probe past LONG_CONTEXT only for a run that may get there)
+        long = len(prompt) + (self.max_tokens or self.target.n_ctx) > LONG_CONTEXT
+        if not self.costs.knows_exactness(upto, long):
+            measure_exactness(self.target, prompt, self.costs, upto, long)
         if self._verify_cap() < 1:
             self.note = NOT_EXACT
-        if self.options.adaptive and self.costs.measured(2) is None and self._verify_cap() > 0:
+        untimed_draft = self.drafter.step_cost_hint > 0 and not self.costs.draft_steps
+        if self.options.adaptive and self._verify_cap() > 0 and (self.costs.measured(2) is None or untimed_draft):
             self._calibrate(prompt)
         if read > 2 and not self.costs.catch_ups:
             # A first guess at what reading a backlog costs the draft, the price of a probe (low: a long
@@ -61,6 +64,8 @@ class SpeculativeStepper:
         base = len(self.target.cached)
         sizes = min(self._verify_cap() + 1, self.target.n_ctx - base - 1, self.target.n_batch, len(prompt))
         for n in range(1, sizes + 1):
+            if self.costs.measured(n) is not None:  # (timed while its exactness was measured)
+                continue
             start = time.perf_counter()
             self.target.decode(prompt[:n], all_logits=True)
             self.costs.observe_pass(n, time.perf_counter() - start)
@@ -185,6 +190,8 @@ class SpeculativeStepper:
             "probes": self.policy.probes,
             "explored": self.policy.explored,  # rounds that tried a neighbouring length to time its pass again
             "tokens_per_second": round(c["tokens"] / self.seconds, 2) if self.seconds else 0.0,
+            # Against the plain steps measured here (this run's among them): what speculating bought.
+            "speedup": round(c["tokens"] / self.seconds * plain, 2) if self.seconds and (plain := self.costs.measured(1)) else None,
             "pass_cost_ratios": self.costs.ratios(self.options.draft_max + 1),
             "exact_pass_limit": self._verify_cap() + 1,  # the largest pass verified: one that scores exactly
             "exact_pass_limit_long": self.costs.verify_cap(self.options.draft_max, long=True) + 1,  # past LONG_CONTEXT
