@@ -367,9 +367,11 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     again.observe_exactness(9, 9, 9)
     assert again.knows_exactness(9) and not again.knows_exactness(17)  # all agreed: --draft-max 16 must look further
     assert CostBook(book_file).peek(PairKey("Another CPU", 2, "target.gguf:1000", "draft.gguf", None)) is None
-    # Which passes are exact belongs to the target: another drafter starts knowing it, and nothing else.
+    # Which passes are exact, and what they cost, belongs to the target: another drafter starts knowing it, and
+    # nothing of the draft's (its step, how often it was right).
     other = CostBook(book_file).peek(PairKey("Some CPU avx2", 2, "target.gguf:1000", "ngram", None))
-    assert other.verify_cap(8) == 2 and other.measured(1) is None and other.rejection_prior() == pytest.approx(0.1)
+    assert other.verify_cap(8) == 2 and other.ratios(3) == {1: 1.0, 2: 1.4, 3: 1.8}
+    assert not other.draft_steps and other.rejection_prior() == pytest.approx(0.1)
     assert CostBook(book_file).peek(PairKey("Some CPU avx2", 1, "target.gguf:1000", "ngram", None)) is None
     book_file.write_text("{ not json")
     assert CostBook(book_file).get(key).measured(1) is None  # a damaged file costs some learning, nothing else

@@ -396,9 +396,9 @@ class CostBook:
         return self._models[text]
 
     def _target_facts(self, text: str) -> CostModel | None:
-        """Which passes are exact is the target's (on this CPU, threads and offload), not the pair's: measured
-        with one drafter, it holds for the next, which then neither measures it again nor, where no pass is
-        exact, loads at all."""
+        """Which passes are exact, and what they cost, is the target's (on this CPU, threads, cache and offload),
+        not the pair's: learned with one drafter, it holds for the next, which then neither measures it again
+        nor, where no pass is exact, loads at all. (What the drafter costs and how often it is right, it learns.)"""
         target = PairKey.target_of(text)
         known = [m for k, m in self._models.items() if PairKey.target_of(k) == target]
         known += [CostModel.from_json(d) for k, d in self._stored.items()
@@ -409,6 +409,9 @@ class CostBook:
         latest = max(known, key=lambda m: m.updated)
         model = CostModel()
         model.exact, model.exact_long, model.updated = latest.exact, latest.exact_long, latest.updated
+        model.steps.extend(latest.steps)
+        for n, ratios in latest.passes.items():
+            model.passes[n] = deque(ratios, maxlen=model.window)
         return model
 
     def get(self, key: PairKey) -> CostModel:
