@@ -158,10 +158,11 @@ def _prepare(lib: Library, request: RunRequest | ChatRequest | BenchRequest, ref
     # A context that cannot fit is an error here; one past the model's training, a note.
     note = check_context(inspect(path, cache), request.load.n_ctx, request.load.kv_type) \
         if request.load.n_ctx else None
-    plan = checked_plan(lib, ref, path, request.draft, request.load, progress, _workload(request))
+    sampling, max_tokens = _settings(request, _catalog_entry(lib, ref))
+    plan = checked_plan(lib, ref, path, request.draft, request.load, progress, _workload(request, max_tokens))
     notes = tuple(n for n in (note, plan.change) if n)
     return Prepared(request, ref or lib.catalog.default, path, plan, notes, cache,
-                    request.load.decided(plan.cache_type), *_settings(request, _catalog_entry(lib, ref)))
+                    request.load.decided(plan.cache_type), sampling, max_tokens)
 
 
 def _catalog_entry(lib: Library, ref: str | None) -> ModelSpec | None:
@@ -202,12 +203,12 @@ def checked_plan(lib: Library, target_ref: str | None, target: Path, draft: Draf
     return plan_speculation(target, draft_path, draft, load_options, CostBook(lib.store.speculation_costs), workload)
 
 
-def _workload(request: RunRequest | ChatRequest | BenchRequest) -> Workload | None:
+def _workload(request: RunRequest | ChatRequest | BenchRequest, max_tokens: int | None) -> Workload | None:
     """What a one-shot run asks of a draft model (a conversation or a benchmark loads it whatever it costs)."""
     if not isinstance(request, RunRequest):
         return None
     text = request.prompt + (request.system or "")
-    return Workload(prompt_tokens=len(text) // 4 + 8, max_tokens=request.max_tokens)  # (+ the template's markup)
+    return Workload(prompt_tokens=len(text) // 4 + 8, max_tokens=max_tokens)  # (+ the template's markup)
 
 
 # --- running ------------------------------------------------------------------------

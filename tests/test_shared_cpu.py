@@ -123,7 +123,7 @@ def test_a_speculation_turned_off_by_a_bad_minute_is_measured_again_by_a_quiet_r
                                                                                     edgeinfer_home, cli):
     # Recorded in a bad minute: a 10 s step, drafts that could never pay.
     remember_costs(edgeinfer_home, models.target.path, Path(models.q4).name, lambda n: 10.0 * n, 4.0)
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--cache-type",
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "128", "-t", "2", "--cache-type",
             "f16", "--draft", models.q4, "--no-draft-lookup", "--stats", "Once upon a time"]
     code, _, err = cli(*args)
     assert code == 0 and "speculation off" in err  # this run still believes the record...
@@ -140,7 +140,7 @@ def busy_child(seconds: float) -> subprocess.Popen:
 
 
 def test_a_run_beside_a_busy_program_finishes_and_its_timings_are_not_the_machines(models, edgeinfer_home, cli):
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "24", "--json",
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "128", "--json", "--cache-type", "q8_0",
             "--draft", "ngram", "Once upon a time"]
     quiet = json.loads(cli(*args).stdout)
     book = edgeinfer_home / "speculation-costs.json"
@@ -154,7 +154,7 @@ def test_a_run_beside_a_busy_program_finishes_and_its_timings_are_not_the_machin
             hog.kill()
             hog.wait()
     busy = json.loads(out)
-    assert code == 0 and busy["text"] == quiet["text"] and busy["completion_tokens"] == 24
+    assert code == 0 and busy["text"] == quiet["text"] and busy["completion_tokens"] == 128
     assert busy["threads"]["contended"] and busy["threads"]["others_at_load"] >= 0.5
     summary = busy["threads"]
     assert summary["start"] == threads.choose(summary["most"], summary["others_at_load"])

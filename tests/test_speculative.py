@@ -150,7 +150,7 @@ def test_past_256_tokens_of_context_only_the_passes_that_score_exactly_there_are
 def test_a_run_that_could_verify_nothing_past_256_tokens_says_why_and_what_helps(models, edgeinfer_home, cli):
     # The tiny Q8_0 target over an f16 cache: passes of up to 9 tokens exact before 256, none after.
     prompt = " ".join(["the dog and the cat sat on the mat"] * 40)
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "40", "-t", "2", "--cache-type", "f16", prompt]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "128", "-t", "2", "--cache-type", "f16", prompt]
     plain = cli(*args)
     code, out, err = cli(*args, "--draft", "ngram")
     assert code == 0 and out == plain.stdout
@@ -401,7 +401,7 @@ def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_fa
 
 
 def test_a_draft_min_beyond_the_exact_passes_turns_speculation_off_and_says_why(models, edgeinfer_home, cli):
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--cache-type", "f16", "Once upon a time"]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "128", "-t", "2", "--cache-type", "f16", "Once upon a time"]
     plain = cli(*args)
     # The first runs measure which passes score exactly (no pass of 64 tokens does here), the next one knows.
     for _ in range(3):
@@ -432,7 +432,7 @@ def test_a_draft_with_another_vocabulary_is_refused_before_any_weights_load(tiny
 def test_a_target_that_scores_no_pass_exactly_verifies_nothing_and_says_so(tiny_family, edgeinfer_home, cli):
     """On llama.cpp's CPU kernels an F32 model scores a pass of 2 tokens differently from two one-token
     steps: the first --draft run finds that out and verifies nothing; later runs do not even try."""
-    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "20", "-t", "2", "--cache-type", "q8_0",
+    args = ["run", "--raw", "-m", tiny_family.target, "--temperature", "0", "-n", "128", "-t", "2", "--cache-type", "q8_0",
             "--draft", "ngram", "--stats", "The dog and the dog and the dog and the"]
     plain = cli(*args[:-4], args[-1])
     for _ in range(2):
@@ -460,7 +460,7 @@ def remember_costs(home: Path, target: Path, drafter: str, pass_cost, draft_step
 
 
 def test_run_with_a_draft_prints_the_targets_answer_and_the_speculation_stats(tiny_family, models, edgeinfer_home, cli):
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "30", "-t", "2", "--cache-type", "f16", "--json",
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "128", "-t", "2", "--cache-type", "f16", "--json",
             "Once upon a time"]
     plain = json.loads(cli(*args).stdout)
     # A fresh home: the first --draft run calibrates, and on models this tiny a draft step costs about as much

@@ -94,3 +94,28 @@ def test_a_first_short_run_measures_no_pass_past_256_tokens_and_times_its_probe(
     whole = stepper_factory(NgramDrafter, DraftOptions(ref="ngram"), book=book)  # up to the context's end
     generate(target, prompt, SamplingParams(temperature=0), max_tokens=20, stepper_factory=whole)
     assert costs.exact_long is not None
+
+
+def test_the_stats_line_is_short_and_verbose_gives_every_figure(models, edgeinfer_home, cli):
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-t", "2", "-n", "128", "--draft", "ngram",
+            "--stats", "The dog and the dog and the dog and the"]
+    code, _, err = cli(*args)
+    line = next(text for text in err.splitlines() if text.startswith("speculative"))
+    assert code == 0 and "drafted tokens accepted" in line and "tokens per target pass" in line
+    assert "the plain speed measured here" in line and "pass costs" not in err and len(line) < 200
+    code, _, err = cli(*args, "-v")
+    assert code == 0 and "pass costs {1: 1.0" in err and "exact passes up to" in err and "stops on doubt" in err
+
+
+def test_a_short_first_run_does_not_pay_for_measuring_and_a_longer_one_does(models, edgeinfer_home, cli):
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-t", "2", "--cache-type", "q8_0",
+            "--json", "--draft", "ngram", "The dog and the dog and the dog and the"]
+    code, out, err = cli(*args, "-n", "96")
+    assert code == 0 and "speculation off: not yet measured on this machine" in err and "-n 128 or more" in err
+    assert json.loads(out)["speculative"]["skipped"] and not (edgeinfer_home / "speculation-costs.json").exists()
+    plain = json.loads(cli(*args[:-3], "-n", "96", "The dog and the dog and the dog and the").stdout)
+    assert json.loads(out)["text"] == plain["text"]
+    code, out, err = cli(*args, "-n", "128")  # long enough to repay it: measures
+    assert code == 0 and "speculation off" not in err and json.loads(out)["speculative"]["target_passes"] > 0
+    code, out, err = cli(*args, "-n", "96")  # measured now: a short run speculates too
+    assert code == 0 and "not yet measured" not in err and json.loads(out)["text"] == plain["text"]

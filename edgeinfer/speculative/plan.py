@@ -35,6 +35,9 @@ LONG_PROBE = LONG_CONTEXT + 44  # where passes are tried past it
 # The KV cache types whose passes stay exact past LONG_CONTEXT on the CPU; --cache-type auto takes the one this
 # machine measured faster for speculation (choose_cache), trying each once, in this order.
 SPECULATION_CACHES = ("q8_0", "bf16")
+# Measuring a target's passes once costs about 40 one-token steps and loading a draft model more: an answer
+# capped below this many tokens cannot repay it, so such a run does not start the learning (a longer one does).
+LEARNING_ANSWER = 128
 
 
 @dataclass(frozen=True)
@@ -168,12 +171,17 @@ def plan_speculation(target: Path, draft_path: Path | None, options: DraftOption
     answer would not repay loading the draft model and its reading of the prompt."""
     if options is None:
         return SpeculationPlan(None)
+    learns = workload is None or workload.max_tokens is None or workload.max_tokens >= LEARNING_ANSWER
     if load_options.cache_type == AUTO_CACHE and load_options.on_cpu:
-        load_options = load_options.decided(choose_cache(book, target, draft_path, load_options, options))
+        load_options = load_options.decided(choose_cache(book, target, draft_path, load_options, options, learns))
     load_options = load_options.decided()  # (the cache type the run will have: part of the key)
     plan = SpeculationPlan(options, draft_path, book, cache_type=load_options.cache_type)
     costs = book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers,
                                load_options.cache_type))
+    if (costs is None or not costs.fresh or costs.measured(1) is None) and not learns:
+        return replace(plan, skipped=f"speculation off: not yet measured on this machine, and an answer of at most "
+                                     f"{workload.max_tokens} tokens would not repay measuring it; a run with -n "
+                                     f"{LEARNING_ANSWER} or more, or none, measures it once")
     if costs is None or not costs.fresh:
         return plan
     cap = costs.verify_cap(options.draft_max)
@@ -212,20 +220,22 @@ def _without_draft_model(plan: SpeculationPlan, target: Path, load_options: Load
 
 
 def choose_cache(book: CostBook, target: Path, draft_path: Path | None, load_options: LoadOptions,
-                 options: DraftOptions) -> str:
+                 options: DraftOptions, learns: bool = True) -> str:
     """--cache-type auto for a --draft run on the CPU: each of SPECULATION_CACHES is tried by one run (which
     measures its pass costs, as any first run of a pair does), then the one whose costs promise the faster
-    speculation here is kept, as long as those costs are remembered."""
+    speculation here is kept, as long as those costs are remembered. A run that does not learn (too short
+    to repay it) takes the best of those already measured."""
     drafter = draft_path.name if draft_path is not None else NGRAM
     hint = step_cost_hint(draft_path.stat().st_size, target.stat().st_size) if draft_path is not None else 0.0
     speeds = {}
     for cache in SPECULATION_CACHES:
         costs = book.peek(pair_key(target, drafter, load_options.threads, load_options.n_gpu_layers, cache))
         untried = costs is None or not costs.fresh or (costs.verify_cap(options.draft_max) >= 1 and costs.measured(2) is None)
-        if untried:
+        if untried and learns:
             return cache
-        speeds[cache] = _promised_speed(costs, hint, options, copy=draft_path is None)
-    return max(speeds, key=speeds.__getitem__)
+        if not untried:
+            speeds[cache] = _promised_speed(costs, hint, options, copy=draft_path is None)
+    return max(speeds, key=speeds.__getitem__) if speeds else SPECULATION_CACHES[0]
 
 
 def _promised_speed(costs: CostModel, hint: float, options: DraftOptions, copy: bool) -> float:
