@@ -162,7 +162,7 @@ def _prepare(lib: Library, request: RunRequest | ChatRequest | BenchRequest, ref
     plan = checked_plan(lib, ref, path, request.draft, request.load, progress, _workload(request, max_tokens))
     notes = tuple(n for n in (note, plan.change) if n)
     return Prepared(request, ref or lib.catalog.default, path, plan, notes, cache,
-                    request.load.decided(plan.cache_type), sampling, max_tokens)
+                    request.load.decided(plan.run_cache), sampling, max_tokens)
 
 
 def _catalog_entry(lib: Library, ref: str | None) -> ModelSpec | None:

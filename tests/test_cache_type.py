@@ -32,7 +32,7 @@ def test_auto_is_f16_for_plain_decoding_and_the_speculation_cache_on_the_cpu():
 
 @pytest.mark.skipif(gpu_offload(), reason="a GPU build keeps f16 for speculation too")
 def test_a_draft_run_names_its_cache_type_and_answers_as_the_target_does_with_it(models, edgeinfer_home, cli):
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "24", "--json", "Once upon a time"]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "128", "--json", "Once upon a time"]
     plain = json.loads(cli(*args).stdout)
     assert plain["cache_type"] == "f16"  # plain answers stay llama.cpp's own
     code, out, err = cli(*args, "--draft", "ngram", "--stats")
@@ -75,11 +75,11 @@ def test_a_draft_run_takes_the_cache_type_this_machine_measured_faster(models, e
     args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "12", "-t", "2", "--json",
             "--draft", "ngram", "Once upon a time"]
     # Earlier runs measured q8_0 here and found bf16 passes twice as cheap: this run takes bf16.
-    remember_costs(edgeinfer_home, models.target.path, "ngram", lambda n: 0.0002 * n, 0.0, cache_type="q8_0")
-    remember_costs(edgeinfer_home, models.target.path, "ngram", lambda n: 0.0001 * n, 0.0, cache_type="bf16")
+    remember_costs(edgeinfer_home, models.target.path, "ngram", lambda n: 0.0002 * (1 + n / 20), 0.0, cache_type="q8_0")
+    remember_costs(edgeinfer_home, models.target.path, "ngram", lambda n: 0.0001 * (1 + n / 20), 0.0, cache_type="bf16")
     spec = json.loads(cli(*args).stdout)
     assert spec["cache_type"] == "bf16" and spec["speculative"]["cache_type"] == "bf16"
     assert spec["text"] == json.loads(cli(*args[:-3], "--cache-type", "bf16", "Once upon a time").stdout)["text"]
     # And the other way round.
-    remember_costs(edgeinfer_home, models.target.path, "ngram", lambda n: 0.0004 * n, 0.0, cache_type="bf16")
+    remember_costs(edgeinfer_home, models.target.path, "ngram", lambda n: 0.0004 * (1 + n / 20), 0.0, cache_type="bf16")
     assert json.loads(cli(*args).stdout)["cache_type"] == "q8_0"

@@ -115,7 +115,22 @@ def test_a_short_first_run_does_not_pay_for_measuring_and_a_longer_one_does(mode
     assert json.loads(out)["speculative"]["skipped"] and not (edgeinfer_home / "speculation-costs.json").exists()
     plain = json.loads(cli(*args[:-3], "-n", "96", "The dog and the dog and the dog and the").stdout)
     assert json.loads(out)["text"] == plain["text"]
+    # Speculation off, --cache-type auto keeps plain decoding's f16: the answer is the plain run's own.
+    unnamed = [a for a in args if a not in ("--cache-type", "q8_0")]
+    off = json.loads(cli(*unnamed, "-n", "96").stdout)
+    assert off["cache_type"] == "f16" and off["text"] == json.loads(cli(*unnamed[:-3], "-n", "96", unnamed[-1]).stdout)["text"]
     code, out, err = cli(*args, "-n", "128")  # long enough to repay it: measures
     assert code == 0 and "speculation off" not in err and json.loads(out)["speculative"]["target_passes"] > 0
     code, out, err = cli(*args, "-n", "96")  # measured now: a short run speculates too
     assert code == 0 and "not yet measured" not in err and json.loads(out)["text"] == plain["text"]
+
+
+def test_a_pair_with_the_same_token_strings_is_known_by_its_digest(models, tiny_family, tmp_path):
+    """The pair check compares every token string only once per file: the digest, kept with the file's facts,
+    tells the next run (a second for 152k tokens, each run, before)."""
+    from edgeinfer.ggufinfo import inspect
+
+    cache = tmp_path / "facts.json"
+    target, close, other = (inspect(Path(p), cache) for p in (models.target.path, models.q4, tiny_family.other_vocab))
+    assert target.vocab_digest == close.vocab_digest and target.vocab_digest != other.vocab_digest
+    assert inspect(Path(models.q4), cache).vocab_digest == close.vocab_digest  # (remembered)

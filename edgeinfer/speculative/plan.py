@@ -108,6 +108,8 @@ def check_pair(target: Path, draft: Path, cache_file: Path | None = None) -> Non
     if abs(t.vocab_size - d.vocab_size) > _VOCAB_SLACK:
         raise IncompatibleModelsError(f"{names}: vocabularies of {d.vocab_size} and {t.vocab_size} tokens "
                                       f"(more than {_VOCAB_SLACK} apart)")
+    if t.vocab_digest is not None and t.vocab_digest == d.vocab_digest:
+        return  # the same token strings, in order (remembered per file): nothing to compare
     ours, theirs = _token_texts(target), _token_texts(draft)
     for i in range(min(len(ours), len(theirs))):
         if ours[i] != theirs[i]:
@@ -152,6 +154,11 @@ class SpeculationPlan:
     @property
     def verifying(self) -> bool:
         return self.options is not None and self.skipped is None
+
+    @property
+    def run_cache(self) -> str | None:
+        """The cache type the run loads with: the speculation's, unless speculation is off (then plain's)."""
+        return None if self.skipped else self.cache_type
 
     @property
     def change(self) -> str | None:
@@ -333,7 +340,7 @@ def _reexamine(plan: SpeculationPlan, target: Model) -> None:
     measures again instead of staying plain."""
     step = target.tuner.typical_step() if target.tuner is not None else None
     costs = plan.book.peek(pair_key(target.path, plan.drafter_name, target.n_threads, target.n_gpu_layers,
-                                    target.cache_type))
+                                    plan.cache_type or target.cache_type))
     if step is None or costs is None or not costs.outdated_by(step):
         return
     costs.forget_timings()
