@@ -372,6 +372,7 @@ def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     other = CostBook(book_file).peek(PairKey("Some CPU avx2", 2, "target.gguf:1000", "ngram", None))
     assert other.verify_cap(8) == 2 and other.ratios(3) == {1: 1.0, 2: 1.4, 3: 1.8}
     assert not other.draft_steps and other.rejection_prior() == pytest.approx(0.1)
+    assert other.copy_prior("4-gram", default=0.5) == pytest.approx(1 / 9)  # copies' record: the text's, not the drafter's
     assert CostBook(book_file).peek(PairKey("Some CPU avx2", 1, "target.gguf:1000", "ngram", None)) is None
     book_file.write_text("{ not json")
     assert CostBook(book_file).get(key).measured(1) is None  # a damaged file costs some learning, nothing else

@@ -398,7 +398,9 @@ class CostBook:
     def _target_facts(self, text: str) -> CostModel | None:
         """Which passes are exact, and what they cost, is the target's (on this CPU, threads, cache and offload),
         not the pair's: learned with one drafter, it holds for the next, which then neither measures it again
-        nor, where no pass is exact, loads at all. (What the drafter costs and how often it is right, it learns.)"""
+        nor, where no pass is exact, loads at all. So is how often copies out of the context were right (the
+        text's and the target's, whoever verified them). What the draft model costs and how often it is
+        right, a new drafter learns."""
         target = PairKey.target_of(text)
         known = [m for k, m in self._models.items() if PairKey.target_of(k) == target]
         known += [CostModel.from_json(d) for k, d in self._stored.items()
@@ -412,6 +414,7 @@ class CostBook:
         model.steps.extend(latest.steps)
         for n, ratios in latest.passes.items():
             model.passes[n] = deque(ratios, maxlen=model.window)
+        model.sources = {kind: Tally(t.decay, t.events, t.trials) for kind, t in latest.sources.items()}
         return model
 
     def get(self, key: PairKey) -> CostModel:
