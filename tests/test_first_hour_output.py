@@ -110,3 +110,18 @@ def test_a_program_can_import_llama_cpps_high_level_api_after_edgeinfer_loaded_a
     loaded, names = done.stdout.splitlines()
     assert "'llama_cpp.llama'" not in loaded and "'llama_cpp.llama_cpp'" in loaded
     assert names.startswith("Llama 0.") and names.endswith(" llama_decode")
+
+
+def test_a_one_shot_run_imports_nothing_it_does_not_use(tiny_model, edgeinfer_home):
+    """`run` is judged by its whole time to first token (issue 27): llama-cpp-python's high-level half, its chat
+    formats, pydantic (typer 0.29 coerced options through it) and the hub client are never imported by it."""
+    unused = ("llama_cpp.llama", "llama_cpp.llama_chat_format", "pydantic", "huggingface_hub", "filelock")
+    script = ("import atexit, sys\n"
+              f"atexit.register(lambda: print('IMPORTED', [m for m in {unused!r} if m in sys.modules], file=sys.stderr))\n"
+              "from edgeinfer.cli import main\n"
+              f"sys.argv = ['edgeinfer', 'run', '--raw', '-m', {str(tiny_model)!r}, '-n', '2', 'Once upon a time']\n"
+              "main()\n")
+    done = subprocess.run([sys.executable, "-c", script], env=subprocess_env({"EDGEINFER_HOME": str(edgeinfer_home)}),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "IMPORTED []" in done.stderr, done.stderr
