@@ -30,6 +30,7 @@ from edgeinfer.textstream import TextStream
 
 DEFAULT_CTX = 4096
 AUTO_CACHE = "auto"
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,18 @@ class LoadOptions:
     # speculation's passes exact past 256 tokens of context, where an f16 one does not (speculative.LONG_CONTEXT).
     # "auto": f16 (llama.cpp's default) for plain decoding, q8_0 or bf16 for speculation on the CPU (decided).
     cache_type: str = AUTO_CACHE
+    # Sequences one context holds at once (run --batch --parallel), each with n_ctx tokens of its own: the KV
+    # cache gets n_seq x n_ctx cells unless `n_cells` names fewer, and the memory check counts them all.
+    n_seq: int = 1
+    n_cells: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_ctx is not None and self.n_ctx < 16:
             raise UsageError("--ctx-size must be at least 16")
+        if not 1 <= self.n_seq <= MAX_SEQUENCES:
+            raise UsageError(f"--parallel must be between 1 and {MAX_SEQUENCES}")
+        if self.n_cells is not None and self.n_cells < 16:
+            raise UsageError("a context needs at least 16 KV cells")
         machine.check_threads(self.n_threads)
         if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
             raise UsageError("--gpu-layers must be -1 (all), 0 or more")
@@ -80,11 +89,13 @@ class LoadOptions:
         return self.n_threads or machine.usable_cores()
 
 
-def check_context(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> str | None:
-    """Refuse a context whose KV cache would not fit in memory; for one past the context the model was
-    trained on, a note: answers there tend to fall apart, and llama.cpp says so only in its log, which
-    edgeinfer keeps quiet, while a user may still want it (RoPE scaling)."""
-    machine.check_fits(info, n_ctx, cache_type)
+def check_context(info: GGUFInfo, n_ctx: int, cache_type: str = "f16", n_seq: int = 1,
+                  n_cells: int | None = None) -> str | None:
+    """Refuse a context whose KV cache would not fit in memory (n_ctx for each of n_seq sequences, or
+    n_cells in all); for one past the context the model was trained on, a note: answers there tend to fall
+    apart, and llama.cpp says so only in its log, which edgeinfer keeps quiet, while a user may still want
+    it (RoPE scaling)."""
+    machine.check_fits(info, n_ctx, cache_type, n_seq, n_cells)
     trained = info.context_length
     if not trained or n_ctx <= trained:
         return None
@@ -95,9 +106,15 @@ def check_context(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> str | 
 def load(path: Path, options: LoadOptions = LoadOptions(), cache_file: Path | None = None) -> "Model":
     """Validate a GGUF with the gguf reader, check the context fits in memory, then hand it to llama.cpp."""
     info = inspect(path, cache_file)
-    n_ctx = options.n_ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
-    check_context(info, n_ctx, options.kv_type)  # (its note is the caller's to show: the CLI shows it before loading)
+    n_ctx = context_size(info, options)
+    # (its note is the caller's to show: the CLI shows it before loading)
+    check_context(info, n_ctx, options.kv_type, options.n_seq, options.n_cells)
     return Model(path, info, options, n_ctx)
+
+
+def context_size(info: GGUFInfo, options: LoadOptions) -> int:
+    """The tokens one sequence may hold: --ctx-size, else the model's training context, at most DEFAULT_CTX."""
+    return options.n_ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
 
 
 class Model:
@@ -111,6 +128,8 @@ class Model:
         self.n_threads = options.threads  # the most it uses: the cost book's key
         self.n_gpu_layers = options.n_gpu_layers
         self.cache_type = options.kv_type
+        self.n_seq = options.n_seq
+        self.n_cells = options.n_cells or n_ctx * options.n_seq  # the KV cache's cells, all sequences together
         self._model = self._load_model(path, options)
         # --threads is obeyed as given; the default starts from the cores other programs left free during
         # the load, and follows their load from there.
@@ -135,6 +154,7 @@ class Model:
         KV cache (a prompt already read) alone. Closing it frees its context only."""
         other = copy.copy(self)
         other.n_ctx, other.n_batch, other._owns_model = n_ctx, min(self.n_batch, n_ctx), False
+        other.n_seq, other.n_cells = 1, n_ctx
         other.tuner = None  # (measurements there must not move this context's threads)
         other._open_context()
         return other
@@ -150,15 +170,18 @@ class Model:
     def _new_context(self):
         ll = self._ll
         params = ll.llama_context_default_params()
-        params.n_ctx = self.n_ctx
+        params.n_ctx = self.n_cells
         params.n_batch = params.n_ubatch = self.n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = self.n_seq
+        # One cache for all sequences: a prefix one sequence holds can be given to another
+        # (llama_memory_seq_cp) without copying a value; per-sequence caches would copy whole streams.
+        params.kv_unified = self.n_seq > 1
         params.n_threads = params.n_threads_batch = self.threads_now
         params.type_k = params.type_v = machine.KV_CACHE_TYPES[self.cache_type][0]
         params.no_perf = True
         ctx = ll.llama_init_from_model(self._model, params)
         if not ctx:
-            raise GenerationError(f"llama.cpp could not create a {self.n_ctx}-token context (out of memory?)")
+            raise GenerationError(f"llama.cpp could not create a {self.n_cells}-token context (out of memory?)")
         return ctx
 
     # --- tokens and text -----------------------------------------------------
@@ -282,6 +305,51 @@ class Model:
         self._ll.llama_memory_seq_rm(self._memory, 0, n, -1)
         del self.cached[n:]
 
+    # --- several sequences (batch.py's step) --------------------------------------------
+    # These leave `cached`, the single-sequence record of sequence 0, alone: a batch begins and ends with
+    # forget(-1), which empties both.
+
+    def decode_rows(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
+                    outputs: Sequence[bool]) -> bool:
+        """Evaluate one batch, each token at its position in its sequence, with logits where `outputs` says;
+        False where llama.cpp found no free KV cells for it (the cache is then as it was)."""
+        n = len(tokens)
+        if n == 0 or n > self.n_batch:
+            raise GenerationError(f"cannot evaluate {n} tokens at once (batch holds {self.n_batch})")
+        batch = self._batch
+        for i in range(n):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tokens[i], positions[i], 1
+            batch.seq_id[i][0], batch.logits[i] = seq_ids[i], outputs[i]
+        batch.n_tokens = n
+        start = time.perf_counter()
+        code = self._ll.llama_decode(self._ctx, batch)
+        if code == 1:
+            return False
+        if code != 0:
+            raise GenerationError(f"llama.cpp could not evaluate the batch (llama_decode returned {code})")
+        if self.tuner is not None:
+            self._retune(n, time.perf_counter() - start)
+        return True
+
+    def row(self, i: int) -> np.ndarray:
+        """The logits of the i-th token of the last decode_rows: a view, valid until the next decode."""
+        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+
+    def forget(self, seq_id: int, start: int = 0) -> None:
+        """Free a sequence's cells from position `start` on; seq_id -1: every sequence's."""
+        self._ll.llama_memory_seq_rm(self._memory, seq_id, start, -1)
+        if seq_id == -1:
+            del self.cached[start:]
+
+    def held(self, seq_id: int) -> int:
+        """The positions the cache holds for a sequence, as llama.cpp counts them (0: none)."""
+        return self._ll.llama_memory_seq_pos_max(self._memory, seq_id) + 1
+
+    def share(self, source: int, dest: int, n: int) -> None:
+        """Give sequence `dest` the first n positions `source` holds: in a unified cache, the same cells
+        tagged with both sequences, not a copy of their values."""
+        self._ll.llama_memory_seq_cp(self._memory, source, dest, 0, n)
+
     def close(self) -> None:
         if getattr(self, "_ctx", None):
             self._ll.llama_batch_free(self._batch)
@@ -394,7 +462,7 @@ def generate(
     history, produced = list(prompt), []
     stream, reason, first = TextStream(stop), None, 0.0
     limit = max_tokens if max_tokens is not None else model.n_ctx
-    with _ctrl_c_sets_flag() as interrupted:
+    with ctrl_c_sets_flag() as interrupted:
         logits = model.prefill(prompt)
         stepper.prepare(prompt)
         pending = [sampler.sample(logits, history)]
@@ -424,7 +492,7 @@ def generate(
 
 
 @contextmanager
-def _ctrl_c_sets_flag() -> Iterator[threading.Event]:
+def ctrl_c_sets_flag() -> Iterator[threading.Event]:
     """Ctrl-C during generation ends it between two steps, never inside one.
 
     A KeyboardInterrupt raised in the middle of a decode could leave the KV cache

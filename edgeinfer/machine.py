@@ -169,10 +169,24 @@ def estimate_memory(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> int:
     return info.file_size + kv_cache_bytes(info, n_ctx, cache_type) + _COMPUTE_OVERHEAD
 
 
-def check_fits(info: GGUFInfo, n_ctx: int, cache_type: str = "f16") -> None:
-    need, free = estimate_memory(info, n_ctx, cache_type), available_memory()
+def check_fits(info: GGUFInfo, n_ctx: int, cache_type: str = "f16", n_seq: int = 1, n_cells: int | None = None) -> None:
+    """Refuse a context that would not fit: n_ctx tokens for each of n_seq sequences (or n_cells in all)."""
+    cells = n_cells or n_ctx * n_seq
+    need, free = estimate_memory(info, cells, cache_type), available_memory()
     if need > free:
+        what = f"a {n_ctx}-token context" if n_seq == 1 else f"{n_seq} sequences of {n_ctx} tokens"
+        fewer = " or a smaller --parallel" if n_seq > 1 else ""
         raise ResourceError(
-            f"{info.path.name} with a {n_ctx}-token context needs about {need / 2**30:.1f} GiB, "
-            f"only {free / 2**30:.1f} GiB is available; try a smaller --ctx-size or a smaller quantization"
+            f"{info.path.name} with {what} needs about {need / 2**30:.1f} GiB, "
+            f"only {free / 2**30:.1f} GiB is available; try a smaller --ctx-size{fewer} or a smaller quantization"
         )
+
+
+def most_sequences(info: GGUFInfo, n_ctx: int, cache_type: str, most: int) -> int:
+    """The most sequences of n_ctx tokens, up to `most`, whose KV cache fits in the memory available now
+    (at least 1: check_fits says why not even one does)."""
+    free = available_memory()
+    n = most
+    while n > 1 and estimate_memory(info, n * n_ctx, cache_type) > free:
+        n -= 1
+    return n

@@ -1,0 +1,331 @@
+"""Many sequences in one llama.cpp context: continuous batching, chunked prefill, shared prefixes."""
+
+# A `Batcher` holds up to model.n_seq sequences in one context (one KV cache for all) and moves them
+# forward together: each `step` is one llama_decode with one token for every sequence that is generating,
+# then chunks of the prompts being read, under a token budget, so that answers keep coming while a long
+# prompt is read. A sequence that finishes leaves at once, its cells freed, and a waiting one takes its
+# place at the next step. Whom to admit and how much prompt to read is an `AdmissionPolicy`: numbers in,
+# decisions out. docs/batching.md explains the step, admission, prefix sharing and exactness.
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeinfer.engine import GenerationResult, Model
+from edgeinfer.errors import GenerationError, UsageError
+from edgeinfer.sampling import Sampler, SamplingParams
+from edgeinfer.textstream import TextStream
+
+# Sequences at once when --parallel is not given (and memory allows). A guess until scripts/bench_batch.py
+# measures the best per machine: on a 2-core Zen 4 a step of 4 tokens costs about 2.3 one-token steps
+# (issue 22), so 4 sequences give about 1.7x the tokens per second of one, while each still streams.
+DEFAULT_PARALLEL = 4
+# Tokens one step evaluates at most. A generating sequence waits for the whole step, prompt chunks
+# included: 128 tokens keep that wait near a second for a 1.5B model on 2 cores, while chunks that long
+# already use the CPU's matrix kernels about as well as whole prompts do.
+DEFAULT_STEP = 128
+# A prefix at least this long is taken from a sequence that holds it rather than read again: a shorter
+# one (the chat template's "<|im_start|>user\n") costs little to read and is not worth waiting for.
+MIN_SHARED = 8
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt to answer, in tokens, with its own settings."""
+
+    key: Hashable
+    prompt: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # unchosen settings: llama.cpp's
+    max_tokens: int | None = None  # None: until the sequence's context is full
+    stop: tuple[str, ...] = ()
+    on_text: Callable[[str], None] | None = None  # the text as it comes (a server's stream)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A job's answer, or why it has none (`error`: its prompt cannot fit)."""
+
+    key: Hashable
+    result: GenerationResult | None
+    prompt_read: int = 0  # prompt tokens it evaluated itself; the others it was given by a sequence holding them
+    error: str | None = None
+
+
+@dataclass
+class AdmissionPolicy:
+    """Whom to admit, and how much prompt a step reads: numbers in, decisions out; no model needed."""
+
+    slots: int  # sequences the context holds at once
+    cells: int  # its KV cells, all sequences together
+    step_tokens: int = DEFAULT_STEP  # tokens one step evaluates at most
+    min_shared: int = MIN_SHARED
+    most: int | None = None  # fewer sequences at once, learnt when llama.cpp found no cells for a step
+
+    def __post_init__(self) -> None:
+        if self.step_tokens < self.slots:  # (every generating sequence gets its token at every step)
+            raise UsageError(f"a step of {self.step_tokens} tokens cannot serve {self.slots} sequences")
+
+    def admits(self, live: int, held: int, prompt: int) -> bool:
+        """May a sequence with `prompt` tokens join `live` sequences that hold `held` tokens?"""
+        return live < min(self.slots, self.most or self.slots) and held + prompt <= self.cells
+
+    def prompt_budget(self, generating: int) -> int:
+        """The prompt tokens a step may read beside `generating` sequences' one token each."""
+        return max(self.step_tokens - generating, 0)
+
+    def worth_sharing(self, shared: int) -> bool:
+        return shared >= self.min_shared
+
+    def crowded(self, live: int) -> None:
+        """llama.cpp found no cells for a step of `live` sequences: hold fewer from now on."""
+        self.most = max(1, live - 1)
+
+
+class Sequence:
+    """One answer in the making: its tokens, how many of them the cache holds, its sampler and its text."""
+
+    def __init__(self, job: Job, n_ctx: int) -> None:
+        self.job = job
+        self.tokens = list(job.prompt)  # the prompt, then each token sampled; those past n_cached are read next
+        self.n_cached = 0
+        self.slot = -1  # its sequence id in the context while it is admitted
+        self.sampler, self.stream = Sampler(job.sampling), TextStream(job.stop)
+        self.limit = job.max_tokens if job.max_tokens is not None else n_ctx
+        self.donor: Sequence | None = None  # a sequence reading the prefix this one will be given
+        self.wanted = 0  # how much of it
+        self.read = 0
+        self.started: float | None = None
+        self.first: float | None = None
+        self.cancelled = False
+
+    @property
+    def unread(self) -> int:
+        return len(self.tokens) - self.n_cached
+
+    @property
+    def produced(self) -> int:
+        return len(self.tokens) - len(self.job.prompt)
+
+    def take(self, logits: np.ndarray, model: Model) -> str | None:
+        """Sample the next token from this sequence's logits; the reason to finish, if there is one
+        (the checks of engine.generate, in its order)."""
+        token = self.sampler.sample(logits, self.tokens)
+        self.first = self.first or time.perf_counter()
+        if model.is_eog(token):
+            return "stop"
+        self.tokens.append(token)
+        text = self.stream.push(model.piece(token))
+        if text and self.job.on_text is not None:
+            self.job.on_text(text)
+        if self.stream.stopped:
+            return "stop"
+        if self.produced >= self.limit:
+            return "length"
+        return "context" if len(self.tokens) > model.n_ctx else None
+
+    def answer(self, reason: str, cache_type: str) -> Answer:
+        rest = self.stream.flush()
+        if rest and self.job.on_text is not None:
+            self.job.on_text(rest)
+        now = time.perf_counter()
+        started = self.started or now
+        produced = tuple(self.tokens[len(self.job.prompt):])
+        result = GenerationResult(text=self.stream.text, finish_reason=reason, prompt_tokens=len(self.job.prompt),
+                                  completion_tokens=len(produced), time_to_first_token=(self.first or now) - started,
+                                  total_seconds=now - started, tokens=produced, cache_type=cache_type)
+        return Answer(self.job.key, result, self.read)
+
+
+class Batcher:
+    """Sequences in one context, moved forward together, one llama_decode a step."""
+
+    def __init__(self, model: Model, policy: AdmissionPolicy | None = None) -> None:
+        self.model = model
+        self.policy = policy or AdmissionPolicy(model.n_seq, model.n_cells,
+                                                min(model.n_batch, max(DEFAULT_STEP, model.n_seq)))
+        if self.policy.step_tokens > model.n_batch or self.policy.slots > model.n_seq:
+            raise UsageError(f"the context takes {model.n_seq} sequences and {model.n_batch} tokens a step")
+        self.waiting: deque[Sequence] = deque()
+        self.live: list[Sequence] = []  # in the order admitted
+        self._free = list(range(self.policy.slots - 1, -1, -1))
+        self.steps = self.preempted = 0
+        model.forget(-1)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.live or self.waiting)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; a GenerationError (this job's alone) when its prompt cannot fit."""
+        room = min(self.model.n_ctx, self.policy.cells)
+        if not job.prompt:
+            raise GenerationError("empty prompt: nothing to evaluate")
+        if len(job.prompt) >= room:
+            raise GenerationError(f"the prompt is {len(job.prompt)} tokens, the context holds {room}; "
+                                  "shorten it or raise --ctx-size")
+        self.waiting.append(Sequence(job, self.model.n_ctx))
+
+    def cancel(self, key: Hashable) -> None:
+        """End a job at the next step, waiting or admitted (its answer: finish_reason "cancelled")."""
+        for seq in (*self.live, *self.waiting):
+            seq.cancelled = seq.cancelled or seq.job.key == key
+
+    def step(self) -> list[Answer]:
+        """One llama_decode for the admitted sequences; the answers it (or a cancel) finished."""
+        done = self._cancelled()
+        self._admit()
+        rows = self._rows()
+        if not rows:
+            return done
+        if not self._decode(rows):
+            self._make_room()
+            return done
+        end = 0
+        for seq, start, count in rows:
+            seq.n_cached += count
+            seq.read += max(0, min(start + count, len(seq.job.prompt)) - start)
+            end += count
+            if seq.unread == 0 and (reason := seq.take(self.model.row(end - 1), self.model)):
+                done.append(self._leave(seq, reason))
+        return done
+
+    def close(self) -> None:
+        """Free every cell (what a Ctrl-C leaves under way is dropped)."""
+        self.model.forget(-1)
+        self.live.clear()
+        self.waiting.clear()
+
+    # --- the parts of a step ------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Waiting sequences take the places the policy allows; each looks for a sequence holding its prefix."""
+        held = sum(len(s.tokens) for s in self.live)
+        while self.waiting and self._free and self.policy.admits(len(self.live), held, len(self.waiting[0].tokens)):
+            seq = self.waiting.popleft()
+            seq.slot, seq.started = self._free.pop(), seq.started or time.perf_counter()
+            seq.donor, seq.wanted = self._donor(seq)
+            self.live.append(seq)
+            held += len(seq.tokens)
+        for seq in self.live:
+            if seq.donor is not None and seq.donor.n_cached >= seq.wanted:
+                # (the donor has read that far: its cells become this sequence's too)
+                self.model.share(seq.donor.slot, seq.slot, seq.wanted)
+                seq.n_cached, seq.donor = seq.wanted, None
+
+    def _donor(self, seq: Sequence) -> tuple[Sequence | None, int]:
+        """The live sequence whose tokens begin as this one's do for longest, and for how many tokens (the
+        last prompt token excepted: its logits give the first token, so it is always read)."""
+        best, length = None, 0
+        for other in self.live:
+            n = _common_prefix(other.tokens, seq.tokens, len(seq.tokens) - 1)
+            if n > length:
+                best, length = other, n
+        return (best, length) if self.policy.worth_sharing(length) else (None, 0)
+
+    def _rows(self) -> list[tuple[Sequence, int, int]]:
+        """What the step reads, (sequence, first position, tokens): each generating sequence's token, then
+        chunks of the prompts in the order admitted, within the budget. A sequence waiting for a donor
+        reads nothing."""
+        ready = [s for s in self.live if s.donor is None]
+        rows = [(s, s.n_cached, 1) for s in ready if s.unread == 1]
+        budget = self.policy.prompt_budget(len(rows))
+        for seq in ready:
+            if seq.unread > 1 and budget > 0:
+                rows.append((seq, seq.n_cached, min(seq.unread, budget)))
+                budget -= rows[-1][2]
+        return rows
+
+    def _decode(self, rows: list[tuple[Sequence, int, int]]) -> bool:
+        """One llama_decode of the rows, logits only where a token will be sampled (a row's last token,
+        when it is its sequence's last): llama.cpp computes the output layer for those alone."""
+        tokens, positions, ids, outputs = [], [], [], []
+        for seq, start, count in rows:
+            tokens += seq.tokens[start:start + count]
+            positions += range(start, start + count)
+            ids += [seq.slot] * count
+            outputs += [False] * (count - 1) + [start + count == len(seq.tokens)]
+        self.steps += 1
+        return self.model.decode_rows(tokens, positions, ids, outputs)
+
+    def _make_room(self) -> None:
+        """llama.cpp found no free cells for the step: the newest sequence gives its cells back and waits
+        at the head of the queue (its tokens kept, read again when it returns), and the policy admits fewer."""
+        if len(self.live) == 1:
+            raise GenerationError(f"the KV cache ({self.policy.cells} cells) cannot hold one sequence; "
+                                  "raise --ctx-size or lower --parallel")
+        self.policy.crowded(len(self.live))
+        seq = self.live[-1]
+        self._release(seq)
+        seq.n_cached, seq.donor = 0, None
+        self.waiting.appendleft(seq)
+        self.preempted += 1
+
+    def _cancelled(self) -> list[Answer]:
+        done = [self._leave(seq, "cancelled") for seq in list(self.live) if seq.cancelled]
+        gone = [seq for seq in self.waiting if seq.cancelled]
+        for seq in gone:
+            self.waiting.remove(seq)
+        return done + [seq.answer("cancelled", self.model.cache_type) for seq in gone]
+
+    def _leave(self, seq: Sequence, reason: str) -> Answer:
+        self._release(seq)
+        return seq.answer(reason, self.model.cache_type)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free a sequence's cells (those it shares stay with the others) and its place."""
+        self.model.forget(seq.slot)
+        self._free.append(seq.slot)
+        self.live.remove(seq)
+        seq.slot = -1
+        for other in self.live:
+            if other.donor is seq:
+                other.donor, other.wanted = None, 0  # (it reads its prompt itself)
+
+
+def generate_batch(model: Model, jobs: Iterable[Job], policy: AdmissionPolicy | None = None, *,
+                   stop: Callable[[], bool] | None = None) -> Iterator[Answer]:
+    """Answer every job, as many at once as the context holds, each answer as soon as it is complete.
+
+    Jobs are taken from `jobs` only as places free up, so a long file is not read into tokens at once; a
+    job whose prompt cannot fit is answered with its error. `stop`, asked between steps (Ctrl-C's flag),
+    ends the batch there: the answers under way are dropped.
+    """
+    batcher = Batcher(model, policy)
+    pending = iter(jobs)
+    try:
+        while True:
+            yield from _fill(batcher, pending)
+            if not batcher.busy or (stop is not None and stop()):
+                return
+            yield from batcher.step()
+    finally:
+        batcher.close()
+
+
+def _fill(batcher: Batcher, pending: Iterator[Job]) -> Iterator[Answer]:
+    """Queue jobs until there is one waiting for each free place (more would only wait longer)."""
+    while len(batcher.waiting) < max(batcher.free_slots, 1):
+        job = next(pending, None)
+        if job is None:
+            return
+        try:
+            batcher.submit(job)
+        except GenerationError as exc:
+            yield Answer(job.key, None, error=str(exc))
+
+
+def _common_prefix(a: list[int], b: list[int], most: int) -> int:
+    n = min(len(a), len(b), most)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
