@@ -4,14 +4,16 @@ docs/python-api.md shows it in use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeinfer.engine import GenerationResult, LoadOptions, check_context, generate, load
-from edgeinfer.errors import ChatTemplateError, EdgeinferError, UsageError
+from edgeinfer.batchjob import BatchItem, BatchResult, answer_items, in_order
+from edgeinfer.engine import (MAX_SEQUENCES, GenerationResult, LoadOptions, check_context, ctrl_c_sets_flag, generate,
+                              load)
+from edgeinfer.errors import ChatTemplateError, EdgeinferError, Interrupted, UsageError
 from edgeinfer.ggufinfo import inspect
 from edgeinfer.catalog import ModelSpec
 from edgeinfer.library import Library, locate
@@ -32,10 +34,10 @@ if TYPE_CHECKING:  # (what only some commands need is imported where it is used)
     from edgeinfer.library import ModelRow, PullResult, Removed
     from edgeinfer.quantize import QuantizeResult
 
-__all__ = ["BenchRequest", "ChatRequest", "DraftOptions", "EdgeinferError", "Library", "LoadOptions", "Prepared",
+__all__ = ["BatchItem", "BatchRequest", "BatchResult", "BenchRequest", "ChatRequest", "DraftOptions", "EdgeinferError", "Library", "LoadOptions", "Prepared",
            "RunRequest", "SamplingParams", "bench", "chat_template", "doctor", "info", "list_models", "model_and_prompt", "one_model",
            "open_chat", "prepare", "prepare_bench", "pull", "quantize", "recommended_settings",
-           "remove", "run"]
+           "remove", "run", "run_batch"]
 
 
 # --- requests ---------------------------------------------------------------------
@@ -102,6 +104,31 @@ class BenchRequest:
             raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
 
 
+@dataclass(frozen=True)
+class BatchRequest:
+    """Many prompts answered together (`edgeinfer run --batch`): the settings each item leaves unchosen,
+    and how many sequences at once."""
+
+    model: str | None = None
+    system: str | None = None  # for the items that give none
+    raw: bool = False  # items' prompts as plain completions (items with messages are refused)
+    parse_special: bool = False
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    load: LoadOptions = field(default_factory=LoadOptions)
+    parallel: int | None = None  # sequences at once; None: as many as fit in memory, at most batch.DEFAULT_PARALLEL
+    step_tokens: int | None = None  # tokens one step evaluates at most; None: batch.DEFAULT_STEP
+    draft: None = None  # (speculative decoding is for one sequence: batched steps are plain)
+
+    def __post_init__(self) -> None:
+        check_max_tokens(self.max_tokens)
+        if self.parallel is not None and not 1 <= self.parallel <= MAX_SEQUENCES:
+            raise UsageError(f"--parallel must be between 1 and {MAX_SEQUENCES}")
+        if self.draft is not None:
+            raise UsageError("--draft does not combine with --batch: batched steps are plain")
+
+
 def check_max_tokens(max_tokens: int | None) -> None:
     if max_tokens is not None and max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
@@ -115,7 +142,7 @@ class Prepared:
     """A request with its model's file found (pulled if it was missing) and what its --draft comes to,
     checked and planned: what is left is to load and generate."""
 
-    request: RunRequest | ChatRequest | BenchRequest
+    request: RunRequest | ChatRequest | BenchRequest | BatchRequest
     name: str  # the model's reference as given, or the catalog's default
     path: Path
     plan: SpeculationPlan
@@ -128,12 +155,26 @@ class Prepared:
     max_tokens: int | None = None
 
 
-def prepare(request: RunRequest | ChatRequest, progress: ProgressReporter | None = None, *,
+def prepare(request: RunRequest | ChatRequest | BatchRequest, progress: ProgressReporter | None = None, *,
             lib: Library | None = None) -> Prepared:
-    """Find the request's model (pulled if missing, reported to `progress`), check that its context fits,
-    and resolve, pull and pair-check its draft, before any weights load."""
+    """Find the request's model (pulled if missing, reported to `progress`), check that its context fits
+    (for a batch, each of its sequences'), and resolve, pull and pair-check its draft, before any weights load."""
     lib = lib or Library.open()
-    return _prepare(lib, request, request.model, progress)
+    prepared = _prepare(lib, request, request.model, progress)
+    return _with_sequences(prepared) if isinstance(request, BatchRequest) else prepared
+
+
+def _with_sequences(prepared: Prepared) -> Prepared:
+    """A batch's load options with its sequences counted: --parallel, else as many as fit in memory now."""
+    from edgeinfer import machine
+    from edgeinfer.batch import DEFAULT_PARALLEL
+    from edgeinfer.engine import context_size
+
+    info, load_options = inspect(prepared.path, prepared.cache_file), prepared.load
+    n_ctx = context_size(info, load_options)
+    n_seq = prepared.request.parallel or machine.most_sequences(info, n_ctx, load_options.kv_type, DEFAULT_PARALLEL)
+    check_context(info, n_ctx, load_options.kv_type, n_seq)
+    return replace(prepared, load=replace(load_options, n_seq=n_seq))
 
 
 def prepare_bench(request: BenchRequest, progress: ProgressReporter | None = None, *,
@@ -156,8 +197,9 @@ def _prepare(lib: Library, request: RunRequest | ChatRequest | BenchRequest, ref
     cache = lib.store.inspect_cache
     path = locate(lib, ref, pull_missing=True, progress=progress)
     # A context that cannot fit is an error here; one past the model's training, a note.
-    note = check_context(inspect(path, cache), request.load.n_ctx, request.load.kv_type) \
-        if request.load.n_ctx else None
+    # (a batch's sequences, when --parallel names how many: else as many as fit, decided by _with_sequences)
+    note = check_context(inspect(path, cache), request.load.n_ctx, request.load.kv_type,
+                         getattr(request, "parallel", None) or 1) if request.load.n_ctx else None
     sampling, max_tokens = _settings(request, _catalog_entry(lib, ref))
     plan = checked_plan(lib, ref, path, request.draft, request.load, progress, _workload(request, max_tokens))
     notes = tuple(n for n in (note, plan.change) if n)
@@ -227,6 +269,27 @@ def run(prepared: Prepared | RunRequest, *, on_text: Callable[[str], None] | Non
             chat_tokens(model, request.messages(), parse_special=request.parse_special)
         return generate(model, tokens, prepared.sampling, max_tokens=prepared.max_tokens, stop=request.stop,
                         on_text=on_text, stepper_factory=stepper_factory)
+
+
+def run_batch(prepared: Prepared | BatchRequest, items: Iterable[BatchItem], *, ordered: bool = True,
+              on_done: Callable[[BatchResult], None] | None = None, progress: ProgressReporter | None = None,
+              lib: Library | None = None) -> Iterator[BatchResult]:
+    """Answer many prompts, as many at once as the context holds (continuous batching: docs/batching.md).
+
+    Results come in the items' order (`ordered`) or as each is complete; `on_done` hears of each as it
+    completes either way (a progress bar). An item that cannot run (a bad line, a prompt too long for the
+    context, a template that fails) gets a result with its error, and the others go on. Ctrl-C ends the
+    batch between two steps: the results complete by then are yielded, then Interrupted is raised. A
+    BatchRequest is prepared first (its model pulled if missing, reported to `progress`).
+    """
+    if isinstance(prepared, BatchRequest):
+        prepared = prepare(prepared, progress, lib=lib)
+    with load(prepared.path, prepared.load, prepared.cache_file) as model, ctrl_c_sets_flag() as interrupted:
+        results = answer_items(model, items, prepared.request, prepared.sampling, prepared.max_tokens,
+                               stop=interrupted.is_set, on_done=on_done)
+        yield from (in_order(results) if ordered else results)
+        if interrupted.is_set():
+            raise Interrupted("interrupted: the answers complete by then are written")
 
 
 @contextmanager

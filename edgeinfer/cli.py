@@ -24,7 +24,8 @@ from edgeinfer.render import TextConsole, describe_threads, print_error, visible
 
 if TYPE_CHECKING:  # (imported by the commands that use them: `edgeinfer --help` stays instant)
     import click  # (Typer's own copy of it since 0.26: only for the annotations)
-    from edgeinfer.api import ChatRequest, Prepared, RunRequest
+    from edgeinfer.api import BatchRequest, ChatRequest, Prepared, RunRequest
+    from edgeinfer.batchjob import BatchItem
     from edgeinfer.engine import LoadOptions
     from edgeinfer.library import Library
     from edgeinfer.sampling import SamplingParams
@@ -403,7 +404,7 @@ def _read_text(handle, what: str) -> str:
         raise UsageError(f"{what} is not UTF-8 text") from None
 
 
-def _prepare(request: RunRequest | ChatRequest, lib: Library | None = None) -> Prepared:
+def _prepare(request: RunRequest | ChatRequest | BatchRequest, lib: Library | None = None) -> Prepared:
     """The request prepared, with a bar for whatever it pulls (gone before any text streams) and its notes."""
     from edgeinfer import api
     from edgeinfer.render import transfer_progress
@@ -426,7 +427,8 @@ def _stats_line(result) -> str:
 @app.command(cls=_Command, epilog=_examples(
     'edgeinfer run qwen2.5-coder-0.5b-instruct "Write a haiku"',
     'edgeinfer run -m qwen2.5-coder-1.5b-instruct -f main.py "Explain this code"',
-    'git diff | edgeinfer run "Write a commit message for this change"'))
+    'git diff | edgeinfer run "Write a commit message for this change"',
+    'edgeinfer run --batch prompts.jsonl -o answers.jsonl --parallel 4'))
 @_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
 def run(
     prompt: Annotated[Optional[list[str]], typer.Argument(metavar="[MODEL] PROMPT", callback=_utf8, help="The prompt, after a model reference if you like (edgeinfer run MODEL PROMPT); joined with stdin when piped.")] = None,
@@ -440,13 +442,24 @@ def run(
     stop: StopOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr after the answer.")] = False,
+    batch: Annotated[Optional[str], typer.Option("--batch", metavar="FILE", help="Answer each request of a JSON Lines file ('-': stdin), several at once: a line holds an id and a prompt or messages; the answers are JSON Lines.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --batch: append the answers to this file; a rerun skips the ids answered there.")] = None,
+    unordered: Annotated[bool, typer.Option("--unordered", help="With --batch: write each answer when it is complete, not in the file's order.")] = False,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="With --batch: sequences at once (default: as many as fit in memory, at most 4).")] = None,
     *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
-    """Answer one prompt, streaming the text to stdout."""
+    """Answer one prompt, streaming the text to stdout; or a file of them (--batch)."""
     from edgeinfer import api
     from edgeinfer.render import describe_stats, print_note
 
     lib = api.Library.open()  # (one look at the catalog and the store, for the arguments and the request)
+    if batch is not None or output is not None or unordered or parallel is not None:
+        model, text = api.model_and_prompt(prompt or [], model, more_text=True, lib=lib)
+        _refuse_beside_batch(batch, PROMPT=text, **{"--file": file, "--json": as_json, "--stats": stats})
+        return _run_batch(batch, output, unordered, lib, api.BatchRequest(
+            model=model, system=_read_system(system, system_file), raw=raw, parse_special=parse_special,
+            sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, parallel=parallel,
+            draft=draft))
     more = _read_prompt(file)  # (first: a lone MODEL argument is the model when the prompt comes from here)
     model, prompt = api.model_and_prompt(prompt or [], model, more_text=bool(more.strip()), lib=lib)
     prepared = _prepare(api.RunRequest(
@@ -467,6 +480,50 @@ def run(
         print_note(stderr, result.stats["long_context"])
     if result.finish_reason == "interrupted":
         raise typer.Exit(130)
+
+
+def _refuse_beside_batch(batch: str | None, **given: Any) -> None:
+    from edgeinfer.errors import UsageError
+
+    if batch is None:
+        raise UsageError("--output, --unordered and --parallel go with --batch FILE")
+    for name, value in given.items():
+        if value:
+            raise UsageError(f"{name} does not go with --batch: the prompts come from the file, the answers are JSON Lines")
+
+
+def _run_batch(source: str, output: Path | None, unordered: bool, lib: Library, request: BatchRequest) -> None:
+    """`run --batch`: a file of requests answered as JSON Lines, to stdout or appended to --output."""
+    from edgeinfer import api, batchjob
+    from edgeinfer.errors import RequestsFailed
+    from edgeinfer.render import batch_progress, print_note
+
+    items = _read_batch(source)
+    with batchjob.open_results(output, sys.stdout) as out:
+        todo = [item for item in items if out.wants(item)]
+        if len(todo) < len(items):
+            print_note(stderr, f"{len(items) - len(todo)} of {len(items)} requests are answered in {output} already")
+        if not todo:
+            return
+        prepared = _prepare(request, lib)
+        with batch_progress(stderr, len(todo)) as done:
+            for result in api.run_batch(prepared, todo, ordered=not unordered, on_done=done):
+                out.write(result)
+    if out.failed:
+        raise RequestsFailed(f"{out.failed} of {out.written} requests failed; their lines say why")
+
+
+def _read_batch(source: str) -> list[BatchItem]:
+    from edgeinfer import batchjob
+    from edgeinfer.errors import UsageError
+
+    if source == "-":
+        return batchjob.read_items(sys.stdin.buffer, "stdin")
+    try:
+        with open(source, "rb") as handle:
+            return batchjob.read_items(handle, f"--batch {source}")
+    except OSError as exc:
+        raise UsageError(f"cannot read --batch {source}: {exc.strerror}") from None
 
 
 def _stream_to_stdout(text: str) -> None:

@@ -74,6 +74,12 @@ class ChatTemplateError(EdgeinferError):
     exit_code = 11
 
 
+class RequestsFailed(EdgeinferError):
+    """A batch ran, but some of its requests could not be answered (each has an error line in the output)."""
+
+    exit_code = 12
+
+
 class Interrupted(EdgeinferError):
     """The user pressed Ctrl-C; whatever was in progress was cleaned up."""
 

@@ -6,7 +6,8 @@ implement ProgressReporter."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +142,29 @@ def count_progress(console: Console) -> Iterator[ProgressReporter]:
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield RichProgress(progress)
+
+
+@contextmanager
+def batch_progress(console: Console, total: int) -> Iterator[Callable[[Any], None]]:
+    """A bar of a batch's answers, done of all, with the tokens per second they came at, all sequences
+    together; what it yields is told of each answer (a batchjob.BatchResult) as it completes."""
+    if not console.is_terminal:
+        yield lambda _result: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("answering"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    start, tokens = time.monotonic(), [0]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("answering", total=total, rate="")
+
+        def done(result: Any) -> None:
+            tokens[0] += result.result.completion_tokens if result.result is not None else 0
+            rate = tokens[0] / max(time.monotonic() - start, 1e-9)
+            progress.update(task, advance=1, rate=f"{rate:.1f} tok/s")
+
+        yield done
 
 
 def describe_stats(stats: dict, detailed: bool = False) -> str:
