@@ -98,10 +98,15 @@ class BenchRequest:
     repetitions: int = 3
     load: LoadOptions = field(default_factory=LoadOptions)
     draft: DraftOptions | None = None
+    parallel: tuple[int, ...] = ()  # sequences at once, for llama-batched-bench's table in place of pp and tg
 
     def __post_init__(self) -> None:
         if self.repetitions < 1 or self.n_prompt < 0 or self.n_gen < 0 or self.n_prompt + self.n_gen == 0:
             raise UsageError("bench needs --repetitions >= 1 and a positive --n-prompt or --n-gen")
+        from edgeinfer.engine import MAX_SEQUENCES
+
+        if self.parallel and (self.n_gen < 1 or not all(1 <= b <= MAX_SEQUENCES for b in self.parallel)):
+            raise UsageError(f"bench --parallel takes sizes from 1 to {MAX_SEQUENCES} (e.g. 1,2,4,8) and a positive --n-gen")
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,13 @@ def bench(prepared: Sequence[Prepared] | BenchRequest, progress: ProgressReporte
     results: list[BenchResult] = []
     for one in prepared:
         request, cache = one.request, one.cache_file
+        if request.parallel:
+            from edgeinfer.bench import bench_parallel
+
+            results += bench_parallel(one.name, one.path, request.load, request.parallel, n_prompt=request.n_prompt,
+                                      n_gen=request.n_gen, repetitions=request.repetitions, cache_file=cache,
+                                      progress=progress)
+            continue
         results += measure(one.name, one.path, request.load, n_prompt=request.n_prompt, n_gen=request.n_gen,
                            repetitions=request.repetitions, cache_file=cache, progress=progress)
         if request.draft is not None and request.n_gen:

@@ -155,3 +155,41 @@ def _time_generation(model: Model, n: int) -> float:
         token = sampler.sample(logits, history)
         history.append(token)
     return time.perf_counter() - start
+
+
+def bench_parallel(name: str, path: Path, options: LoadOptions, sizes: tuple[int, ...], *, n_prompt: int = 32,
+                   n_gen: int = 64, repetitions: int = 3, cache_file: Path | None = None,
+                   progress: ProgressReporter | None = None) -> list[BenchResult]:
+    """Aggregate generation speed of B sequences in one context for each B, as llama-batched-bench's S_TG:
+    B prompts of n_prompt tokens read first, then B * n_gen tokens generated, over the generation's time.
+    Each result's time to first token is the last sequence's (every prompt read)."""
+    progress = progress or SilentProgress()
+    progress.start(f"{name}: pp{n_prompt} tg{n_gen} at B = {', '.join(map(str, sizes))}", repetitions * len(sizes))
+    speeds: dict[int, list[float]] = {b: [] for b in sizes}
+    ttfts: dict[int, list[float]] = {b: [] for b in sizes}
+    for rep in range(repetitions):
+        for b in sizes if rep % 2 == 0 else sizes[::-1]:  # (alternating order: a drifting machine favours no B)
+            s_tg, ttft = aggregate_generation(path, replace(options, n_ctx=n_prompt + n_gen + 8), b, n_prompt, n_gen,
+                                              cache_file)
+            speeds[b].append(s_tg)
+            ttfts[b].append(ttft * 1000)
+            progress.advance(1)
+    return [BenchResult(name, f"pp{n_prompt}+tg{n_gen} x{b} (S_TG)", tuple(speeds[b]), tuple(ttfts[b])) for b in sizes]
+
+
+def aggregate_generation(path: Path, options: LoadOptions, batch: int, n_prompt: int, n_gen: int,
+                         cache_file: Path | None = None) -> tuple[float, float]:
+    """(S_TG, seconds to the last first token) of `batch` greedy sequences of one prompt, shared with no one:
+    generated tokens over the time after all prompts were read."""
+    from edgeinfer.batch import AdmissionPolicy, Job, generate_batch
+
+    with load(path, replace(options, n_seq=batch), cache_file) as model:
+        prompt = tuple(_prompt_tokens(model, n_prompt))
+        # All prompts in the first step (as llama-batched-bench reads them), each read by its own sequence.
+        policy = AdmissionPolicy(slots=batch, cells=model.n_cells, step_tokens=max(batch * n_prompt, batch),
+                                 min_shared=n_prompt + 1)
+        jobs = [Job(i, prompt, SamplingParams(temperature=0), max_tokens=n_gen) for i in range(batch)]
+        results = [answer.result for answer in generate_batch(model, jobs, policy)]
+    first = max(r.time_to_first_token for r in results)
+    generated = sum(r.completion_tokens - 1 for r in results)
+    return generated / max(max(r.total_seconds for r in results) - first, 1e-9), first

@@ -561,13 +561,15 @@ def _chat_stats(result) -> str:
 
 
 @app.command(cls=_Command, epilog=_examples("edgeinfer bench smollm2-135m-instruct qwen2.5-coder-0.5b-instruct",
-                                            "edgeinfer bench qwen2.5-coder-1.5b-instruct --draft auto -n 64"))
+                                            "edgeinfer bench qwen2.5-coder-1.5b-instruct --draft auto -n 64",
+                                            "edgeinfer bench qwen2.5-coder-0.5b-instruct --parallel 1,2,4,8 -p 32 -n 64"))
 @_shared_options(load=_loading, draft=_drafting, without=("ctx_size",))
 def bench(
     models: Annotated[Optional[list[str]], typer.Argument(metavar="[MODEL]...", help="Model references (default: the catalog's default model).")] = None,
     n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", help="Prompt tokens for the pp test (0 skips it).")] = 512,
     n_gen: Annotated[int, typer.Option("--n-gen", "-n", help="Generated tokens for the tg test (0 skips it).")] = 128,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 3,
+    parallel: Annotated[Optional[str], typer.Option("--parallel", "-npl", metavar="B,B,...", help="Sequences at once, e.g. 1,2,4,8: llama-batched-bench's aggregate generation speed (S_TG) for each, in place of pp and tg.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     *, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
@@ -578,7 +580,7 @@ def bench(
     from edgeinfer.render import count_progress, transfer_progress
 
     request = api.BenchRequest(models=tuple(models or [None]), n_prompt=n_prompt, n_gen=n_gen,
-                               repetitions=repetitions, load=load, draft=draft)
+                               repetitions=repetitions, load=load, draft=draft, parallel=_sizes(parallel))
     with transfer_progress(stderr) as progress:
         prepared = api.prepare_bench(request, progress)
     with count_progress(stderr) as progress:
@@ -597,6 +599,13 @@ def bench(
         ttft = f"{r.to_json()['median_time_to_first_token_ms']:.0f} ms" if r.time_to_first_token_ms else ""
         table.add_row(visible(r.model), r.test, f"{r.median:.2f}", f"{r.spread:.2f}", ttft)
     stdout.print(table)
+
+
+def _sizes(text: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",")) if text else ()
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a list of sizes such as 1,2,4,8", param_hint="--parallel") from None
 
 
 @app.command(cls=_Command, epilog=_examples("edgeinfer doctor", "edgeinfer doctor --json"))

@@ -75,3 +75,17 @@ def test_bench_with_a_draft_compares_plain_and_speculative(tiny_model, cli, edge
     tests = {r["test"]: r for r in json.loads(out)}
     assert set(tests) == {"pp8", "tg16", "tg16 code-edit", "tg16 code-edit --draft ngram"}
     assert all(r["median_tokens_per_second"] > 0 for r in tests.values())
+
+
+def test_bench_parallel_gives_the_aggregate_speed_of_each_batch_size(tiny_model, cli, edgeinfer_home):
+    code, out, _ = cli("bench", str(tiny_model), "--parallel", "1,2,4", "-p", "8", "-n", "16", "-r", "1", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["test"] for r in rows] == [f"pp8+tg16 x{b} (S_TG)" for b in (1, 2, 4)]
+    assert all(r["median_tokens_per_second"] > 0 and r["median_time_to_first_token_ms"] > 0 for r in rows)
+    code, out, _ = cli("bench", str(tiny_model), "--parallel", "1,2", "-p", "8", "-n", "8", "-r", "1")
+    assert code == 0 and "x2 (S_TG)" in out
+    result = cli("bench", str(tiny_model), "--parallel", "1,x")
+    assert result.exit_code == 2 and "is not a list of sizes" in result.stderr
+    result = cli("bench", str(tiny_model), "--parallel", "0,2")
+    assert result.exit_code == 2 and "--parallel takes sizes from 1 to" in result.stderr
