@@ -124,12 +124,13 @@ class Model:
 
         self._ll = llama_cpp
         self.path, self.info, self.n_ctx = path, info, n_ctx
-        self.n_batch = min(options.n_batch, n_ctx)
+        self.n_seq = options.n_seq
+        self.n_cells = options.n_cells or n_ctx * options.n_seq  # the KV cache's cells, all sequences together
+        # (a step of several sequences may hold more tokens than one sequence's context)
+        self.n_batch = min(options.n_batch, self.n_cells)
         self.n_threads = options.threads  # the most it uses: the cost book's key
         self.n_gpu_layers = options.n_gpu_layers
         self.cache_type = options.kv_type
-        self.n_seq = options.n_seq
-        self.n_cells = options.n_cells or n_ctx * options.n_seq  # the KV cache's cells, all sequences together
         self._model = self._load_model(path, options)
         # --threads is obeyed as given; the default starts from the cores other programs left free during
         # the load, and follows their load from there.

@@ -197,3 +197,14 @@ def test_a_sequence_given_a_prefix_keeps_it_after_its_donor_leaves(q8):
         answers = {a.key: a.result for a in generate_batch(model, [Job(1, tuple(first), GREEDY, 2),
                                                                    Job(2, tuple(second), GREEDY, 30)])}
     assert answers[2].tokens == alone(q8, [second], max_tokens=30)[0]
+
+
+def test_a_step_may_read_more_tokens_than_one_sequences_context_holds(q8):
+    # Four 40-token prompts of a 64-token context each: one step of 160 tokens reads them all.
+    prompts = [p[:40] for p in tokens_of(q8, [" ".join(PROMPTS[i:] + PROMPTS[:i]) for i in range(4)])]
+    with load(q8, replace(SOLO, n_ctx=64, n_seq=4)) as model:
+        batcher = Batcher(model, AdmissionPolicy(slots=4, cells=model.n_cells, step_tokens=160))
+        for i, prompt in enumerate(prompts):
+            batcher.submit(Job(i, tuple(prompt), GREEDY, 10))
+        batcher.step()
+        assert [model.held(s.slot) for s in batcher.live] == [40] * 4 and batcher.steps == 1
