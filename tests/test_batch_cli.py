@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -211,3 +212,30 @@ def test_the_python_api_answers_a_batch_in_order(q8, edgeinfer_home):
     results = list(api.run_batch(request, items))
     assert [r.id for r in results] == ["q0", "q1", "q2", "q3"]
     assert all(r.error is None and r.result.completion_tokens == 5 for r in results)
+
+
+def test_raw_prompts_are_plain_completions_and_messages_need_the_template(q8, cli, edgeinfer_home, tmp_path):
+    source = requests_file(tmp_path / "in.jsonl", [{"id": "raw", "prompt": PROMPTS[3]},
+                                                   {"id": "chat", "messages": [{"role": "user", "content": "hi"}]}])
+    result = batch(cli, q8, source, "--raw")
+    assert result.exit_code == 12
+    raw, chat = lines(result.stdout)
+    alone = cli("run", "-m", q8, *SETTINGS, "--raw", "--json", PROMPTS[3])
+    assert raw["text"] == json.loads(alone.stdout)["text"]
+    assert "messages need the chat template" in chat["error"]
+
+
+def test_at_a_terminal_a_bar_counts_the_answers_and_the_tokens_per_second(q8, edgeinfer_home, tmp_path):
+    import pexpect
+
+    source = requests_file(tmp_path / "in.jsonl", [{"id": i, "prompt": text} for i, text in enumerate(PROMPTS)])
+    output = tmp_path / "out.jsonl"
+    child = pexpect.spawn(sys.executable, ["-m", "edgeinfer", "run", "-m", str(q8), "--batch", str(source), "-o",
+                                           str(output), *SETTINGS], env=subprocess_env({"TERM": "xterm"}),
+                          encoding="utf-8", timeout=120, dimensions=(24, 100))
+    child.expect(pexpect.EOF)
+    child.close()
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", child.before)
+    assert child.exitstatus == 0, shown
+    assert re.search(r"answering.*6/6.*tok/s", shown)
+    assert len(lines(output.read_text())) == 6
