@@ -187,8 +187,7 @@ class Batcher:
         if not rows:
             return done
         if not self._decode(rows):
-            self._make_room()
-            return done
+            return done + self._make_room()
         end = 0
         for seq, start, count in rows:
             seq.n_cached += count
@@ -256,18 +255,19 @@ class Batcher:
         self.steps += 1
         return self.model.decode_rows(tokens, positions, ids, outputs)
 
-    def _make_room(self) -> None:
+    def _make_room(self) -> list[Answer]:
         """llama.cpp found no free cells for the step: the newest sequence gives its cells back and waits
-        at the head of the queue (its tokens kept, read again when it returns), and the policy admits fewer."""
+        at the head of the queue (its tokens kept, read again when it returns), and the policy admits fewer.
+        A sequence alone that finds no room has filled the cache: it ends as a full context ends."""
         if len(self.live) == 1:
-            raise GenerationError(f"the KV cache ({self.policy.cells} cells) cannot hold one sequence; "
-                                  "raise --ctx-size or lower --parallel")
+            return [self._leave(self.live[0], "context")]
         self.policy.crowded(len(self.live))
         seq = self.live[-1]
         self._release(seq)
         seq.n_cached, seq.donor = 0, None
         self.waiting.appendleft(seq)
         self.preempted += 1
+        return []
 
     def _cancelled(self) -> list[Answer]:
         done = [self._leave(seq, "cancelled") for seq in list(self.live) if seq.cancelled]

@@ -146,6 +146,7 @@ class Model:
     def _open_context(self) -> None:
         ll = self._ll
         self._ctx = self._new_context()
+        self.n_cells = ll.llama_n_ctx(self._ctx)  # (what llama.cpp made of it: it pads to a multiple of 256)
         self._memory = ll.llama_get_memory(self._ctx)
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self.cached: list[int] = []  # the tokens whose keys and values sit in the KV cache, in order

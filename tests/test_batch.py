@@ -174,6 +174,16 @@ def test_a_context_with_too_few_cells_for_all_sequences_holds_fewer_and_still_an
                for r, p in zip((answers[i] for i in range(3)), prompts))
 
 
+def test_a_sequence_alone_that_fills_every_cell_ends_as_a_full_context_does(q8):
+    prompt = tokens_of(q8, PROMPTS[:1])[0]
+    # (llama.cpp makes a cache of a multiple of 256 cells: here 256, for sequences of up to 400 tokens)
+    with load(q8, replace(SOLO, n_ctx=400, n_seq=2, n_cells=256)) as model:
+        assert model.n_cells == 256
+        answer, = generate_batch(model, [Job(0, tuple(prompt), GREEDY, 300)])
+    assert answer.result.finish_reason == "context"
+    assert answer.result.prompt_tokens + answer.result.completion_tokens == 257  # every cell, and the last sampled
+
+
 # --- shared prefixes ---------------------------------------------------------------------------
 
 
