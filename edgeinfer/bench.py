@@ -185,9 +185,9 @@ def aggregate_generation(path: Path, options: LoadOptions, batch: int, n_prompt:
 
     with load(path, replace(options, n_seq=batch), cache_file) as model:
         prompt = tuple(_prompt_tokens(model, n_prompt))
-        # All prompts in the first step (as llama-batched-bench reads them), each read by its own sequence.
-        policy = AdmissionPolicy(slots=batch, cells=model.n_cells, step_tokens=max(batch * n_prompt, batch),
-                                 min_shared=n_prompt + 1)
+        # All prompts in the first steps (as llama-batched-bench reads them), each read by its own sequence.
+        policy = AdmissionPolicy(slots=batch, cells=model.n_cells,
+                                 step_tokens=max(min(batch * n_prompt, model.n_batch), batch), min_shared=n_prompt + 1)
         jobs = [Job(i, prompt, SamplingParams(temperature=0), max_tokens=n_gen) for i in range(batch)]
         results = [answer.result for answer in generate_batch(model, jobs, policy)]
     first = max(r.time_to_first_token for r in results)

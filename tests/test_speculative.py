@@ -383,7 +383,7 @@ def test_a_pair_that_cannot_win_here_is_not_loaded_and_the_stats_say_why(tiny_fa
     # (a step of 50 us: faster than the tiny target's real steps, so this run finds no reason to doubt it).
     remember_costs(edgeinfer_home, models.target.path, Path(models.q4).name, lambda n: 0.00005 * n, 0.00002)
 
-    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "20", "-t", "2", "--cache-type", "f16", "Once upon a time"]
+    args = ["run", "--raw", "-m", models.target.path, "--temperature", "0", "-n", "128", "-t", "2", "--cache-type", "f16", "Once upon a time"]
     plain = cli(*args)
     code, out, err = cli(*args, "--draft", models.q4, "--stats", "--no-draft-lookup")
     assert code == 0 and out == plain.stdout
