@@ -448,7 +448,7 @@ def run(
     parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="With --batch: sequences at once (default: as many as fit in memory, at most 4).")] = None,
     *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
-    """Answer one prompt, streaming the text to stdout; or a file of them (--batch)."""
+    """Answer a prompt, streaming the text; or a JSONL file (--batch)."""
     from edgeinfer import api
     from edgeinfer.render import describe_stats, print_note
 
