@@ -170,14 +170,16 @@ def batch_progress(console: Console, total: int) -> Iterator[Callable[[Any], Non
 def describe_stats(stats: dict, detailed: bool = False) -> str:
     """What speculation did in a generation, for people (`edgeinfer run --stats`): one short line, or with
     `detailed` (--verbose) every figure the stepper kept."""
+    from edgeinfer.speculative.plan import gist
+
     who = f"speculative ({stats['drafter']}, {stats.get('cache_type')} cache)"
     if stats.get("skipped"):
-        return f"{who}: {stats['skipped'] if detailed else _gist(stats['skipped'])}"
+        return f"{who}: {stats['skipped'] if detailed else gist(stats['skipped'])}"
     line = f"{who}: {stats['accepted']}/{stats['drafted']} drafted tokens accepted, " \
            f"{stats['tokens_per_pass']:.2f} tokens per target pass"
     if stats.get("speedup"):
         line += f", {stats['speedup']:.2f}x the plain speed measured here"
-    notes = [stats[k] if detailed else _gist(stats[k]) for k in ("note", "long_context") if stats.get(k)]
+    notes = [stats[k] if detailed else gist(stats[k]) for k in ("note", "long_context") if stats.get(k)]
     line = "; ".join([line, *notes])
     if not detailed:
         return line
@@ -186,11 +188,6 @@ def describe_stats(stats: dict, detailed: bool = False) -> str:
             f"{stats['draft_length']} (mean {stats['mean_draft_length']}), {stats['tokens_per_second']:.1f} tok/s; "
             f"pass costs {stats['pass_cost_ratios']}, exact passes up to {stats['exact_pass_limit']} tokens "
             f"({stats['exact_pass_limit_long']} past 256), draft step {stats['draft_step_ms']} ms")
-
-
-def _gist(reason: str) -> str:
-    """A reason without its figures in parentheses: the short line says why, --verbose says how much."""
-    return reason.split(" (", 1)[0]
 
 
 def describe_threads(summary: dict) -> str | None:

@@ -65,6 +65,11 @@ class DraftOptions:
             raise UsageError("--draft-gpu-layers must be -1 (all), 0 or more")
 
 
+def gist(reason: str) -> str:
+    """A reason without its figures in parentheses: the short line says why, --stats -v says how much."""
+    return reason.split(" (", 1)[0]
+
+
 # --- pairing ----------------------------------------------------------------------
 
 
@@ -164,7 +169,7 @@ class SpeculationPlan:
     def change(self) -> str | None:
         """One short line for the user when --draft will not run as asked (the figures: --stats --verbose)."""
         said = self.skipped or self.note
-        return said.split(" (", 1)[0] if said else None
+        return gist(said) if said else None
 
 
 def plan_speculation(target: Path, draft_path: Path | None, options: DraftOptions | None, load_options: LoadOptions,
