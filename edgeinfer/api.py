@@ -4,13 +4,14 @@ docs/python-api.md shows it in use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeinfer.batchjob import BatchItem, BatchResult, answer_items, in_order
+from edgeinfer.batchjob import INTERRUPTED, BatchItem, BatchResult, BatchSummary, answer_items, answer_one_at_a_time, in_order
 from edgeinfer.engine import (MAX_SEQUENCES, GenerationResult, LoadOptions, check_context, ctrl_c_sets_flag, generate,
                               load)
 from edgeinfer.errors import ChatTemplateError, EdgeinferError, Interrupted, UsageError
@@ -27,6 +28,7 @@ from edgeinfer.speculative.costs import CostBook
 from edgeinfer.template import Message, chat_tokens, raw_tokens
 
 if TYPE_CHECKING:  # (what only some commands need is imported where it is used)
+    from edgeinfer.batchcost import BatchPlan
     from edgeinfer.bench import BenchResult
     from edgeinfer.chat import ChatSession
     from edgeinfer.doctor import Report
@@ -34,7 +36,7 @@ if TYPE_CHECKING:  # (what only some commands need is imported where it is used)
     from edgeinfer.library import ModelRow, PullResult, Removed
     from edgeinfer.quantize import QuantizeResult
 
-__all__ = ["BatchItem", "BatchRequest", "BatchResult", "BenchRequest", "ChatRequest", "DraftOptions", "EdgeinferError", "Library", "LoadOptions", "Prepared",
+__all__ = ["BatchItem", "BatchRequest", "BatchResult", "BatchSummary", "BenchRequest", "ChatRequest", "DraftOptions", "EdgeinferError", "Library", "LoadOptions", "Prepared",
            "RunRequest", "SamplingParams", "bench", "chat_template", "doctor", "info", "list_models", "model_and_prompt", "one_model",
            "open_chat", "prepare", "prepare_bench", "pull", "quantize", "recommended_settings",
            "remove", "run", "run_batch"]
@@ -122,16 +124,18 @@ class BatchRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     load: LoadOptions = field(default_factory=LoadOptions)
-    parallel: int | None = None  # sequences at once; None: as many as fit in memory, at most batch.DEFAULT_PARALLEL
+    # Sequences at once; None: the fewest within 5% of the best aggregate speed measured here (the first run
+    # measures it: batchcost), as many as fit in memory, at most 8 on a CPU.
+    parallel: int | None = None
     step_tokens: int | None = None  # tokens one step evaluates at most; None: batch.DEFAULT_STEP
-    draft: None = None  # (speculative decoding is for one sequence: batched steps are plain)
+    # Speculative decoding: the requests are answered one at a time with it where its measured promise for one
+    # sequence beats the batch's aggregate speed-up, else in plain batched steps (batchcost.speculate_or_batch).
+    draft: DraftOptions | None = None
 
     def __post_init__(self) -> None:
         check_max_tokens(self.max_tokens)
         if self.parallel is not None and not 1 <= self.parallel <= MAX_SEQUENCES:
             raise UsageError(f"--parallel must be between 1 and {MAX_SEQUENCES}")
-        if self.draft is not None:
-            raise UsageError("--draft does not combine with --batch: batched steps are plain")
 
 
 def check_max_tokens(max_tokens: int | None) -> None:
@@ -158,6 +162,7 @@ class Prepared:
     # (its recommendation), else from llama.cpp's defaults.
     sampling: SamplingParams = LLAMA_CPP
     max_tokens: int | None = None
+    batch: BatchPlan | None = None  # a batch's sequences at once (for its plain batched steps: `load` has them)
 
 
 def prepare(request: RunRequest | ChatRequest | BatchRequest, progress: ProgressReporter | None = None, *,
@@ -166,20 +171,22 @@ def prepare(request: RunRequest | ChatRequest | BatchRequest, progress: Progress
     (for a batch, each of its sequences'), and resolve, pull and pair-check its draft, before any weights load."""
     lib = lib or Library.open()
     prepared = _prepare(lib, request, request.model, progress)
-    return _with_sequences(prepared) if isinstance(request, BatchRequest) else prepared
+    return _with_sequences(prepared, lib) if isinstance(request, BatchRequest) else prepared
 
 
-def _with_sequences(prepared: Prepared) -> Prepared:
-    """A batch's load options with its sequences counted: --parallel, else as many as fit in memory now."""
-    from edgeinfer import machine
-    from edgeinfer.batch import DEFAULT_PARALLEL
+def _with_sequences(prepared: Prepared, lib: Library) -> Prepared:
+    """A batch's sequences at once (batchcost.plan_batch: --parallel, else the best measured here, else as
+    many as fit, for the run to measure), and its load options for plain batched steps with them counted."""
+    from edgeinfer.batchcost import BatchCostBook, plan_batch
     from edgeinfer.engine import context_size
 
-    info, load_options = inspect(prepared.path, prepared.cache_file), prepared.load
+    info = inspect(prepared.path, prepared.cache_file)
+    load_options = prepared.request.load.decided()  # (plain steps: plain's cache; a --draft's is its plan's)
     n_ctx = context_size(info, load_options)
-    n_seq = prepared.request.parallel or machine.most_sequences(info, n_ctx, load_options.kv_type, DEFAULT_PARALLEL)
-    check_context(info, n_ctx, load_options.kv_type, n_seq)
-    return replace(prepared, load=replace(load_options, n_seq=n_seq))
+    plan = plan_batch(prepared.path, info, n_ctx, load_options, prepared.request.parallel,
+                      BatchCostBook(lib.store.batch_costs))
+    check_context(info, n_ctx, load_options.kv_type, plan.loaded())
+    return replace(prepared, load=replace(load_options, n_seq=plan.loaded()), batch=plan)
 
 
 def prepare_bench(request: BenchRequest, progress: ProgressReporter | None = None, *,
@@ -277,7 +284,8 @@ def run(prepared: Prepared | RunRequest, *, on_text: Callable[[str], None] | Non
 
 
 def run_batch(prepared: Prepared | BatchRequest, items: Iterable[BatchItem], *, ordered: bool = True,
-              on_done: Callable[[BatchResult], None] | None = None, progress: ProgressReporter | None = None,
+              on_done: Callable[[BatchResult], None] | None = None, on_note: Callable[[str], None] | None = None,
+              summary: BatchSummary | None = None, progress: ProgressReporter | None = None,
               lib: Library | None = None) -> Iterator[BatchResult]:
     """Answer many prompts, as many at once as the context holds (continuous batching: docs/batching.md).
 
@@ -286,15 +294,88 @@ def run_batch(prepared: Prepared | BatchRequest, items: Iterable[BatchItem], *, 
     context, a template that fails) gets a result with its error, and the others go on. Ctrl-C ends the
     batch between two steps: the results complete by then are yielded, then Interrupted is raised. A
     BatchRequest is prepared first (its model pulled if missing, reported to `progress`).
+
+    `on_note` hears what was decided on the way, in a line each: the sequences at once, measured by the
+    first run on this model here, and what a --draft came to. `summary` is filled in as the batch runs.
     """
+    from edgeinfer.batchcost import speculate_or_batch
+    from edgeinfer.speculative.plan import promised_speedup
+
     if isinstance(prepared, BatchRequest):
         prepared = prepare(prepared, progress, lib=lib)
-    with load(prepared.path, prepared.load, prepared.cache_file) as model, ctrl_c_sets_flag() as interrupted:
-        results = answer_items(model, items, prepared.request, prepared.sampling, prepared.max_tokens,
-                               stop=interrupted.is_set, on_done=on_done)
-        yield from (in_order(results) if ordered else results)
+    note, summary = on_note or (lambda _line: None), summary if summary is not None else BatchSummary()
+    jobs = len(items) if isinstance(items, Sized) else None  # (never more sequences than requests)
+    if prepared.plan.options is not None:
+        speculative_load = prepared.request.load.decided(prepared.plan.run_cache)
+        speculate, why = speculate_or_batch(promised_speedup(prepared.plan, prepared.path, speculative_load),
+                                            prepared.batch.costs, prepared.batch.slots(jobs))
+        note(why)
+        if speculate:
+            yield from _one_at_a_time(prepared, speculative_load, items, on_done, summary)
+            return
+    yield from _batched(prepared, items, jobs, ordered, on_done, note, summary)
+
+
+def _batched(prepared: Prepared, items: Iterable[BatchItem], jobs: int | None, ordered: bool,
+             on_done: Callable[[BatchResult], None] | None, note: Callable[[str], None],
+             summary: BatchSummary) -> Iterator[BatchResult]:
+    """The items in plain batched steps; a first run on this model here measures what a step costs first."""
+    from edgeinfer.batchcost import measure
+
+    plan = prepared.batch
+    with load(prepared.path, replace(prepared.load, n_seq=plan.loaded(jobs)), prepared.cache_file) as model, \
+            ctrl_c_sets_flag() as interrupted:
+        if plan.measures:
+            plan = plan.measured(measure(model, plan.sizes))
+            plan.book.record(plan.key, plan.costs)
+            note(f"measured {'again' if plan.again else 'once'} what a batched step costs here: "
+                 f"{plan.costs.describe()}; {plan.parallel} "
+                 f"sequence{'s' * (plan.parallel > 1)} at once ({plan.costs.speedup(plan.parallel):.2f}x one's "
+                 "speed, within 5% of the best)")
+        summary.parallel, summary.how = plan.slots(jobs), plan.how
+        with _summing(model, summary, on_done) as done:
+            results = answer_items(model, items, prepared.request, prepared.sampling, prepared.max_tokens,
+                                   slots=plan.slots(jobs), stop=interrupted.is_set, on_done=done)
+            yield from (in_order(results) if ordered else results)
         if interrupted.is_set():
-            raise Interrupted("interrupted: the answers complete by then are written")
+            raise Interrupted(INTERRUPTED)
+
+
+def _one_at_a_time(prepared: Prepared, load_options: LoadOptions, items: Iterable[BatchItem],
+                   on_done: Callable[[BatchResult], None] | None, summary: BatchSummary) -> Iterator[BatchResult]:
+    """The items one after another, each as `run --draft` answers it (speculative decoding, one sequence)."""
+    request, cache = prepared.request, prepared.cache_file
+    with load(prepared.path, load_options, cache) as model, \
+            speculation(model, prepared.plan, load_options, prepared.max_tokens, cache) as factory, \
+            ctrl_c_sets_flag() as interrupted:
+        summary.parallel, summary.how = 1, "one at a time, speculative"
+        with _summing(model, summary, on_done) as done:
+            yield from answer_one_at_a_time(model, items, request, prepared.sampling, prepared.max_tokens, factory,
+                                            stop=interrupted.is_set, on_done=done)
+
+
+@contextmanager
+def _summing(model, summary: BatchSummary, on_done: Callable[[BatchResult], None] | None) -> Iterator[Callable]:
+    """A callback that adds each result to the summary before `on_done` hears of it; the steps and the time
+    from here to the end of the block go to the summary too (also when Ctrl-C ends it)."""
+    decodes = _decodes(model)
+    start = time.perf_counter()
+
+    def done(result: BatchResult) -> None:
+        summary.add(result)
+        if on_done is not None:
+            on_done(result)
+
+    try:
+        yield done
+    finally:
+        summary.seconds += time.perf_counter() - start
+        summary.steps += _decodes(model) - decodes
+
+
+def _decodes(model) -> int:
+    """The llama_decode calls the model made that found room (its thread tuner counts each)."""
+    return sum(model.tuner.by_threads.values()) if model.tuner is not None else 0
 
 
 @contextmanager

@@ -9,13 +9,15 @@ batcher, and their answers written as JSON Lines, resumably."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+import math
+import statistics
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from edgeinfer.errors import ChatTemplateError, EdgeinferError, UsageError
+from edgeinfer.errors import ChatTemplateError, EdgeinferError, Interrupted, UsageError
 from edgeinfer.sampling import SamplingParams, out_of_range
 from edgeinfer.template import Message, chat_tokens, raw_tokens
 from edgeinfer.textstream import is_text
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 FILE_LIMIT = 256 << 20  # a batch file larger than this is a mistake (a binary file, /dev/zero)
 _SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int}
+INTERRUPTED = "interrupted: the answers complete by then are written"
 _FIELDS = {"id", "prompt", "messages", "system", "max_tokens", "stop", *_SAMPLING}
 
 
@@ -62,6 +65,56 @@ class BatchResult:
         return {"id": self.id, "text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens, "time_to_first_token_s": round(r.time_to_first_token, 4),
                 "total_s": round(r.total_seconds, 4)}
+
+
+@dataclass
+class BatchSummary:
+    """What a batch did, all its requests together (`run --batch --stats`): filled in as it runs."""
+
+    jobs: int = 0  # requests answered or failed
+    failed: int = 0
+    prompt_tokens: int = 0
+    prompt_read: int = 0  # of them evaluated; the rest were given by a sequence that held them
+    generated: int = 0
+    seconds: float = 0.0  # from the first step to the last answer (loading and measuring not counted)
+    first_tokens: list[float] = field(default_factory=list)  # each answer's time to first token, seconds
+    steps: int = 0  # the model's llama_decode calls
+    parallel: int = 0  # sequences at once
+    how: str = ""  # where that number came from: --parallel, measured now or earlier, ...
+
+    def add(self, result: BatchResult) -> None:
+        self.jobs += 1
+        if result.result is None:
+            self.failed += 1
+            return
+        self.prompt_tokens += result.result.prompt_tokens
+        self.prompt_read += result.prompt_read
+        self.generated += result.result.completion_tokens
+        self.first_tokens.append(result.result.time_to_first_token)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens over the batch's time, all sequences together."""
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def median_first_token(self) -> float | None:
+        return statistics.median(self.first_tokens) if self.first_tokens else None
+
+    @property
+    def p90_first_token(self) -> float | None:
+        """The time to first token 90% of the answers got within (the nearest rank)."""
+        ordered = sorted(self.first_tokens)
+        return ordered[math.ceil(0.9 * len(ordered)) - 1] if ordered else None
+
+    def to_json(self) -> dict:
+        median, p90 = self.median_first_token, self.p90_first_token
+        return {"jobs": self.jobs, "failed": self.failed, "prompt_tokens": self.prompt_tokens,
+                "prompt_tokens_read": self.prompt_read, "generated_tokens": self.generated,
+                "seconds": round(self.seconds, 3), "generation_tokens_per_second": round(self.tokens_per_second, 2),
+                "median_time_to_first_token_s": None if median is None else round(median, 4),
+                "p90_time_to_first_token_s": None if p90 is None else round(p90, 4),
+                "steps": self.steps, "parallel": self.parallel, "parallel_from": self.how}
 
 
 # --- reading requests -----------------------------------------------------------------
@@ -234,12 +287,13 @@ def _answered(path: Path) -> set[str]:
 
 
 def answer_items(model: Model, items: Iterable[BatchItem], request: BatchRequest, sampling: SamplingParams,
-                 max_tokens: int | None, *, stop: Callable[[], bool] | None = None,
+                 max_tokens: int | None, *, slots: int | None = None, stop: Callable[[], bool] | None = None,
                  on_done: Callable[[BatchResult], None] | None = None) -> Iterator[BatchResult]:
-    """Each item's result as it completes (`on_done` hears of it first); an item that cannot become a job
-    (a bad line, a template that fails, a prompt too long) is answered by its error. `sampling` and
-    `max_tokens` are the request's, with the model's recommendations filled in."""
-    from edgeinfer.batch import AdmissionPolicy, generate_batch
+    """Each item's result as it completes (`on_done` hears of it first), `slots` sequences at once (None:
+    as many as the context holds); an item that cannot become a job (a bad line, a template that fails, a
+    prompt too long) is answered by its error. `sampling` and `max_tokens` are the request's, with the
+    model's recommendations filled in."""
+    from edgeinfer.batch import DEFAULT_STEP, AdmissionPolicy, generate_batch
 
     by_index: dict[int, BatchItem] = {}
     failed: list[BatchResult] = []
@@ -255,7 +309,9 @@ def answer_items(model: Model, items: Iterable[BatchItem], request: BatchRequest
             yield job
 
     def results() -> Iterator[BatchResult]:
-        policy = AdmissionPolicy(model.n_seq, model.n_cells, request.step_tokens) if request.step_tokens else None
+        places = slots or model.n_seq
+        policy = AdmissionPolicy(places, model.n_cells,
+                                 request.step_tokens or min(model.n_batch, max(DEFAULT_STEP, places)))
         for answer in generate_batch(model, jobs(), policy, stop=stop):
             yield from _drained(failed)
             item = by_index.pop(answer.key)
@@ -267,6 +323,38 @@ def answer_items(model: Model, items: Iterable[BatchItem], request: BatchRequest
         if on_done is not None:
             on_done(result)
         yield result
+
+
+def answer_one_at_a_time(model: Model, items: Iterable[BatchItem], request: BatchRequest, sampling: SamplingParams,
+                         max_tokens: int | None, stepper_factory: Callable, *, stop: Callable[[], bool] | None = None,
+                         on_done: Callable[[BatchResult], None] | None = None) -> Iterator[BatchResult]:
+    """answer_items' results one sequence at a time, each generated as `run` generates one answer (with
+    `stepper_factory`: speculative decoding), in the items' order. Ctrl-C (`stop`, or one that ends a
+    generation) raises Interrupted: the answer it cut short is dropped."""
+    from edgeinfer.engine import generate
+
+    for index, item in enumerate(items):
+        if stop is not None and stop():
+            raise Interrupted(INTERRUPTED)
+        try:
+            job = _job(model, request, item, index, sampling, max_tokens)
+            held = _common_length(model.cached, job.prompt)  # (what the previous answer left: not read again)
+            answer = generate(model, job.prompt, job.sampling, max_tokens=job.max_tokens, stop=job.stop,
+                              stepper_factory=stepper_factory)
+        except EdgeinferError as exc:
+            error = str(exc) if str(exc).startswith("line ") or not item.line else f"line {item.line}: {exc}"
+            result = BatchResult(item.id, index, error=error)
+        else:
+            if answer.finish_reason == "interrupted":
+                raise Interrupted(INTERRUPTED)
+            result = BatchResult(item.id, index, answer, prompt_read=len(job.prompt) - min(held, len(job.prompt) - 1))
+        if on_done is not None:
+            on_done(result)
+        yield result
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def in_order(results: Iterable[BatchResult]) -> Iterator[BatchResult]:

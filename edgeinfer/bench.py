@@ -127,7 +127,7 @@ def _prompt_tokens(model: Model, n: int) -> list[int]:
     return [int(t) for t in rng.choice(ordinary, size=n)]
 
 
-def _counting_tokens(model: Model, n: int) -> list[int]:
+def counting_tokens(model: Model, n: int) -> list[int]:
     """n tokens of "1, 2, 3, ...": a model goes on counting rather than ending its answer, so every sequence
     generates all its tokens, as llama-batched-bench's do (it never stops at an end-of-generation token;
     on random tokens a model often says one within a few tokens, and S_TG would time a smaller batch)."""
@@ -192,7 +192,7 @@ def aggregate_generation(path: Path, options: LoadOptions, batch: int, n_prompt:
     from edgeinfer.batch import AdmissionPolicy, Job, generate_batch
 
     with load(path, replace(options, n_seq=batch), cache_file) as model:
-        prompt = tuple(_counting_tokens(model, n_prompt))
+        prompt = tuple(counting_tokens(model, n_prompt))
         # All prompts in the first steps (as llama-batched-bench reads them), each read by its own sequence.
         policy = AdmissionPolicy(slots=batch, cells=model.n_cells,
                                  step_tokens=max(min(batch * n_prompt, model.n_batch), batch), min_shared=n_prompt + 1)

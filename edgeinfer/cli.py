@@ -441,11 +441,11 @@ def run(
     max_tokens: MaxTokensOpt = None,
     stop: StopOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
-    stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr after the answer.")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr after the answer (with --batch: the batch's sum, with --json as JSON).")] = False,
     batch: Annotated[Optional[str], typer.Option("--batch", metavar="FILE", help="Answer each request of a JSON Lines file ('-': stdin), several at once: a line holds an id and a prompt or messages; the answers are JSON Lines.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --batch: append the answers to this file; a rerun skips the ids answered there.")] = None,
     unordered: Annotated[bool, typer.Option("--unordered", help="With --batch: write each answer when it is complete, not in the file's order.")] = False,
-    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="With --batch: sequences at once (default: as many as fit in memory, at most 4).")] = None,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="With --batch: sequences at once (default: the fewest within 5% of the best speed measured here, as many as fit in memory, at most 8 on a CPU).")] = None,
     *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
     """Answer a prompt, streaming the text; or a JSONL file (--batch)."""
@@ -455,11 +455,11 @@ def run(
     lib = api.Library.open()  # (one look at the catalog and the store, for the arguments and the request)
     if batch is not None or output is not None or unordered or parallel is not None:
         model, text = api.model_and_prompt(prompt or [], model, more_text=True, lib=lib)
-        _refuse_beside_batch(batch, PROMPT=text, **{"--file": file, "--json": as_json, "--stats": stats})
+        _refuse_beside_batch(batch, PROMPT=text, **{"--file": file, "--json without --stats": as_json and not stats})
         return _run_batch(batch, output, unordered, lib, api.BatchRequest(
             model=model, system=_read_system(system, system_file), raw=raw, parse_special=parse_special,
             sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, parallel=parallel,
-            draft=draft))
+            draft=draft), stats=("json" if as_json else "text") if stats else None)
     more = _read_prompt(file)  # (first: a lone MODEL argument is the model when the prompt comes from here)
     model, prompt = api.model_and_prompt(prompt or [], model, more_text=bool(more.strip()), lib=lib)
     prepared = _prepare(api.RunRequest(
@@ -492,13 +492,16 @@ def _refuse_beside_batch(batch: str | None, **given: Any) -> None:
             raise UsageError(f"{name} does not go with --batch: the prompts come from the file, the answers are JSON Lines")
 
 
-def _run_batch(source: str, output: Path | None, unordered: bool, lib: Library, request: BatchRequest) -> None:
-    """`run --batch`: a file of requests answered as JSON Lines, to stdout or appended to --output."""
+def _run_batch(source: str, output: Path | None, unordered: bool, lib: Library, request: BatchRequest,
+               stats: str | None = None) -> None:
+    """`run --batch`: a file of requests answered as JSON Lines, to stdout or appended to --output; with
+    `stats` ("text" or "json") the batch's summary on stderr at the end."""
     from edgeinfer import api, batchjob
     from edgeinfer.errors import RequestsFailed
     from edgeinfer.render import batch_progress, print_note
 
     items = _read_batch(source)
+    summary = api.BatchSummary()
     with batchjob.open_results(output, sys.stdout) as out:
         todo = [item for item in items if out.wants(item)]
         if len(todo) < len(items):
@@ -506,11 +509,29 @@ def _run_batch(source: str, output: Path | None, unordered: bool, lib: Library, 
         if not todo:
             return
         prepared = _prepare(request, lib)
-        with batch_progress(stderr, len(todo)) as done:
-            for result in api.run_batch(prepared, todo, ordered=not unordered, on_done=done):
-                out.write(result)
+        try:
+            with batch_progress(stderr, len(todo)) as done:
+                for result in api.run_batch(prepared, todo, ordered=not unordered, on_done=done, summary=summary,
+                                            on_note=lambda line: print_note(stderr, line)):
+                    out.write(result)
+        finally:
+            if stats:
+                _print_batch_stats(summary, stats)
     if out.failed:
         raise RequestsFailed(f"{out.failed} of {out.written} requests failed; their lines say why")
+
+
+def _print_batch_stats(summary, form: str) -> None:
+    if form == "json":
+        sys.stderr.write(json.dumps(summary.to_json()) + "\n")
+        return
+    s = summary
+    first = (f"first token {s.median_first_token * 1000:.0f} ms median, {s.p90_first_token * 1000:.0f} ms p90"
+             if s.first_tokens else "no first token")
+    stderr.print(f"{s.jobs} requests ({s.failed} failed); {s.prompt_tokens} prompt tokens ({s.prompt_read} read, "
+                 f"{s.prompt_tokens - s.prompt_read} given by a shared prefix), {s.generated} generated in "
+                 f"{s.seconds:.1f} s: {s.tokens_per_second:.1f} tok/s together; {first}; {s.steps} steps, "
+                 f"{s.parallel} sequence{'s' * (s.parallel != 1)} at once ({s.how})", markup=False, highlight=False)
 
 
 def _read_batch(source: str) -> list[BatchItem]:

@@ -60,6 +60,7 @@ class Store:
         self.manifest_path = root / "manifest.json"
         self.inspect_cache = root / "gguf-metadata-cache.json"
         self.speculation_costs = root / "speculation-costs.json"  # what speculative decoding costs here (costs.CostBook)
+        self.batch_costs = root / "batch-costs.json"  # what a batched step costs here (batchcost.BatchCostBook)
 
     # --- reading ---------------------------------------------------------------
 

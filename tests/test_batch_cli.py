@@ -98,7 +98,7 @@ def test_a_bad_line_gets_its_error_line_and_the_others_are_answered(q8, cli, edg
         {"id": "too-long", "prompt": "word " * 400},
         {"id": "good2", "prompt": PROMPTS[1]},
     ])
-    result = batch(cli, q8, source)
+    result = batch(cli, q8, source, "--parallel", "2")
     assert result.exit_code == 12
     assert "5 of 7 requests failed" in result.error_line
     answers = lines(result.stdout)
@@ -184,7 +184,7 @@ def test_batch_options_without_batch_are_refused(q8, cli, edgeinfer_home, extra)
     assert result.exit_code == 2 and "--batch" in result.error_line
 
 
-@pytest.mark.parametrize("extra", [["hello"], ["--json"], ["--draft", "ngram"], ["-f", "in.jsonl"]])
+@pytest.mark.parametrize("extra", [["hello"], ["--json"], ["-f", "in.jsonl"]])
 def test_what_does_not_go_with_batch_is_refused(q8, cli, edgeinfer_home, tmp_path, extra, monkeypatch):
     monkeypatch.chdir(tmp_path)
     requests_file(tmp_path / "in.jsonl", [{"id": 1, "prompt": "hi"}])
@@ -239,3 +239,93 @@ def test_at_a_terminal_a_bar_counts_the_answers_and_the_tokens_per_second(q8, ed
     assert child.exitstatus == 0, shown
     assert re.search(r"answering.*6/6.*tok/s", shown)
     assert len(lines(output.read_text())) == 6
+
+
+# --- the sequences at once, measured; --stats; --draft -----------------------------------------
+
+
+def test_a_first_run_measures_what_a_batched_step_costs_and_later_runs_read_it(q8, cli, edgeinfer_home, tmp_path):
+    source = requests_file(tmp_path / "in.jsonl", [{"id": i, "prompt": text} for i, text in enumerate(PROMPTS)])
+    book = edgeinfer_home / "batch-costs.json"
+    code, out, err = batch(cli, q8, source, "--stats", "--json")
+    assert code == 0, err
+    note = next(line for line in err.splitlines() if "measured once what a batched step costs here" in line)
+    assert "for B = 1, 2, 4, 8" in note
+    (entry,) = json.loads(book.read_text()).values()
+    assert sorted(entry["ratios"]) == ["1", "2", "4", "8"] and entry["ratios"]["1"] == 1.0
+    summary = json.loads(err.splitlines()[-1])
+    assert summary["parallel_from"] == "measured now" and 1 <= summary["parallel"] <= 6
+    assert f"{summary['parallel']} sequence" in note or summary["parallel"] == len(PROMPTS)
+    # (as if measured on a quiet CPU: one taken beside other programs is taken again when the CPU is quiet)
+    book.write_text(json.dumps({key: {**value, "contended": False} for key, value in json.loads(book.read_text()).items()}))
+    recorded = book.read_text()
+    code, again, err = batch(cli, q8, source, "--stats", "--json")
+    assert code == 0 and "what a batched step costs" not in err
+    assert json.loads(err.splitlines()[-1])["parallel_from"] == "measured earlier"
+    assert book.read_text() == recorded
+    assert [a["text"] for a in lines(again)] == [a["text"] for a in lines(out)]
+
+
+def test_stats_sum_up_the_batch_on_stderr(q8, cli, edgeinfer_home, tmp_path):
+    header = "You are a careful assistant who answers every question about numbers in one short line. "
+    source = requests_file(tmp_path / "in.jsonl", [{"id": i, "prompt": header + text} for i, text in enumerate(PROMPTS)])
+    code, out, err = batch(cli, q8, source, "--parallel", "3", "--stats")
+    assert code == 0, err
+    answers = lines(out)
+    line = err.strip().splitlines()[-1]
+    generated = sum(a["completion_tokens"] for a in answers)
+    assert re.match(rf"6 requests \(0 failed\); {sum(a['prompt_tokens'] for a in answers)} prompt tokens \(\d+ read, "
+                    rf"\d+ given by a shared prefix\), {generated} generated in [\d.]+ s: [\d.]+ tok/s together; first "
+                    rf"token \d+ ms median, \d+ ms p90; \d+ steps, 3 sequences at once \(--parallel\)$", line), line
+    code, _, err = batch(cli, q8, source, "--parallel", "3", "--stats", "--json")
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert summary["jobs"] == 6 and summary["generated_tokens"] == generated and summary["parallel"] == 3
+    # (the shared header is read once, then given: the first sequences read it beside each other, later ones not)
+    assert summary["prompt_tokens_read"] < summary["prompt_tokens"]
+    assert summary["steps"] >= 12 and summary["p90_time_to_first_token_s"] >= summary["median_time_to_first_token_s"]
+
+
+def _speculation_against_batch(home: Path, q8: Path, pass_cost, batch_ratios: dict[int, float]) -> None:
+    """What earlier runs would have measured: speculation's pass costs (prompt lookup) and a batched step's."""
+    from edgeinfer.batchcost import BatchCostBook, StepCosts, step_key
+    from test_speculative import remember_costs
+
+    remember_costs(home, q8, "ngram", pass_cost, 0.0, cache_type="q8_0")
+    BatchCostBook(home / "batch-costs.json").record(step_key(q8, 2, None, "q8_0"), StepCosts(batch_ratios, 0.01))
+
+
+def _alone(cli, q8: Path, prompts: list[str]) -> list[str]:
+    return [json.loads(cli("run", "-m", q8, *SETTINGS, "--json", text).stdout)["text"] for text in prompts]
+
+
+def test_with_draft_a_batch_goes_one_at_a_time_speculating_where_that_promises_more(q8, cli, edgeinfer_home, tmp_path):
+    # Verification nearly free, and a step of B sequences costing B steps of one: speculation wins.
+    _speculation_against_batch(edgeinfer_home, q8, lambda n: 0.01 * (1 + 0.02 * n), {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0})
+    source = requests_file(tmp_path / "in.jsonl", [{"id": i, "prompt": text} for i, text in enumerate(PROMPTS)])
+    code, out, err = batch(cli, q8, source, "--draft", "ngram", "--stats", "--json")
+    assert code == 0, err
+    assert re.search(r"one request at a time, speculative: speculation promises [\d.]+x one sequence's plain speed, "
+                     r"\d sequences in batched steps 1.00x", err), err
+    assert json.loads(err.splitlines()[-1])["parallel_from"] == "one at a time, speculative"
+    assert [a["id"] for a in lines(out)] == list(range(len(PROMPTS)))
+    assert [a["text"] for a in lines(out)] == _alone(cli, q8, PROMPTS)
+
+
+def test_with_draft_a_batch_keeps_plain_batched_steps_where_they_promise_more(q8, cli, edgeinfer_home, tmp_path):
+    # Each verified token costs half a step more, and a step of B sequences costs one step: the batch wins.
+    _speculation_against_batch(edgeinfer_home, q8, lambda n: 0.01 * (1 + 0.5 * (n - 1)), {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0})
+    source = requests_file(tmp_path / "in.jsonl", [{"id": i, "prompt": text} for i, text in enumerate(PROMPTS)])
+    code, out, err = batch(cli, q8, source, "--draft", "ngram", "--parallel", "3", "--stats", "--json")
+    assert code == 0, err
+    assert re.search(r"plain batched steps: speculation promises [\d.]+x one sequence's plain speed, 3 sequences in "
+                     r"batched steps 3.00x", err), err
+    assert json.loads(err.splitlines()[-1])["parallel_from"] == "--parallel"
+    assert [a["text"] for a in lines(out)] == _alone(cli, q8, PROMPTS)
+
+
+def test_with_draft_and_nothing_measured_a_batch_is_plain_and_says_so(q8, cli, edgeinfer_home, tmp_path):
+    source = requests_file(tmp_path / "in.jsonl", [{"id": i, "prompt": text} for i, text in enumerate(PROMPTS[:3])])
+    code, out, err = batch(cli, q8, source, "--draft", "ngram", "--parallel", "2")
+    assert code == 0, err
+    assert "plain batched steps, 2 sequences at once: what speculation gains here is not measured yet" in err
+    assert len(lines(out)) == 3

@@ -426,8 +426,6 @@ class CostBook:
         their timings are not the machine's and are not kept; the file's earlier ones stay."""
         if self.path is None or not self._models:
             return
-        from edgeinfer.store import atomic_write_text
-
         data = self._read()  # again: another run may have saved since (merge, do not overwrite)
         for key, model in self._models.items():
             if not (model.steps or model.forgotten):
@@ -437,16 +435,29 @@ class CostBook:
                 earlier = data.get(key) if isinstance(data.get(key), dict) else {}
                 entry.update({name: earlier.get(name, {} if name == "passes" else []) for name in TIMINGS})
             data[key] = entry
-        try:
-            atomic_write_text(self.path, json.dumps(data))
-        except OSError:
-            pass  # a read-only home only costs the next run some learning
+        write_book(self.path, data)
 
     def _read(self) -> dict:
-        if self.path is None or not self.path.is_file():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_book(self.path)
+
+
+def read_book(path: Path | None) -> dict:
+    """A book of measured figures (a JSON object); empty when it is missing or unreadable: it is learned again."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_book(path: Path, data: dict) -> None:
+    """Replace a book whole (readers see the old one or the new); a read-only home only costs the next
+    run some learning."""
+    from edgeinfer.store import atomic_write_text
+
+    try:
+        atomic_write_text(path, json.dumps(data))
+    except OSError:
+        pass

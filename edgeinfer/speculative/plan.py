@@ -250,6 +250,19 @@ def choose_cache(book: CostBook, target: Path, draft_path: Path | None, load_opt
     return max(speeds, key=speeds.__getitem__) if speeds else SPECULATION_CACHES[0]
 
 
+def promised_speedup(plan: SpeculationPlan, target: Path, load_options: LoadOptions) -> float | None:
+    """How many times plain decoding's speed the plan promises one sequence, from the costs and rates earlier
+    runs measured here (1.0: speculation is off; None: not measured yet). A batch weighs it against its own."""
+    if not plan.verifying:
+        return 1.0
+    costs = plan.book.peek(pair_key(target, plan.drafter_name, load_options.threads, load_options.n_gpu_layers,
+                                    plan.cache_type or load_options.kv_type))
+    if costs is None or not costs.fresh or costs.measured(1) is None or costs.measured(2) is None:
+        return None
+    hint = step_cost_hint(plan.draft_path.stat().st_size, target.stat().st_size) if plan.draft_path else 0.0
+    return max(1.0, _promised_speed(costs, hint, plan.options, copy=plan.draft_path is None) * costs.measured(1))
+
+
 def _promised_speed(costs: CostModel, hint: float, options: DraftOptions, copy: bool) -> float:
     """Tokens per second the best draft length promises with these costs and the rates seen so far (0: no
     pass is exact)."""
