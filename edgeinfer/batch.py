@@ -4,19 +4,21 @@
 # forward together: each `step` is one llama_decode with one token for every sequence that is generating,
 # then chunks of the prompts being read, under a token budget, so that answers keep coming while a long
 # prompt is read. A sequence that finishes leaves at once, its cells freed, and a waiting one takes its
-# place at the next step. Whom to admit and how much prompt to read is an `AdmissionPolicy`: numbers in,
-# decisions out. docs/batching.md explains the step, admission, prefix sharing and exactness.
+# place at the next step; the cells it leaves stay in its place as a prefix for whoever comes next (the
+# next turn of a conversation reads only its new tokens). Whom to admit and how much prompt to read is an
+# `AdmissionPolicy`: numbers in, decisions out. `generate_one` is `run` and `chat`: a batch of one.
+# docs/batching.md explains the step, admission, prefix sharing and exactness.
 
 from __future__ import annotations
 
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from edgeinfer.engine import GenerationResult, Model
+from edgeinfer.engine import GenerationResult, Model, ctrl_c_sets_flag
 from edgeinfer.errors import GenerationError, UsageError
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.textstream import TextStream
@@ -101,7 +103,7 @@ class Sequence:
         self.read = 0
         self.started: float | None = None
         self.first: float | None = None
-        self.cancelled = False
+        self.cancelled: str | None = None  # the finish_reason a cancel gave it
 
     @property
     def unread(self) -> int:
@@ -137,7 +139,8 @@ class Sequence:
         produced = tuple(self.tokens[len(self.job.prompt):])
         result = GenerationResult(text=self.stream.text, finish_reason=reason, prompt_tokens=len(self.job.prompt),
                                   completion_tokens=len(produced), time_to_first_token=(self.first or now) - started,
-                                  total_seconds=now - started, tokens=produced, cache_type=cache_type)
+                                  total_seconds=now - started, tokens=produced, cache_type=cache_type,
+                                  cached_tokens=len(self.job.prompt) - self.read)
         return Answer(self.job.key, result, self.read)
 
 
@@ -146,15 +149,24 @@ class Batcher:
 
     def __init__(self, model: Model, policy: AdmissionPolicy | None = None) -> None:
         self.model = model
-        self.policy = policy or AdmissionPolicy(model.n_seq, model.n_cells,
-                                                min(model.n_batch, max(DEFAULT_STEP, model.n_seq)))
+        # (one sequence reads its prompt in steps of n_batch, as llama.cpp does: nobody else waits for them)
+        step = model.n_batch if model.n_seq == 1 else min(model.n_batch, max(DEFAULT_STEP, model.n_seq))
+        self.policy = policy or AdmissionPolicy(model.n_seq, model.n_cells, step)
         if self.policy.step_tokens > model.n_batch or self.policy.slots > model.n_seq:
             raise UsageError(f"the context takes {model.n_seq} sequences and {model.n_batch} tokens a step")
         self.waiting: deque[Sequence] = deque()
         self.live: list[Sequence] = []  # in the order admitted
         self._free = list(range(self.policy.slots - 1, -1, -1))
+        # Free places whose cells are kept from the answer that ended there, oldest first: the prefix the next
+        # sequence placed there reuses. The model's own record of sequence 0 (`Model.cached`, what the last
+        # run or chat turn left) is where a Batcher begins, and what close() leaves it.
+        self.kept: dict[int, list[int]] = {}
         self.steps = self.preempted = 0
-        model.forget(-1)
+        for slot in range(1, model.n_seq):
+            model.forget(slot)
+        model.forget(0, len(model.cached))
+        if model.cached:
+            self.kept[0] = list(model.cached)
 
     @property
     def busy(self) -> bool:
@@ -174,10 +186,11 @@ class Batcher:
                                   "shorten it or raise --ctx-size")
         self.waiting.append(Sequence(job, self.model.n_ctx))
 
-    def cancel(self, key: Hashable) -> None:
-        """End a job at the next step, waiting or admitted (its answer: finish_reason "cancelled")."""
+    def cancel(self, key: Hashable, reason: str = "cancelled") -> None:
+        """End a job at the next step, waiting or admitted (its answer's finish_reason: `reason`)."""
         for seq in (*self.live, *self.waiting):
-            seq.cancelled = seq.cancelled or seq.job.key == key
+            if seq.job.key == key and seq.cancelled is None:
+                seq.cancelled = reason
 
     def step(self) -> list[Answer]:
         """One llama_decode for the admitted sequences; the answers it (or a cancel) finished."""
@@ -198,27 +211,71 @@ class Batcher:
         return done
 
     def close(self) -> None:
-        """Free every cell (what a Ctrl-C leaves under way is dropped)."""
-        self.model.forget(-1)
-        self.live.clear()
+        """Drop what is under way (a Ctrl-C); free every cell but those of sequence 0, which the model's
+        record (`Model.cached`) then names: the next run or turn on this model may reuse them."""
+        for seq in list(self.live):
+            self._release(seq, keep=True)
         self.waiting.clear()
+        for slot in range(1, self.model.n_seq):
+            self.model.forget(slot)
+        self.model.cached = self.kept.get(0, [])
+        self.model.forget(0, len(self.model.cached))
+        self.kept.clear()
 
     # --- the parts of a step ------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Waiting sequences take the places the policy allows; each looks for a sequence holding its prefix."""
-        held = sum(len(s.tokens) for s in self.live)
-        while self.waiting and self._free and self.policy.admits(len(self.live), held, len(self.waiting[0].tokens)):
-            seq = self.waiting.popleft()
-            seq.slot, seq.started = self._free.pop(), seq.started or time.perf_counter()
+        """Waiting sequences take the places the policy allows, each where the cells kept hold the longest
+        prefix of its tokens, unless a live sequence holds a longer one (it is then given that one)."""
+        while self.waiting and self._free:
+            seq = self.waiting[0]
+            slot, reused = self._place(seq)
+            if not self.policy.admits(len(self.live), self._held(besides=slot), len(seq.tokens)):
+                if self.policy.admits(len(self.live), 0, 0) and self._drop_kept(besides=slot):
+                    continue  # (the cells were short: the oldest kept prefix made room)
+                return
+            self.waiting.popleft()
+            self._free.remove(slot)
+            self.kept.pop(slot, None)
+            seq.slot, seq.started = slot, seq.started or time.perf_counter()
             seq.donor, seq.wanted = self._donor(seq)
+            if seq.donor is not None and seq.wanted >= reused + self.policy.min_shared:
+                reused = 0  # (given the donor's cells: its own place must hold none)
+            else:
+                seq.donor, seq.wanted = None, 0
+            self.model.forget(slot, reused)
+            seq.n_cached = reused
             self.live.append(seq)
-            held += len(seq.tokens)
         for seq in self.live:
             if seq.donor is not None and seq.donor.n_cached >= seq.wanted:
                 # (the donor has read that far: its cells become this sequence's too)
                 self.model.share(seq.donor.slot, seq.slot, seq.wanted)
                 seq.n_cached, seq.donor = seq.wanted, None
+
+    def _place(self, seq: Sequence) -> tuple[int, int]:
+        """The free place for a sequence, and how many of its tokens the cells kept there hold (its last
+        token excepted: its logits are wanted). None held anywhere: an empty place, else the oldest kept."""
+        most = len(seq.tokens) - 1
+        shared = {slot: _common_prefix(self.kept.get(slot, []), seq.tokens, most) for slot in self._free}
+        best = max(shared, key=shared.get)
+        if shared[best]:
+            return best, shared[best]
+        empty = [slot for slot in self._free if slot not in self.kept]
+        return (empty[-1] if empty else next(iter(self.kept))), 0
+
+    def _held(self, besides: int = -1) -> int:
+        """The cells in use: live sequences' tokens and the prefixes kept (but the one at `besides`)."""
+        kept = sum(len(tokens) for slot, tokens in self.kept.items() if slot != besides)
+        return kept + sum(len(s.tokens) for s in self.live)
+
+    def _drop_kept(self, besides: int = -1) -> bool:
+        """Free the oldest kept prefix (not the one at `besides`); False when there is none."""
+        slot = next((slot for slot in self.kept if slot != besides), None)
+        if slot is None:
+            return False
+        self.model.forget(slot)
+        del self.kept[slot]
+        return True
 
     def _donor(self, seq: Sequence) -> tuple[Sequence | None, int]:
         """The live sequence whose tokens begin as this one's do for longest, and for how many tokens (the
@@ -258,7 +315,10 @@ class Batcher:
     def _make_room(self) -> list[Answer]:
         """llama.cpp found no free cells for the step: the newest sequence gives its cells back and waits
         at the head of the queue (its tokens kept, read again when it returns), and the policy admits fewer.
-        A sequence alone that finds no room has filled the cache: it ends as a full context ends."""
+        A sequence alone that finds no room has filled the cache: it ends as a full context ends. Kept
+        prefixes go first."""
+        if self._drop_kept():
+            return []
         if len(self.live) == 1:
             return [self._leave(self.live[0], "context")]
         self.policy.crowded(len(self.live))
@@ -270,19 +330,23 @@ class Batcher:
         return []
 
     def _cancelled(self) -> list[Answer]:
-        done = [self._leave(seq, "cancelled") for seq in list(self.live) if seq.cancelled]
+        done = [self._leave(seq, seq.cancelled) for seq in list(self.live) if seq.cancelled]
         gone = [seq for seq in self.waiting if seq.cancelled]
         for seq in gone:
             self.waiting.remove(seq)
-        return done + [seq.answer("cancelled", self.model.cache_type) for seq in gone]
+        return done + [seq.answer(seq.cancelled, self.model.cache_type) for seq in gone]
 
     def _leave(self, seq: Sequence, reason: str) -> Answer:
-        self._release(seq)
+        self._release(seq, keep=True)
         return seq.answer(reason, self.model.cache_type)
 
-    def _release(self, seq: Sequence) -> None:
-        """Free a sequence's cells (those it shares stay with the others) and its place."""
-        self.model.forget(seq.slot)
+    def _release(self, seq: Sequence, keep: bool = False) -> None:
+        """Give up a sequence's place; its cells stay there as a kept prefix (`keep`), else are freed (those
+        it shares stay with the others)."""
+        if keep:
+            self.kept[seq.slot] = seq.tokens[:seq.n_cached]
+        else:
+            self.model.forget(seq.slot)
         self._free.append(seq.slot)
         self.live.remove(seq)
         seq.slot = -1
@@ -299,6 +363,7 @@ def generate_batch(model: Model, jobs: Iterable[Job], policy: AdmissionPolicy | 
     job whose prompt cannot fit is answered with its error. `stop`, asked between steps (Ctrl-C's flag),
     ends the batch there: the answers under way are dropped.
     """
+    model.forget(-1)  # (a batch starts from an empty cache: its timings are its own)
     batcher = Batcher(model, policy)
     pending = iter(jobs)
     try:
@@ -309,6 +374,31 @@ def generate_batch(model: Model, jobs: Iterable[Job], policy: AdmissionPolicy | 
             yield from batcher.step()
     finally:
         batcher.close()
+
+
+def generate_one(model: Model, prompt: Iterable[int], sampling: SamplingParams = SamplingParams(), *,
+                 max_tokens: int | None = None, stop: Iterable[str] = (),
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """One answer (`run`, a chat turn): a batch of one sequence, which reuses the prefix sequence 0 holds
+    and leaves its own there. Ctrl-C ends it after the step under way (finish_reason "interrupted"), the
+    text so far kept; a prompt that cannot fit is a GenerationError."""
+    start = time.perf_counter()
+    batcher = Batcher(model)
+    batcher.submit(Job(0, tuple(prompt), sampling, max_tokens, tuple(stop), on_text))
+    done: list[Answer] = []
+    with ctrl_c_sets_flag() as interrupted:
+        try:
+            while not done:
+                if interrupted.is_set():
+                    batcher.cancel(0, "interrupted")
+                done = batcher.step()
+            waited = time.perf_counter() - start - done[0].result.total_seconds  # (before it was admitted)
+        finally:
+            batcher.close()
+    result = done[0].result
+    return replace(result, time_to_first_token=result.time_to_first_token + waited,
+                   total_seconds=time.perf_counter() - start,
+                   threads=model.tuner.summary() if model.tuner is not None else {})
 
 
 def _fill(batcher: Batcher, pending: Iterator[Job]) -> Iterator[Answer]:

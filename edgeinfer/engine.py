@@ -2,9 +2,10 @@
 
 # `Model` owns one llama.cpp model and context and knows which tokens its KV cache
 # holds, so a new prompt that shares a prefix with the last one (the next chat
-# turn) only evaluates the new tokens. `generate` is the one token loop: it asks a
-# `Stepper` for the next tokens (one at a time for plain decoding, several for
-# speculative decoding), and streams their text.
+# turn) only evaluates the new tokens. `generate` answers one prompt: plain decoding
+# through the batch engine (batch.py, one sequence), speculative decoding through the
+# loop here, which asks a `Stepper` for the next tokens (several at a time), and
+# streams their text.
 
 from __future__ import annotations
 
@@ -416,6 +417,7 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)  # extra figures from the stepper (speculative decoding)
     threads: dict = field(default_factory=dict)  # what other programs' load did to the run (threads.ThreadTuner)
     cache_type: str = "f16"  # the KV cache's type the answer was computed with
+    cached_tokens: int = 0  # prompt tokens the cache already held (a conversation's earlier turns): not read again
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -455,8 +457,13 @@ def generate(
     """Generate from a prompt until end of generation, a stop string, max_tokens or a full context.
 
     Ctrl-C ends generation cleanly after the step under way (finish_reason "interrupted");
-    the text so far is kept.
+    the text so far is kept. Plain decoding goes through the batch engine (a batch of one sequence);
+    a stepper (speculative decoding) through the loop below.
     """
+    if stepper_factory is None:
+        from edgeinfer.batch import generate_one  # (batch.py builds on this module: imported at the call)
+
+        return generate_one(model, prompt, sampling, max_tokens=max_tokens, stop=stop, on_text=on_text)
     start = time.perf_counter()
     emit = on_text or (lambda _text: None)
     sampler = Sampler(sampling)
@@ -464,6 +471,7 @@ def generate(
     history, produced = list(prompt), []
     stream, reason, first = TextStream(stop), None, 0.0
     limit = max_tokens if max_tokens is not None else model.n_ctx
+    cached = min(_common_prefix(model.cached, prompt), len(prompt) - 1)
     with ctrl_c_sets_flag() as interrupted:
         logits = model.prefill(prompt)
         stepper.prepare(prompt)
@@ -490,6 +498,7 @@ def generate(
         stats=stats() if callable(stats) else {},
         threads=model.tuner.summary() if model.tuner is not None else {},
         cache_type=model.cache_type,
+        cached_tokens=max(cached, 0),
     )
 
 

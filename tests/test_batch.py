@@ -111,7 +111,7 @@ def test_stop_strings_and_max_tokens_are_each_sequences_own(q8):
 # --- continuous batching -------------------------------------------------------------------
 
 
-def test_a_finished_sequence_frees_its_cells_and_a_waiting_one_takes_its_place(q8):
+def test_a_finished_sequence_leaves_at_once_and_a_waiting_one_takes_its_place(q8):
     prompts = tokens_of(q8, PROMPTS[:3])
     with load(q8, replace(SOLO, n_seq=2)) as model:
         batcher = Batcher(model)
@@ -120,18 +120,40 @@ def test_a_finished_sequence_frees_its_cells_and_a_waiting_one_takes_its_place(q
         done = batcher.step()  # both prompts read, a first token each; the third waits
         assert done == [] and [s.job.key for s in batcher.live] == ["short", "long"]
         assert [s.job.key for s in batcher.waiting] == ["waiting"]
-        short_slot = batcher.live[0].slot
+        short = batcher.live[0]
         while not done:
             done = batcher.step()
-        assert [a.key for a in done] == ["short"] and model.held(short_slot) == 0  # its cells are free at once
+        # Its place is free at once; its cells stay there as a prefix for whoever comes next.
+        assert [a.key for a in done] == ["short"] and short.slot == -1
+        assert batcher.kept == {0: short.tokens[:-1]} and model.held(0) == len(short.tokens) - 1
         batcher.step()  # the next step admits the waiting one into that place and reads its prompt
         admitted = next(s for s in batcher.live if s.job.key == "waiting")
-        assert admitted.slot == short_slot and model.held(short_slot) == len(prompts[2])
+        assert admitted.slot == 0 and model.held(0) == len(prompts[2]) and batcher.kept == {}
         finished = {}
         while batcher.busy:
             finished.update((a.key, a.result) for a in batcher.step())
         assert finished["waiting"].tokens == alone(q8, [prompts[2]], max_tokens=10)[0]
-        assert all(model.held(slot) == 0 for slot in range(2))
+        batcher.close()
+        # Sequence 0's cells are what the model's record says; every other sequence's are free.
+        assert model.held(1) == 0 and model.held(0) == len(model.cached) > 0
+
+
+def test_the_next_turn_placed_where_its_beginning_is_kept_reads_only_its_new_tokens(q8):
+    first, other = tokens_of(q8, PROMPTS[:2])
+    with load(q8, replace(SOLO, n_seq=2)) as model:
+        batcher = Batcher(model)
+        batcher.submit(Job("turn 1", tuple(first), GREEDY, 6))
+        batcher.submit(Job("other", tuple(other), GREEDY, 30))
+        answers = {}
+        while "turn 1" not in answers:
+            answers.update((a.key, a) for a in batcher.step())
+        turn2 = first + list(answers["turn 1"].result.tokens) + tokens_of(q8, [" and then"])[0][1:]
+        batcher.submit(Job("turn 2", tuple(turn2), GREEDY, 10))
+        while batcher.busy:
+            answers.update((a.key, a) for a in batcher.step())
+    kept = len(first) + 6 - 1  # (the last token sampled was never read)
+    assert answers["turn 2"].prompt_read == len(turn2) - kept
+    assert answers["turn 2"].result.tokens == alone(q8, [turn2], max_tokens=10)[0]
 
 
 def test_a_cancelled_sequence_leaves_at_the_next_step(q8):
