@@ -30,7 +30,7 @@ CPU_SIZES = (1, 2, 4, 8)  # at most 8 sequences on a CPU (issue 22): past that e
 GPU_SIZES = (1, 2, 4, 8, 16, 32)  # a GPU's steps stay cheap far longer
 NEAR_BEST = 0.95  # the fewest sequences within 5% of the best aggregate speed: more would buy little
 PROMPT = 16  # tokens each measuring sequence reads first (a step's attention then covers a few cells)
-ROUNDS = 7  # timed steps of each size, after an untimed one (a size's first step allocates compute buffers)
+ROUNDS = 5  # timed steps of each size, after an untimed one (a size's first step allocates compute buffers)
 QUIET = 0.5  # cores other programs may keep busy for the CPU to count as quiet (threads.ThreadTuner's test)
 FORMAT = 1  # entries written in another layout are measured again
 _STALE_SECONDS = 7 * 24 * 3600  # as speculation's costs: machines and builds change
@@ -123,8 +123,11 @@ def measure(model: Model, sizes: Sequence[int]) -> StepCosts:
     model.forget(-1)
     times: dict[int, list[float]] = {b: [] for b in sizes}
     try:
-        for seq in range(max(sizes)):
-            _decode(model, prompt, range(n), [seq] * n, [False] * n)
+        rows = [(seq, i) for seq in range(max(sizes)) for i in range(n)]  # (every prompt, in as few steps as fit)
+        for at in range(0, len(rows), model.n_batch):
+            chunk = rows[at:at + model.n_batch]
+            _decode(model, [prompt[i] for _, i in chunk], [i for _, i in chunk], [seq for seq, _ in chunk],
+                    [False] * len(chunk))
         for rep in range(ROUNDS + 1):
             for b in sizes if rep % 2 else sizes[::-1]:
                 start = time.perf_counter()
@@ -191,7 +194,8 @@ class BatchPlan:
 
     @property
     def measures(self) -> bool:
-        return not self.given and self.costs is None
+        """(Not where one sequence is all that fits: there is nothing to compare, and a later run may have more room.)"""
+        return not self.given and self.costs is None and self.most > 1
 
     def loaded(self, jobs: int | None = None) -> int:
         """The sequences the context is made for: the most that fit for a run that measures, else `slots`."""

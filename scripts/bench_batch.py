@@ -8,12 +8,14 @@
    prompts were read.
 2. The physics: v(B), the cost of one pass of B tokens relative to one token (one sequence, logits at
    every row, as a verification pass), and the ideal aggregate speed-up B / v(B), with the share of it
-   that edgeinfer reached.
+   that edgeinfer reached; beside it v(B) as `run --batch` measures it for its default --parallel (B
+   sequences' one token each: batchcost.measure), and the default it would choose. --costs-only: just these.
 3. `edgeinfer run --batch` of --jobs prompts against as many sequential `edgeinfer run` processes, wall
    time, with how many answers are identical and peak memory of each.
 
     .venv/bin/python scripts/bench_batch.py --model qwen2.5-coder-0.5b-instruct --llama-cpp LLAMA_CPP_BUILD/bin
     .venv/bin/python scripts/bench_batch.py --model qwen2.5-coder-1.5b-instruct --model q8.gguf --jobs 0
+    .venv/bin/python scripts/bench_batch.py --model qwen2.5-coder-1.5b-instruct --costs-only --reps 3
 Models are references as everywhere in edgeinfer (catalog names, pulled when missing, or .gguf paths).
 """
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeinfer import machine  # noqa: E402
+from edgeinfer import batchcost, machine  # noqa: E402
 from edgeinfer.bench import aggregate_generation  # noqa: E402
 from edgeinfer.engine import LoadOptions, load  # noqa: E402
 from edgeinfer.library import Library, locate  # noqa: E402
@@ -73,6 +75,12 @@ def pass_costs(path: Path, sizes: list[int], args) -> dict[int, float]:
                 model.truncate(32)
             times[b] = statistics.median(samples[1:])
     return {b: times[b] / times[1] for b in sizes}
+
+
+def row_costs(path: Path, sizes: list[int], args) -> list[dict[int, float]]:
+    """v(B) as `run --batch` measures it (B sequences, one token each), --reps times, on one loaded context."""
+    with load(path, LoadOptions(n_ctx=256, n_threads=args.threads, n_seq=max(sizes))) as model:
+        return [batchcost.measure(model, sizes).ratios for _ in range(args.reps)]
 
 
 def whole_runs(model: str, args) -> dict:
@@ -119,6 +127,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=32, help="prompts for the run --batch comparison (0: skip it)")
     parser.add_argument("--jobs-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--costs-only", action="store_true", help="only v(B), both ways, and the default --parallel")
     args = parser.parse_args()
     sizes = [int(b) for b in args.parallel.split(",")]
     lib = Library.open()
@@ -126,6 +135,15 @@ def main() -> None:
               "tg": args.tg, "reps": args.reps, "models": []}
     for ref in args.model or ["qwen2.5-coder-0.5b-instruct"]:
         path = locate(lib, ref, pull_missing=True)
+        measured = row_costs(path, sizes, args)
+        rows_v = {b: statistics.median(m[b] for m in measured) for b in sizes}
+        default = batchcost.choose_parallel(batchcost.StepCosts(rows_v, 0.0), max(sizes))
+        print(f"  {path.name}: v(B) of B sequences' rows, each of {args.reps} measurements: "
+              f"{[{b: round(v, 2) for b, v in m.items()} for m in measured]}; default --parallel {default}", flush=True)
+        if args.costs_only:
+            report["models"].append({"model": ref, "path": str(path), "v_rows": rows_v, "default_parallel": default,
+                                     "measurements": measured})
+            continue
         speeds: dict[str, dict[int, list[float]]] = {"edgeinfer": {b: [] for b in sizes}, "llama-batched-bench": {b: [] for b in sizes}}
         for rep in range(args.reps):
             for b in sizes if rep % 2 == 0 else sizes[::-1]:
@@ -138,14 +156,14 @@ def main() -> None:
         rows = []
         for b in sizes:
             row = {"B": b, "edgeinfer_s_tg": statistics.median(speeds["edgeinfer"][b]), "v": round(v[b], 2),
-                   "ideal_speedup": round(b / v[b], 2)}
+                   "ideal_speedup": round(b / v[b], 2), "v_rows": round(rows_v[b], 2)}
             row["speedup"] = row["edgeinfer_s_tg"] / statistics.median(speeds["edgeinfer"][1]) if 1 in sizes else None
             row["share_of_ideal"] = row["speedup"] / row["ideal_speedup"] if row["speedup"] else None
             if args.llama_cpp:
                 row["llama_s_tg"] = statistics.median(speeds["llama-batched-bench"][b])
                 row["vs_llama"] = row["edgeinfer_s_tg"] / row["llama_s_tg"]
             rows.append(row)
-        entry = {"model": ref, "path": str(path), "rows": rows}
+        entry = {"model": ref, "path": str(path), "rows": rows, "default_parallel": default}
         if args.jobs:
             entry["run_batch"] = whole_runs(ref, args)
         report["models"].append(entry)
@@ -156,12 +174,13 @@ def main() -> None:
 
 def print_model(entry: dict) -> None:
     print(f"\n{entry['model']}:")
-    print("  B   S_TG ours  llama-b-b   ours/llama   v(B)  B/v(B)  speed-up  share of ideal")
+    print(f"  (run --batch's default --parallel here: {entry['default_parallel']})")
+    print("  B   S_TG ours  llama-b-b   ours/llama   v(B)  B/v(B)  speed-up  share of ideal  v(B) of B rows")
     for r in entry["rows"]:
         llama = f"{r['llama_s_tg']:9.2f}  {r['vs_llama']:10.3f}x" if "llama_s_tg" in r else f"{'-':>9}  {'-':>11}"
         share = f"{r['share_of_ideal']:.0%}" if r["share_of_ideal"] else "-"
         print(f"  {r['B']:<3} {r['edgeinfer_s_tg']:9.2f}  {llama}  {r['v']:5.2f}  {r['ideal_speedup']:6.2f}  "
-              f"{(r['speedup'] or 0):7.2f}x  {share:>8}")
+              f"{(r['speedup'] or 0):7.2f}x  {share:>8}  {r['v_rows']:14.2f}")
     if "run_batch" in entry:
         rb = entry["run_batch"]
         print(f"  run --batch of {rb['jobs']} prompts ({rb['tokens']} tokens): {rb['batch_s']:.1f} s against "
