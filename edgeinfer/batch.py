@@ -23,10 +23,6 @@ from edgeinfer.errors import GenerationError, UsageError
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.textstream import TextStream
 
-# Sequences at once when --parallel is not given (and memory allows). A guess until scripts/bench_batch.py
-# measures the best per machine: on a 2-core Zen 4 a step of 4 tokens costs about 2.3 one-token steps
-# (issue 22), so 4 sequences give about 1.7x the tokens per second of one, while each still streams.
-DEFAULT_PARALLEL = 4
 # Tokens one step evaluates at most. A generating sequence waits for the whole step, prompt chunks
 # included: 128 tokens keep that wait near a second for a 1.5B model on 2 cores, while chunks that long
 # already use the CPU's matrix kernels about as well as whole prompts do.

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 CPU_SIZES = (1, 2, 4, 8)  # at most 8 sequences on a CPU (issue 22): past that each answer waits too long a step
 GPU_SIZES = (1, 2, 4, 8, 16, 32)  # a GPU's steps stay cheap far longer
 NEAR_BEST = 0.95  # the fewest sequences within 5% of the best aggregate speed: more would buy little
-PROMPT = 16  # tokens each measuring sequence reads first (a step's attention then covers a few cells)
+PROMPT = 8  # tokens each measuring sequence reads first (its attention then covers a few cells; B prompts cost
+# B x 8 tokens of prompt processing, 1.3 s at B = 8 on the 1.5B Q4_K_M on 2 cores)
 ROUNDS = 5  # timed steps of each size, after an untimed one (a size's first step allocates compute buffers)
 QUIET = 0.5  # cores other programs may keep busy for the CPU to count as quiet (threads.ThreadTuner's test)
 FORMAT = 1  # entries written in another layout are measured again
