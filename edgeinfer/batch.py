@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from edgeinfer.engine import GenerationResult, Model, ctrl_c_sets_flag
 from edgeinfer.errors import GenerationError, UsageError
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.textstream import TextStream
+
+if TYPE_CHECKING:
+    from edgeinfer.grammar import Grammar
 
 # Tokens one step evaluates at most. A generating sequence waits for the whole step, prompt chunks
 # included: 128 tokens keep that wait near a second for a 1.5B model on 2 cores, while chunks that long
@@ -42,6 +46,7 @@ class Job:
     max_tokens: int | None = None  # None: until the sequence's context is full
     stop: tuple[str, ...] = ()
     on_text: Callable[[str], None] | None = None  # the text as it comes (a server's stream)
+    grammar: Grammar | None = None  # structured output: each sequence keeps its own state in its sampler
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class Sequence:
         self.tokens = list(job.prompt)  # the prompt, then each token sampled; those past n_cached are read next
         self.n_cached = 0
         self.slot = -1  # its sequence id in the context while it is admitted
-        self.sampler, self.stream = Sampler(job.sampling), TextStream(job.stop)
+        self.sampler, self.stream = Sampler(job.sampling, job.grammar), TextStream(job.stop)
         self.limit = job.max_tokens if job.max_tokens is not None else n_ctx
         self.donor: Sequence | None = None  # a sequence reading the prefix this one will be given
         self.wanted = 0  # how much of it
@@ -374,13 +379,13 @@ def generate_batch(model: Model, jobs: Iterable[Job], policy: AdmissionPolicy | 
 
 def generate_one(model: Model, prompt: Iterable[int], sampling: SamplingParams = SamplingParams(), *,
                  max_tokens: int | None = None, stop: Iterable[str] = (),
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 on_text: Callable[[str], None] | None = None, grammar: Grammar | None = None) -> GenerationResult:
     """One answer (`run`, a chat turn): a batch of one sequence, which reuses the prefix sequence 0 holds
     and leaves its own there. Ctrl-C ends it after the step under way (finish_reason "interrupted"), the
     text so far kept; a prompt that cannot fit is a GenerationError."""
     start = time.perf_counter()
     batcher = Batcher(model)
-    batcher.submit(Job(0, tuple(prompt), sampling, max_tokens, tuple(stop), on_text))
+    batcher.submit(Job(0, tuple(prompt), sampling, max_tokens, tuple(stop), on_text, grammar))
     done: list[Answer] = []
     with ctrl_c_sets_flag() as interrupted:
         try:

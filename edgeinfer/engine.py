@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from edgeinfer.errors import GenerationError, InvalidModelError, UsageError
 from edgeinfer.ggufinfo import GGUFInfo, inspect
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.textstream import TextStream
+
+if TYPE_CHECKING:
+    from edgeinfer.grammar import Grammar
 
 DEFAULT_CTX = 4096
 AUTO_CACHE = "auto"
@@ -418,6 +421,9 @@ class GenerationResult:
     threads: dict = field(default_factory=dict)  # what other programs' load did to the run (threads.ThreadTuner)
     cache_type: str = "f16"  # the KV cache's type the answer was computed with
     cached_tokens: int = 0  # prompt tokens the cache already held (a conversation's earlier turns): not read again
+    # Structured output (--format json, --json-schema): did the finished answer parse and validate, and if not why.
+    schema_valid: bool | None = None
+    schema_error: str | None = None
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -441,6 +447,8 @@ class GenerationResult:
             **({"speculative": self.stats} if self.stats else {}),
             **({"threads": self.threads} if self.threads else {}),
             "cache_type": self.cache_type,
+            **({"schema_valid": self.schema_valid} if self.schema_valid is not None else {}),
+            **({"schema_error": self.schema_error} if self.schema_error else {}),
         }
 
 
@@ -453,20 +461,23 @@ def generate(
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
     stepper_factory: Callable[[Model, Sampler], Stepper] | None = None,
+    grammar: Grammar | None = None,
 ) -> GenerationResult:
     """Generate from a prompt until end of generation, a stop string, max_tokens or a full context.
 
     Ctrl-C ends generation cleanly after the step under way (finish_reason "interrupted");
     the text so far is kept. Plain decoding goes through the batch engine (a batch of one sequence);
-    a stepper (speculative decoding) through the loop below.
+    a stepper (speculative decoding) through the loop below. A `grammar` (structured output) constrains
+    every token and ends the answer.
     """
     if stepper_factory is None:
         from edgeinfer.batch import generate_one  # (batch.py builds on this module: imported at the call)
 
-        return generate_one(model, prompt, sampling, max_tokens=max_tokens, stop=stop, on_text=on_text)
+        return generate_one(model, prompt, sampling, max_tokens=max_tokens, stop=stop, on_text=on_text,
+                            grammar=grammar)
     start = time.perf_counter()
     emit = on_text or (lambda _text: None)
-    sampler = Sampler(sampling)
+    sampler = Sampler(sampling, grammar)
     stepper = (stepper_factory or PlainStepper)(model, sampler)
     history, produced = list(prompt), []
     stream, reason, first = TextStream(stop), None, 0.0

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -16,6 +17,8 @@ from edgeinfer.errors import UsageError
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from edgeinfer.grammar import Grammar, GrammarState
 else:
     # numpy, imported by the first Sampler: the catalog holds SamplingParams, and reading it (`edgeinfer
     # list`, `--help`) must not pay numpy's import.
@@ -101,17 +104,61 @@ def setting_names() -> list[str]:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams) -> None:
+    """Draws tokens for one answer; with a grammar (structured output) it holds that answer's state in it."""
+
+    def __init__(self, params: SamplingParams, grammar: Grammar | None = None) -> None:
         global np
         import numpy as np
 
         self.params = params.over(LLAMA_CPP)
         self.rng = np.random.default_rng(None if self.params.seed == -1 else self.params.seed)
+        self.constraint: GrammarState | None = grammar.start() if grammar is not None else None
 
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        if self.constraint is not None:
+            return self._constrained(logits, history)
+        return self._sample(logits, history)
+
+    def _sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
         if self.params.greedy and self.params.repeat_penalty == 1.0:
             return int(np.argmax(logits))  # the hot path of greedy decoding: no copies
-        return self.draw(self.distribution(logits, history))
+        return self.draw(self._distribution(logits, history))
+
+    def _constrained(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        """Sample as usual and ask the grammar about that token alone; only when it is refused, mask the whole
+        vocabulary and sample again (llama.cpp's common sampler does the same). Greedy, that is the argmax of
+        the masked logits; without top-k/top-p/min-p, the same distribution as masking first."""
+        state = self.constraint
+        state.follow(history)
+        if state.complete:
+            return state.grammar.end_token
+        token = self._sample(logits, history)
+        if state.allows(token):
+            return token
+        return self._sample(state.mask(logits), history)
+
+    def fork(self) -> "Sampler":
+        """This sampler for a drafter: the same settings and random numbers, its own copy of the grammar's
+        state, so that drafts are proposed under the grammar without moving the answer's own state."""
+        other = copy.copy(self)
+        if self.constraint is not None:
+            other.constraint = self.constraint.fork()
+        return other
+
+    def allowed(self, history: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many of `tokens`, after `history`, the grammar takes in a row (all of them without one): a copy
+        out of the context is cut there before it is verified."""
+        if self.constraint is None:
+            return len(tokens)
+        state = self.constraint.fork()
+        state.follow(history)
+        for n, token in enumerate(tokens):
+            if state.complete:  # (a whole JSON value: only its end may follow)
+                return n + (token == state.grammar.end_token)
+            if not state.allows(token):
+                return n
+            state.accept(token)
+        return len(tokens)
 
     def draw(self, probs: np.ndarray) -> int:
         """One token from a probability vector (which need not be normalised)."""
@@ -120,7 +167,18 @@ class Sampler:
         return min(index, len(probs) - 1)
 
     def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """The full next-token distribution after every transformation (zeros where excluded)."""
+        """The full next-token distribution after every transformation (zeros where excluded), the grammar's
+        mask among them (speculative sampling's p and q: here the whole vocabulary is masked)."""
+        if self.constraint is not None:
+            self.constraint.follow(history)
+            if self.constraint.complete:
+                probs = np.zeros(len(logits), dtype=np.float64)
+                probs[self.constraint.grammar.end_token] = 1.0
+                return probs
+            logits = self.constraint.mask(logits)
+        return self._distribution(logits, history)
+
+    def _distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.params
         x = self._penalised(logits, history)
         probs = np.zeros(x.shape[0], dtype=np.float64)

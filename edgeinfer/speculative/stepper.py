@@ -124,18 +124,20 @@ class SpeculativeStepper:
         return room
 
     def _draft(self, history: list[int], length: int, copy: Draft | None) -> Draft:
-        """The copy cut to length, or the drafter's proposal, whose timings go to the cost model."""
+        """The copy cut to length, or the drafter's proposal, whose timings go to the cost model; under a
+        grammar (structured output), cut where the grammar refuses a token, which the target never picks."""
         if copy is not None:  # proposed before the length was chosen
-            return replace(copy, tokens=copy.tokens[:length], dists=copy.dists[:length])
+            return _allowed(replace(copy, tokens=copy.tokens[:length], dists=copy.dists[:length]), history, self.sampler)
         start = time.perf_counter()
-        draft = self.drafter.propose(history, length, self.sampler, self.options.p_min)
+        # (a fork: the draft model's proposals follow the grammar on a copy of the answer's state)
+        draft = self.drafter.propose(history, length, self.sampler.fork(), self.options.p_min)
         spent = time.perf_counter() - start
         self.costs.observe_catch_up(draft.catch_up_seconds, draft.catch_up_tokens)
         if draft.sync_seconds:
             self.costs.observe_sync(draft.sync_seconds)
         if draft.steps:
             self.costs.observe_draft((spent - draft.catch_up_seconds - draft.sync_seconds) / draft.steps)
-        return draft
+        return _allowed(draft, history, self.sampler)
 
     def _verify(self, history: list[int], draft: Draft, length: int) -> list[int]:
         """One target pass over the last token and the draft; the tokens it gives."""
@@ -209,6 +211,12 @@ class SpeculativeStepper:
         fix = "; --cache-type q8_0 or bf16 keeps them exact" if self.target.cache_type == "f16" else ""
         return (f"past {LONG_CONTEXT} tokens of context {where} score exactly as one-token steps here, "
                 f"so no longer draft was verified there{fix}")
+
+
+def _allowed(draft: Draft, history: list[int], sampler: Sampler) -> Draft:
+    """The draft up to its first token the sampler's grammar refuses (all of it without a grammar)."""
+    n = sampler.allowed(history, draft.tokens)
+    return draft if n == len(draft.tokens) else replace(draft, tokens=draft.tokens[:n], dists=draft.dists[:n])
 
 
 def accept(rows: np.ndarray, draft: Draft, history: list[int], sampler: Sampler,
