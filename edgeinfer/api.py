@@ -15,6 +15,7 @@ from edgeinfer.batchjob import INTERRUPTED, BatchItem, BatchResult, BatchSummary
 from edgeinfer.engine import (MAX_SEQUENCES, GenerationResult, LoadOptions, check_context, ctrl_c_sets_flag, generate,
                               load)
 from edgeinfer.errors import ChatTemplateError, EdgeinferError, Interrupted, UsageError
+from edgeinfer.grammar import judged
 from edgeinfer.ggufinfo import inspect
 from edgeinfer.catalog import ModelSpec
 from edgeinfer.library import Library, locate
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # (what only some commands need is imported where it is used)
     from edgeinfer.chat import ChatSession
     from edgeinfer.doctor import Report
     from edgeinfer.ggufinfo import GGUFInfo
+    from edgeinfer.grammar import Constraint
     from edgeinfer.library import ModelRow, PullResult, Removed
     from edgeinfer.quantize import QuantizeResult
 
@@ -59,6 +61,7 @@ class RunRequest:
     stop: tuple[str, ...] = ()
     load: LoadOptions = field(default_factory=LoadOptions)
     draft: DraftOptions | None = None  # speculative decoding: a draft model, or "ngram" (prompt lookup)
+    constraint: Constraint | None = None  # structured output: --format json, --json-schema, --grammar (grammar.py)
 
     def __post_init__(self) -> None:
         """Checked here, as the request is made: before a missing model is pulled for it."""
@@ -85,6 +88,7 @@ class ChatRequest:
     # Read special-token text in messages (`<|im_end|>`) as the tokens it names; by default only the
     # template's own markup becomes special tokens.
     parse_special: bool = False
+    constraint: Constraint | None = None  # structured output for every answer (chat's /format and /schema change it)
 
     def __post_init__(self) -> None:
         check_max_tokens(self.max_tokens)
@@ -131,6 +135,7 @@ class BatchRequest:
     # Speculative decoding: the requests are answered one at a time with it where its measured promise for one
     # sequence beats the batch's aggregate speed-up, else in plain batched steps (batchcost.speculate_or_batch).
     draft: DraftOptions | None = None
+    constraint: Constraint | None = None  # structured output for the items that give none of their own
 
     def __post_init__(self) -> None:
         check_max_tokens(self.max_tokens)
@@ -279,8 +284,10 @@ def run(prepared: Prepared | RunRequest, *, on_text: Callable[[str], None] | Non
             speculation(model, prepared.plan, prepared.load, prepared.max_tokens, cache) as stepper_factory:
         tokens = raw_tokens(model, request.prompt) if request.raw else \
             chat_tokens(model, request.messages(), parse_special=request.parse_special)
-        return generate(model, tokens, prepared.sampling, max_tokens=prepared.max_tokens, stop=request.stop,
-                        on_text=on_text, stepper_factory=stepper_factory)
+        grammar = request.constraint.compile(model) if request.constraint else None
+        result = generate(model, tokens, prepared.sampling, max_tokens=prepared.max_tokens, stop=request.stop,
+                          on_text=on_text, stepper_factory=stepper_factory, grammar=grammar)
+        return judged(result, request.constraint)
 
 
 def run_batch(prepared: Prepared | BatchRequest, items: Iterable[BatchItem], *, ordered: bool = True,
@@ -392,7 +399,7 @@ def open_chat(prepared: Prepared | ChatRequest, *, progress: ProgressReporter | 
             speculation(loaded, prepared.plan, prepared.load, prepared.max_tokens, cache) as factory:
         conversation = Conversation(model=prepared.name, sampling=prepared.sampling, system=request.system)
         yield ChatSession(loaded, conversation, max_tokens=prepared.max_tokens, stop=request.stop,
-                          stepper_factory=factory, parse_special=request.parse_special)
+                          stepper_factory=factory, parse_special=request.parse_special, constraint=request.constraint)
 
 
 def bench(prepared: Sequence[Prepared] | BenchRequest, progress: ProgressReporter | None = None, *,

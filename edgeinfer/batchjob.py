@@ -26,11 +26,13 @@ if TYPE_CHECKING:
     from edgeinfer.api import BatchRequest
     from edgeinfer.batch import Job
     from edgeinfer.engine import GenerationResult, Model
+    from edgeinfer.grammar import Constraint, Grammar
 
 FILE_LIMIT = 256 << 20  # a batch file larger than this is a mistake (a binary file, /dev/zero)
 _SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int}
 INTERRUPTED = "interrupted: the answers complete by then are written"
-_FIELDS = {"id", "prompt", "messages", "system", "max_tokens", "stop", *_SAMPLING}
+_STRUCTURED = ("format", "json_schema", "grammar")  # structured output: "json" or a schema, a schema, GBNF text
+_FIELDS = {"id", "prompt", "messages", "system", "max_tokens", "stop", *_SAMPLING, *_STRUCTURED}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class BatchItem:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int | None = None
     stop: tuple[str, ...] | None = None  # None: the batch's
+    constraint: Constraint | None = None  # structured output; None: the batch's
     error: str | None = None  # a line that could not be read: answered with this, never run
     line: int = 0  # its line in the file (0: not from a file)
 
@@ -64,7 +67,9 @@ class BatchResult:
         r = self.result
         return {"id": self.id, "text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens, "time_to_first_token_s": round(r.time_to_first_token, 4),
-                "total_s": round(r.total_seconds, 4)}
+                "total_s": round(r.total_seconds, 4),
+                **({"schema_valid": r.schema_valid} if r.schema_valid is not None else {}),
+                **({"schema_error": r.schema_error} if r.schema_error else {})}
 
 
 @dataclass
@@ -167,7 +172,7 @@ def _item(key: str | int, data: dict) -> BatchItem:
         raise UsageError("stop must be a string or a list of strings")
     return BatchItem(key, prompt=_text(data, "prompt"), messages=_messages(data.get("messages")),
                      system=_text(data, "system"), sampling=_sampling(data), max_tokens=max_tokens,
-                     stop=None if stop is None else tuple(stop))
+                     stop=None if stop is None else tuple(stop), constraint=_constraint(data))
 
 
 def _text(data: dict, name: str) -> str | None:
@@ -207,6 +212,25 @@ def _sampling(data: dict) -> SamplingParams:
     return SamplingParams(**chosen)
 
 
+def _constraint(data: dict) -> Constraint | None:
+    """A line's structured output: "format" ("json" or a schema, as Ollama's), "json_schema" or "grammar" (GBNF)."""
+    from edgeinfer import grammar
+
+    given = [name for name in _STRUCTURED if data.get(name) is not None]
+    if len(given) > 1:
+        raise UsageError(f"give one of format, json_schema and grammar, not {' and '.join(given)}")
+    if not given:
+        return None
+    value = data[given[0]]
+    if given[0] == "format":
+        return grammar.from_format(value, "format") if isinstance(value, str) else grammar.from_schema(value, "format")
+    if given[0] == "json_schema":
+        return grammar.from_schema(value, "json_schema")
+    if not is_text(value):
+        raise UsageError("grammar must be GBNF text (a string)")
+    return grammar.from_grammar(value, "grammar")
+
+
 def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -231,7 +255,7 @@ class ResultWriter:
     def __init__(self, stream: IO[str], answered: set[str]) -> None:
         self.stream = stream
         self.answered = answered  # the ids (as JSON) an earlier run answered: skipped this time
-        self.written = self.failed = 0
+        self.written = self.failed = self.invalid = 0
 
     def wants(self, item: BatchItem) -> bool:
         return item.id is None or json.dumps(item.id) not in self.answered
@@ -241,6 +265,7 @@ class ResultWriter:
         self.stream.flush()
         self.written += 1
         self.failed += result.error is not None
+        self.invalid += result.result is not None and result.result.schema_valid is False
 
 
 @contextmanager
@@ -294,14 +319,16 @@ def answer_items(model: Model, items: Iterable[BatchItem], request: BatchRequest
     prompt too long) is answered by its error. `sampling` and `max_tokens` are the request's, with the
     model's recommendations filled in."""
     from edgeinfer.batch import DEFAULT_STEP, AdmissionPolicy, generate_batch
+    from edgeinfer.grammar import judged
 
     by_index: dict[int, BatchItem] = {}
     failed: list[BatchResult] = []
+    grammars: dict[Constraint, Grammar] = {}  # each constraint compiled once for the model, whatever its lines
 
     def jobs() -> Iterator[Job]:
         for index, item in enumerate(items):
             try:
-                job = _job(model, request, item, index, sampling, max_tokens)
+                job = _job(model, request, item, index, sampling, max_tokens, grammars)
             except EdgeinferError as exc:
                 failed.append(BatchResult(item.id, index, error=str(exc)))
                 continue
@@ -316,7 +343,8 @@ def answer_items(model: Model, items: Iterable[BatchItem], request: BatchRequest
             yield from _drained(failed)
             item = by_index.pop(answer.key)
             error = answer.error and (f"line {item.line}: {answer.error}" if item.line else answer.error)
-            yield BatchResult(item.id, answer.key, answer.result, error, answer.prompt_read)
+            result = answer.result and judged(answer.result, item.constraint or request.constraint)
+            yield BatchResult(item.id, answer.key, result, error, answer.prompt_read)
         yield from _drained(failed)
 
     for result in results():
@@ -332,15 +360,18 @@ def answer_one_at_a_time(model: Model, items: Iterable[BatchItem], request: Batc
     `stepper_factory`: speculative decoding), in the items' order. Ctrl-C (`stop`, or one that ends a
     generation) raises Interrupted: the answer it cut short is dropped."""
     from edgeinfer.engine import generate
+    from edgeinfer.grammar import judged
 
+    grammars: dict[Constraint, Grammar] = {}
     for index, item in enumerate(items):
         if stop is not None and stop():
             raise Interrupted(INTERRUPTED)
         try:
-            job = _job(model, request, item, index, sampling, max_tokens)
+            job = _job(model, request, item, index, sampling, max_tokens, grammars)
             held = _common_length(model.cached, job.prompt)  # (what the previous answer left: not read again)
             answer = generate(model, job.prompt, job.sampling, max_tokens=job.max_tokens, stop=job.stop,
-                              stepper_factory=stepper_factory)
+                              stepper_factory=stepper_factory, grammar=job.grammar)
+            answer = judged(answer, item.constraint or request.constraint)
         except EdgeinferError as exc:
             error = str(exc) if str(exc).startswith("line ") or not item.line else f"line {item.line}: {exc}"
             result = BatchResult(item.id, index, error=error)
@@ -371,7 +402,7 @@ def in_order(results: Iterable[BatchResult]) -> Iterator[BatchResult]:
 
 
 def _job(model: Model, request: BatchRequest, item: BatchItem, index: int, sampling: SamplingParams,
-         max_tokens: int | None) -> Job:
+         max_tokens: int | None, grammars: dict[Constraint, Grammar]) -> Job:
     """An item in tokens, with the batch's settings where it chose none."""
     from edgeinfer.batch import Job
 
@@ -389,9 +420,13 @@ def _job(model: Model, request: BatchRequest, item: BatchItem, index: int, sampl
             tokens = chat_tokens(model, _messages_of(request, item), parse_special=request.parse_special)
         except ChatTemplateError as exc:
             raise ChatTemplateError(f"{where}{exc}") from None
+    constraint = item.constraint or request.constraint
+    if constraint is not None and constraint not in grammars:
+        grammars[constraint] = constraint.compile(model)
     return Job(index, tuple(tokens), item.sampling.over(sampling),
                item.max_tokens if item.max_tokens is not None else max_tokens,
-               item.stop if item.stop is not None else request.stop)
+               item.stop if item.stop is not None else request.stop,
+               grammar=grammars[constraint] if constraint is not None else None)
 
 
 def _messages_of(request: BatchRequest, item: BatchItem) -> list[Message]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgeinfer.engine import GenerationResult, Model, Stepper, generate
 from edgeinfer.errors import EdgeinferError, GenerationError, UsageError
+from edgeinfer.grammar import Constraint, Grammar, judged
 from edgeinfer.sampling import LLAMA_CPP, Sampler, SamplingParams, setting_names, with_setting
 from edgeinfer.store import atomic_write_text
 from edgeinfer.template import Message, chat_tokens
@@ -154,7 +155,7 @@ class Reply:
 class ChatSession:
     def __init__(self, model: Model, conversation: Conversation, *, max_tokens: int | None = None,
                  stop: tuple[str, ...] = (), stepper_factory: Callable[[Model, Sampler], Stepper] | None = None,
-                 parse_special: bool = False) -> None:
+                 parse_special: bool = False, constraint: Constraint | None = None) -> None:
         self.model = model
         self.parse_special = parse_special  # read special-token text in messages as the tokens it names
         self.conversation = conversation
@@ -162,6 +163,8 @@ class ChatSession:
         self.stop = stop
         self.stepper_factory = stepper_factory
         self.last: GenerationResult | None = None
+        self.constraint = constraint  # structured output for the answers to come (/format, /schema)
+        self._grammar: Grammar | None = None  # the constraint on this model, compiled at the next answer
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> Reply:
         """One turn: the user's message in, the assistant's answer streamed and kept."""
@@ -173,7 +176,8 @@ class ChatSession:
             room = self.model.n_ctx - len(tokens)
             limit = min(self.max_tokens, room) if self.max_tokens else room
             result = generate(self.model, tokens, self.conversation.sampling, max_tokens=limit, stop=self.stop,
-                              on_text=on_text, stepper_factory=self.stepper_factory)
+                              on_text=on_text, stepper_factory=self.stepper_factory, grammar=self._compiled())
+            result = judged(result, self.constraint)
         except BaseException:
             turns[:] = before  # a message that fails leaves the conversation as it was, old turns included
             raise
@@ -222,6 +226,15 @@ class ChatSession:
         markup = max(0, prompt_tokens - sum(own)) / (len(messages) + 1)
         return [n + markup for n in own[len(messages) - len(self.conversation.turns):]]
 
+    def _compiled(self) -> Grammar | None:
+        if self.constraint is not None and (self._grammar is None or self._grammar.constraint != self.constraint):
+            self._grammar = self.constraint.compile(self.model)
+        return self._grammar if self.constraint is not None else None
+
+    def constrain(self, constraint: Constraint | None) -> None:
+        """Structured output for the answers to come (None: free text again)."""
+        self.constraint = constraint
+
     def reset(self) -> None:
         self.conversation.turns.clear()
 
@@ -252,7 +265,7 @@ class ChatSession:
         """What the next answer is sampled with, by name (seed None: random; max-tokens None: the context's room)."""
         sampling = self.conversation.sampling.over(LLAMA_CPP)
         return {**{name: getattr(sampling, name.replace("-", "_")) for name in setting_names()},
-                "max-tokens": self.max_tokens}
+                "max-tokens": self.max_tokens, "format": self.constraint.describe() if self.constraint else "off"}
 
 
 def _max_tokens(text: str) -> int | None:

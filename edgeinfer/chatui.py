@@ -39,6 +39,8 @@ HELP = """\
 /set NAME VALUE change a setting for the answers to come: temperature, top-k, top-p,
                 min-p, repeat-penalty, repeat-last-n, seed, max-tokens (none: no cap)
 /show           the settings the next answer uses
+/format json    answer with a JSON object (/format off: free text again)
+/schema FILE    answer with JSON that matches a JSON Schema (a file, or the schema inline)
 /exit, /bye     leave (Ctrl-D too)
 Esc-Enter inserts a new line; a block between two lines of \"\"\" is one message."""
 
@@ -158,6 +160,8 @@ def _answer(session: ChatSession, text: str, console: Console, told: set[str]) -
     if cut and cut not in told:
         told.add(cut)
         print_note(console, cut)
+    if reply.result.schema_valid is False:
+        print_note(console, reply.result.schema_error)
     if reply.dropped_turns:
         print_note(console, f"the conversation outgrew the context: the {reply.dropped_turns} oldest messages were dropped")
 
@@ -238,6 +242,8 @@ def _command(line: str, session: ChatSession, console: Console, stats_line: Call
         console.print(Text(stats_line(session.last) if session.last else "no answer yet"))
     elif name == "/set":
         _set(session, arg, console)
+    elif name in ("/format", "/schema"):
+        _constrain(session, name, arg, console)
     elif name == "/show":
         shown = (f"{key:<15} {_shown_setting(key, value)}" for key, value in session.settings().items())
         console.print(Text("\n".join(shown)))
@@ -255,6 +261,17 @@ def _set(session: ChatSession, arg: str, console: Console) -> None:
         raise UsageError("/set takes a setting and a value: /set temperature 0.3 (/show lists the settings)")
     key = session.set(*words)
     console.print(Text(f"{key} {_shown_setting(key, session.settings()[key])}"))
+
+
+def _constrain(session: ChatSession, name: str, arg: str, console: Console) -> None:
+    """`/format json|off` or `/schema FILE`: what the answers to come must be."""
+    from edgeinfer.grammar import from_format, schema_argument
+
+    if not arg:
+        raise UsageError("/format takes json or off" if name == "/format" else
+                         "/schema needs a file (or the schema inline): /schema FILE; /format off removes it")
+    session.constrain(from_format(arg, name) if name == "/format" else schema_argument(arg, name))
+    console.print(Text(f"format {session.settings()['format']}"))
 
 
 def _shown_setting(key: str, value: object) -> str:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # (imported by the commands that use them: `edgeinfer --help`
     from edgeinfer.api import BatchRequest, ChatRequest, Prepared, RunRequest
     from edgeinfer.batchjob import BatchItem
     from edgeinfer.engine import LoadOptions
+    from edgeinfer.grammar import Constraint
     from edgeinfer.library import Library
     from edgeinfer.sampling import SamplingParams
     from edgeinfer.speculative import DraftOptions
@@ -328,6 +329,16 @@ def _drafting(
                         n_threads=draft_threads, n_gpu_layers=draft_gpu_layers, lookup=draft_lookup)
 
 
+def _structured(
+    format: Annotated[Optional[str], typer.Option("--format", metavar="json", help="Answer with a JSON object (any).")] = None,
+    json_schema: Annotated[Optional[str], typer.Option("--json-schema", metavar="SCHEMA", help="Answer with JSON that matches this JSON Schema (a file, or the schema inline); checked in full when the answer ends (exit 13 if it fails).")] = None,
+    grammar: Annotated[Optional[Path], typer.Option("--grammar", metavar="FILE", help="Answer in the language of this GBNF grammar (llama.cpp's grammar format, start symbol root).")] = None,
+) -> Constraint | None:
+    from edgeinfer.grammar import from_options
+
+    return from_options(format, json_schema, grammar)
+
+
 def _shared_options(*, without: tuple[str, ...] = (), **groups: Callable[..., Any]) -> Callable:
     """Give a command the options of each group's builder (all but those named in `without`, which keep
     their defaults); the command receives what each builder returns, under the group's name."""
@@ -429,7 +440,7 @@ def _stats_line(result) -> str:
     'edgeinfer run -m qwen2.5-coder-1.5b-instruct -f main.py "Explain this code"',
     'git diff | edgeinfer run "Write a commit message for this change"',
     'edgeinfer run --batch prompts.jsonl -o answers.jsonl --parallel 4'))
-@_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
+@_shared_options(sampling=_sampling, structured=_structured, load=_loading, draft=_drafting)
 def run(
     prompt: Annotated[Optional[list[str]], typer.Argument(metavar="[MODEL] PROMPT", callback=_utf8, help="The prompt, after a model reference if you like (edgeinfer run MODEL PROMPT); joined with stdin when piped.")] = None,
     model: ModelOpt = None,
@@ -446,7 +457,7 @@ def run(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --batch: append the answers to this file; a rerun skips the ids answered there.")] = None,
     unordered: Annotated[bool, typer.Option("--unordered", help="With --batch: write each answer when it is complete, not in the file's order.")] = False,
     parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="With --batch: sequences at once (default: the fewest within 5% of the best speed measured here, as many as fit in memory, at most 8 on a CPU).")] = None,
-    *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
+    *, sampling: SamplingParams, structured: Constraint | None, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
     """Answer a prompt, streaming the text; or a JSONL file (--batch)."""
     from edgeinfer import api
@@ -459,13 +470,14 @@ def run(
         return _run_batch(batch, output, unordered, lib, api.BatchRequest(
             model=model, system=_read_system(system, system_file), raw=raw, parse_special=parse_special,
             sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, parallel=parallel,
-            draft=draft), stats=("json" if as_json else "text") if stats else None)
+            draft=draft, constraint=structured), stats=("json" if as_json else "text") if stats else None)
     more = _read_prompt(file)  # (first: a lone MODEL argument is the model when the prompt comes from here)
     model, prompt = api.model_and_prompt(prompt or [], model, more_text=bool(more.strip()), lib=lib)
     prepared = _prepare(api.RunRequest(
         prompt="\n\n".join(filter(None, [prompt, more])), model=model, system=_read_system(system, system_file),
         raw=raw, parse_special=parse_special,
-        sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, draft=draft), lib)
+        sampling=sampling, max_tokens=max_tokens, stop=tuple(stop or ()), load=load, draft=draft,
+        constraint=structured), lib)
     result = api.run(prepared, on_text=None if as_json else _stream_to_stdout)
     if as_json:
         _print_json({"model": prepared.name, **result.to_json()})
@@ -480,6 +492,10 @@ def run(
         print_note(stderr, result.stats["long_context"])
     if result.finish_reason == "interrupted":
         raise typer.Exit(130)
+    if result.schema_valid is False:
+        from edgeinfer.errors import SchemaMismatchError
+
+        raise SchemaMismatchError(result.schema_error)
 
 
 def _refuse_beside_batch(batch: str | None, **given: Any) -> None:
@@ -519,6 +535,11 @@ def _run_batch(source: str, output: Path | None, unordered: bool, lib: Library, 
                 _print_batch_stats(summary, stats)
     if out.failed:
         raise RequestsFailed(f"{out.failed} of {out.written} requests failed; their lines say why")
+    if out.invalid:
+        from edgeinfer.errors import SchemaMismatchError
+
+        raise SchemaMismatchError(f"{out.invalid} of {out.written} answers do not match their schema; "
+                                  "their lines say why (schema_error)")
 
 
 def _print_batch_stats(summary, form: str) -> None:
@@ -554,7 +575,7 @@ def _stream_to_stdout(text: str) -> None:
 
 @app.command(cls=_Command, epilog=_examples("edgeinfer chat qwen2.5-coder-1.5b-instruct",
                                             'edgeinfer chat -m smollm2-135m-instruct --system "Answer briefly"'))
-@_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
+@_shared_options(sampling=_sampling, structured=_structured, load=_loading, draft=_drafting)
 def chat(
     ref: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="The model (as -m; default: the catalog's default model).")] = None,
     model: ModelOpt = None,
@@ -563,14 +584,15 @@ def chat(
     max_tokens: MaxTokensOpt = None,
     stop: StopOpt = None,
     parse_special: ParseSpecialOpt = False,
-    *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
+    *, sampling: SamplingParams, structured: Constraint | None, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
     """Hold a conversation in the terminal (/help lists the commands)."""
     from edgeinfer import api, chatui, config
 
     prepared = _prepare(api.ChatRequest(model=api.one_model(ref, model), system=_read_system(system, system_file),
                                         sampling=sampling, max_tokens=max_tokens,
-                                        stop=tuple(stop or ()), load=load, draft=draft, parse_special=parse_special))
+                                        stop=tuple(stop or ()), load=load, draft=draft, parse_special=parse_special,
+                                        constraint=structured))
     with api.open_chat(prepared) as session:
         raise typer.Exit(chatui.loop(session, stderr, config.history_file(), _chat_stats))
 

@@ -80,6 +80,14 @@ class RequestsFailed(EdgeinferError):
     exit_code = 12
 
 
+class SchemaMismatchError(EdgeinferError):
+    """An answer under --format json or --json-schema ended without matching it (cut short by --max-tokens, or
+    breaking a rule the grammar could not enforce, such as a pattern or a minimum); the answer was still given.
+    (Not 11, as issue 23 proposed: 11 is ChatTemplateError's, and scripts must tell the two apart.)"""
+
+    exit_code = 13
+
+
 class Interrupted(EdgeinferError):
     """The user pressed Ctrl-C; whatever was in progress was cleaned up."""
 
