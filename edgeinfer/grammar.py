@@ -244,10 +244,18 @@ _JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 def _schema_gbnf(schema: dict, where: str) -> str:
     """llama-cpp-python's JSON Schema converter (llama.cpp's, in Python), with strings kept to valid JSON."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    class Converter(SchemaConverter):
+        # 0.3.36 escapes quotes and line ends in a literal but not backslashes, so an enum or const holding
+        # one (`"say \"hi\""` as JSON) became a grammar llama.cpp cannot parse; llama.cpp's converter escapes them.
+        def _format_literal(self, literal: str) -> str:
+            return super()._format_literal(literal.replace("\\", "\\\\"))
 
     try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema))
+        converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        converter.visit(converter.resolve_refs(json.loads(json.dumps(schema)), "stdin"), "")
+        gbnf = converter.format_grammar()
     except RecursionError:
         raise UsageError(f"{where}: the schema refers to itself too deeply to turn into a grammar") from None
     except (AssertionError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -269,6 +277,9 @@ def checked(constraint: Constraint) -> Constraint:
     sampler, why = _init_grammar(None, constraint.gbnf)
     if sampler:
         c_api().llama_sampler_free(sampler)
+    elif constraint.kind == "schema":  # (the user wrote no GBNF: a line and column in it would mean nothing)
+        raise UsageError(f"{constraint.where}: llama.cpp cannot parse the grammar made of this schema ({why}); "
+                         "the converter does not handle every regular expression of a `pattern`")
     elif "no vocab to parse token" not in why:
         raise UsageError(f"{constraint.where or 'grammar'}: {why}")
     return constraint
