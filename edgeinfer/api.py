@@ -105,6 +105,7 @@ class BenchRequest:
     load: LoadOptions = field(default_factory=LoadOptions)
     draft: DraftOptions | None = None
     parallel: tuple[int, ...] = ()  # sequences at once, for llama-batched-bench's table in place of pp and tg
+    constraint: Constraint | None = None  # with it, greedy tg on a JSON prompt free and constrained, interleaved
 
     def __post_init__(self) -> None:
         if self.repetitions < 1 or self.n_prompt < 0 or self.n_gen < 0 or self.n_prompt + self.n_gen == 0:
@@ -422,6 +423,11 @@ def bench(prepared: Sequence[Prepared] | BenchRequest, progress: ProgressReporte
             continue
         results += measure(one.name, one.path, request.load, n_prompt=request.n_prompt, n_gen=request.n_gen,
                            repetitions=request.repetitions, cache_file=cache, progress=progress)
+        if request.constraint is not None and request.n_gen:
+            from edgeinfer.bench import bench_structured
+
+            results += bench_structured(one.name, one.path, request.load, request.constraint, n_gen=request.n_gen,
+                                        repetitions=request.repetitions, cache_file=cache, progress=progress)
         if request.draft is not None and request.n_gen:
             # (plain and speculative on one target: both with the cache a --draft run gets)
             results += bench_speculative(one.name, one.path, one.load, one.plan,

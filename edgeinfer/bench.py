@@ -120,6 +120,37 @@ def bench_speculative(name: str, path: Path, options: LoadOptions, plan, *, n_ge
     return [BenchResult(name, f"tg{n_gen} code-edit", tuple(speeds["plain"])), BenchResult(name, label, tuple(speeds["draft"]))]
 
 
+STRUCTURED_PROMPT = ("Describe a small bookshop as JSON: its name, its address (street, city, country) and a list of "
+                     "six books, each with title, author, year and price. Reply with the JSON only.")
+
+
+def bench_structured(name: str, path: Path, options: LoadOptions, constraint, *, n_gen: int = 128,
+                     repetitions: int = 3, cache_file: Path | None = None,
+                     progress: ProgressReporter | None = None) -> list[BenchResult]:
+    """Greedy generation on a prompt asking for JSON, free and under the constraint (--format json,
+    --json-schema, --grammar), interleaved: tg tok/s of each. A constrained answer may end before n_gen
+    tokens (its JSON is whole): its speed is over the tokens it has."""
+    from edgeinfer.engine import generate
+    from edgeinfer.template import chat_tokens
+
+    progress = progress or SilentProgress()
+    greedy = SamplingParams(temperature=0)
+    with load(path, options, cache_file) as model:
+        prompt = chat_tokens(model, [{"role": "user", "content": STRUCTURED_PROMPT}])
+        runs = {"free": None, "constrained": constraint.compile(model)}
+        speeds: dict[str, list[float]] = {k: [] for k in runs}
+        progress.start(f"{name}: tg{n_gen} free and with {constraint.describe()}", repetitions)
+        for rep in range(repetitions + 1):  # the first round warms both paths up and is not counted
+            for key in (list(runs) if rep % 2 else list(runs)[::-1]):
+                model.truncate(0)
+                result = generate(model, prompt, greedy, max_tokens=n_gen, grammar=runs[key])
+                if rep:
+                    speeds[key].append(result.completion_tokens / (result.total_seconds - result.time_to_first_token + 1e-9))
+            progress.advance(1 if rep else 0)
+    return [BenchResult(name, f"tg{n_gen} json-prompt", tuple(speeds["free"])),
+            BenchResult(name, f"tg{n_gen} json-prompt {constraint.describe()}", tuple(speeds["constrained"]))]
+
+
 def _prompt_tokens(model: Model, n: int) -> list[int]:
     """Deterministic ordinary tokens (llama-bench uses random ones too): content does not change the cost."""
     rng = np.random.default_rng(0)

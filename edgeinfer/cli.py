@@ -606,7 +606,7 @@ def _chat_stats(result) -> str:
 @app.command(cls=_Command, epilog=_examples("edgeinfer bench smollm2-135m-instruct qwen2.5-coder-0.5b-instruct",
                                             "edgeinfer bench qwen2.5-coder-1.5b-instruct --draft auto -n 64",
                                             "edgeinfer bench qwen2.5-coder-0.5b-instruct --parallel 1,2,4,8 -p 32 -n 64"))
-@_shared_options(load=_loading, draft=_drafting, without=("ctx_size",))
+@_shared_options(structured=_structured, load=_loading, draft=_drafting, without=("ctx_size",))
 def bench(
     models: Annotated[Optional[list[str]], typer.Argument(metavar="[MODEL]...", help="Model references (default: the catalog's default model).")] = None,
     n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", help="Prompt tokens for the pp test (0 skips it).")] = 512,
@@ -614,16 +614,18 @@ def bench(
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Repetitions of each test.")] = 3,
     parallel: Annotated[Optional[str], typer.Option("--parallel", "-npl", metavar="B,B,...", help="Sequences at once, e.g. 1,2,4,8: llama-batched-bench's aggregate generation speed (S_TG) for each, in place of pp and tg.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    *, load: LoadOptions, draft: DraftOptions | None,
+    *, structured: Constraint | None, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
     """Prompt and generation throughput, as llama-bench measures them.
 
-    Its pp and tg tests; with --draft, plain decoding against speculative."""
+    Its pp and tg tests; with --draft, plain decoding against speculative; with --format, --json-schema or
+    --grammar, free generation against constrained."""
     from edgeinfer import api
     from edgeinfer.render import count_progress, transfer_progress
 
     request = api.BenchRequest(models=tuple(models or [None]), n_prompt=n_prompt, n_gen=n_gen,
-                               repetitions=repetitions, load=load, draft=draft, parallel=_sizes(parallel))
+                               repetitions=repetitions, load=load, draft=draft, parallel=_sizes(parallel),
+                               constraint=structured)
     with transfer_progress(stderr) as progress:
         prepared = api.prepare_bench(request, progress)
     with count_progress(stderr) as progress:

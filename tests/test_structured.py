@@ -336,3 +336,11 @@ def test_chat_format_and_schema_commands(tiny_model, cli, edgeinfer_home, tmp_pa
     assert len(answers) == 2  # (free JSON from a random model may be cut short by -n: a note says so if it is)
     jsonschema.validate(json.loads(answers[1]), SCHEMAS["enums"])
     assert f"format          schema (/schema {schema})" in err and "format          off" in err
+
+
+def test_bench_compares_free_and_constrained_generation(tiny_model, cli, edgeinfer_home):
+    code, out, err = cli("bench", tiny_model, "-p", "0", "-n", "24", "-r", "1", "-t", "1", "--format", "json", "--json")
+    assert code == 0, err
+    tests = {row["test"]: row for row in json.loads(out)}
+    assert {"tg24", "tg24 json-prompt", "tg24 json-prompt json"} <= set(tests)
+    assert all(row["median_tokens_per_second"] > 0 for row in tests.values())
