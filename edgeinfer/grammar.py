@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 # would let a model that has lost its way write spaces until --max-tokens. Past this, whitespace is refused;
 # a grammar that needs more is a dead end, reported as one.
 WHITESPACE_RUN = 48
+# Where the sampled token is refused, the tokens of highest logit asked about before the whole vocabulary.
+SHORTLIST = 128
 GRAMMAR_LIMIT = 1 << 20  # bytes of a --grammar or --json-schema file: more is a mistake
 KINDS = ("json", "schema", "grammar")
 
@@ -380,11 +382,17 @@ class Grammar:
         """A new answer's state."""
         return GrammarState(self, _owned(c_api().llama_sampler_clone(self._first.ptr)))
 
-    def refused(self, sampler) -> np.ndarray:
-        """Which tokens the grammar refuses in a state: one llama.cpp pass over the whole vocabulary."""
+    def refused(self, sampler, ids: np.ndarray | None = None) -> np.ndarray:
+        """Which tokens the grammar refuses in a state: one llama.cpp pass over the whole vocabulary, or over
+        the tokens `ids`."""
         import numpy as np
 
-        ll, cands = c_api(), self._all
+        ll = c_api()
+        if ids is None:
+            cands = self._all
+        else:
+            cands = np.zeros(len(ids), dtype=_token_data())
+            cands["id"] = ids
         cands["logit"] = 0.0
         array = ll.llama_token_data_array(data=cands.ctypes.data_as(ll.llama_token_data_p), size=len(cands),
                                           selected=-1, sorted=False)
@@ -435,6 +443,7 @@ class GrammarState:
         self.accepted: list[int] = []
         self.run = 0  # whitespace characters ending the answer so far
         self._last = b""  # the answer's last character that is not whitespace
+        self._allowed: int | None = None  # the last token `allows` took, in the state as it is now
         self._one = np.zeros(1, dtype=_token_data())
         ll = c_api()
         self._one_array = ll.llama_token_data_array(data=self._one.ctypes.data_as(ll.llama_token_data_p), size=1,
@@ -454,15 +463,16 @@ class GrammarState:
     def _restart(self) -> None:
         # (a caller went back: the state is rebuilt from the answer's start, which Sampler.fork spares drafters)
         self._sampler = _owned(c_api().llama_sampler_clone(self.grammar._first.ptr))
-        self.accepted, self.run, self._last = [], 0, b""
+        self.accepted, self.run, self._last, self._allowed = [], 0, b"", None
 
     def accept(self, token: int) -> None:
         model = self.grammar.model
         if model.is_eog(token):
             return  # (the answer ends: nothing follows to constrain)
-        if not self.allows(token):
+        if token != self._allowed and not self.allows(token):  # (the token just sampled was asked about already)
             raise GenerationError(f"token {token} ({model.piece(token)!r}) breaks the {self.grammar.constraint.kind}")
         c_api().llama_sampler_accept(self._sampler.ptr, token)
+        self._allowed = None
         self.accepted.append(token)
         piece = model.piece(token)
         stripped = piece.rstrip()
@@ -475,7 +485,10 @@ class GrammarState:
             return False
         self._one["id"], self._one["logit"] = token, 0.0
         c_api().llama_sampler_apply(self._sampler.ptr, ctypes.byref(self._one_array))
-        return self._one["logit"][0] != float("-inf")
+        if self._one["logit"][0] == float("-inf"):
+            return False
+        self._allowed = token
+        return True
 
     def _too_much_space(self, token: int) -> bool:
         piece = self.grammar.model.piece(token)
@@ -489,20 +502,50 @@ class GrammarState:
             return False
         return self.allows(self.grammar.end_token)
 
-    def mask(self, logits: np.ndarray) -> np.ndarray:
+    def mask(self, logits: np.ndarray, best: int = 0) -> np.ndarray:
         """The logits with every token the grammar (or the whitespace cap) refuses at -inf; a GenerationError
-        when it refuses them all: the answer cannot go on."""
+        when it refuses them all: the answer cannot go on.
+
+        With `best` = n, only the n allowed tokens of highest logit matter (greedy: 1; top-k sampling: k), and
+        those are looked for first among the SHORTLIST highest logits, in one grammar call on that many
+        candidates (~0.3 ms against 60 ms for Qwen's vocabulary). Exact: a token outside the shortlist has a
+        lower logit than all n found, which is checked; where they are not found, the whole vocabulary is masked."""
         import numpy as np
 
+        if best:
+            found = self._shortlisted(np.asarray(logits, dtype=np.float32), best)
+            if found is not None:
+                return found
         refused = self.grammar.refused(self._sampler.ptr)
         if self.run:
             refused |= self.grammar.whitespace() > WHITESPACE_RUN - self.run
         if refused.all():
             text = self.grammar.model.detokenize(self.accepted[-8:])
             space = f" (whitespace is capped at {WHITESPACE_RUN} characters in a row)" if self.run else ""
+            n = len(self.accepted)
             raise GenerationError(f"the {self.grammar.constraint.describe()} allows no token after "
-                                  f"{len(self.accepted)} tokens, ending {text!r}{space}: the answer cannot go on")
+                                  f"{n} token{'s' * (n != 1)}, ending {text!r}{space}: the answer cannot go on")
         return np.where(refused, np.float32(-np.inf), np.asarray(logits, dtype=np.float32))
+
+    def _shortlisted(self, x: np.ndarray, best: int) -> np.ndarray | None:
+        """The logits masked to the allowed tokens among the highest, if `best` of them beat every logit
+        outside the shortlist; else None."""
+        import numpy as np
+
+        size = max(SHORTLIST, 4 * best)
+        if size >= len(x):
+            return None
+        order = np.argpartition(-x, size)
+        top, boundary = order[:size], x[order[size]]  # (every token outside `top` has a logit <= boundary)
+        refused = self.grammar.refused(self._sampler.ptr, top)
+        if self.run:
+            refused |= np.fromiter((self._too_much_space(int(t)) for t in top), dtype=bool, count=size)
+        allowed = top[~refused]
+        if len(allowed) < best or np.sort(x[allowed])[-best] <= boundary:
+            return None
+        out = np.full(len(x), -np.inf, dtype=np.float32)
+        out[allowed] = x[allowed]
+        return out
 
     def fork(self) -> GrammarState:
         """A copy at the same place, to go ahead without moving this one (a drafter's proposals)."""

@@ -135,7 +135,11 @@ class Sampler:
         token = self._sample(logits, history)
         if state.allows(token):
             return token
-        return self._sample(state.mask(logits), history)
+        # The allowed tokens that can be drawn: greedy the best one, with top-k the k best (a repeat penalty
+        # reorders them: then all); the grammar looks for those among the best logits first.
+        p = self.params
+        best = 0 if p.repeat_penalty != 1.0 else 1 if p.greedy else p.top_k
+        return self._sample(state.mask(logits, best), history)
 
     def fork(self) -> "Sampler":
         """This sampler for a drafter: the same settings and random numbers, its own copy of the grammar's

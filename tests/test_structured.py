@@ -344,3 +344,15 @@ def test_bench_compares_free_and_constrained_generation(tiny_model, cli, edgeinf
     tests = {row["test"]: row for row in json.loads(out)}
     assert {"tg24", "tg24 json-prompt", "tg24 json-prompt json"} <= set(tests)
     assert all(row["median_tokens_per_second"] > 0 for row in tests.values())
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, top_k=8, seed=3)])
+def test_looking_among_the_best_logits_first_gives_what_masking_everything_gives(tiny, monkeypatch, sampling):
+    """Where the sampled token is refused, the allowed tokens that can be drawn are looked for among the
+    highest logits before the whole vocabulary is masked: the answers are the same either way."""
+    constraint = grammar.from_schema(json.dumps(SCHEMAS["nested objects"]))
+    prompt = tiny.tokenize("Answer in JSON:")
+    shortlisted = generate(tiny, prompt, sampling, max_tokens=150, grammar=constraint.compile(tiny))
+    monkeypatch.setattr(grammar, "SHORTLIST", 10 ** 9)  # (longer than the vocabulary: every mask is whole)
+    whole = generate(tiny, prompt, sampling, max_tokens=150, grammar=constraint.compile(tiny))
+    assert shortlisted.tokens == whole.tokens and shortlisted.finish_reason == "stop"
