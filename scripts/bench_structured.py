@@ -33,20 +33,20 @@ from edgeinfer.template import chat_tokens
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = ("Describe a small online bookshop's inventory as JSON: an object with a \"shop\" name, an \"address\" object "
-          "(street, city, country) and a \"books\" array of 8 books, each with title, author, year, price, "
+          "(street, city, country) and a \"books\" array of 4 books, each with title, author, year, price, "
           "in_stock (a boolean) and a \"tags\" array of 2 or 3 short words. Reply with the JSON only.")
+SHORT = {"type": "string", "maxLength": 48}  # (bounded strings: a small model's answer still ends)
 SCHEMA = {
     "type": "object",
     "properties": {
-        "shop": {"type": "string"},
-        "address": {"type": "object", "properties": {"street": {"type": "string"}, "city": {"type": "string"},
-                                                      "country": {"type": "string"}},
+        "shop": SHORT,
+        "address": {"type": "object", "properties": {"street": SHORT, "city": SHORT, "country": SHORT},
                     "required": ["street", "city", "country"]},
-        "books": {"type": "array", "minItems": 1, "maxItems": 12, "items": {
+        "books": {"type": "array", "minItems": 1, "maxItems": 6, "items": {
             "type": "object",
-            "properties": {"title": {"type": "string"}, "author": {"type": "string"}, "year": {"type": "integer"},
-                           "price": {"type": "number"}, "in_stock": {"type": "boolean"},
-                           "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4}},
+            "properties": {"title": SHORT, "author": SHORT, "year": {"type": "integer"}, "price": {"type": "number"},
+                           "in_stock": {"type": "boolean"},
+                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4}},
             "required": ["title", "author", "year", "price", "in_stock", "tags"]}},
     },
     "required": ["shop", "address", "books"],
@@ -137,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="catalog name or .gguf path (repeatable)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=256, help="most tokens an answer may have")
+    parser.add_argument("--tokens", type=int, default=512, help="most tokens an answer may have")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     lib = Library.open()
