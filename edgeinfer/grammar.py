@@ -5,8 +5,8 @@ is written by llama.cpp's grammar engine and, for JSON, validated with `jsonsche
 # GBNF by llama-cpp-python's converter) parsed by llama.cpp itself. `Grammar` is that constraint on a loaded
 # model's vocabulary; `GrammarState` is one answer's progress through it, owned by that answer's Sampler, so
 # each sequence of a batch and each drafter keeps its own. The Sampler samples first and asks the state about
-# the chosen token alone; only when the grammar refuses it is the whole vocabulary masked (60 ms for Qwen's
-# 151,936 tokens on a Zen 4 core, against ~30 us for one token). docs/structured.md explains the design.
+# the chosen token alone (~30 us); only when the grammar refuses it are the best logits asked about, then if
+# need be the whole vocabulary (60 ms for Qwen's 151,936 tokens on a Zen 4 core). docs/structured.md explains.
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeinfer.bindings import c_api  # (llama.cpp's C API, loaded on first use)
 from edgeinfer.errors import GenerationError, UsageError
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ WHITESPACE_RUN = 48
 # Where the sampled token is refused, the tokens of highest logit asked about before the whole vocabulary.
 SHORTLIST = 128
 GRAMMAR_LIMIT = 1 << 20  # bytes of a --grammar or --json-schema file: more is a mistake
-KINDS = ("json", "schema", "grammar")
 
 
 @dataclass(frozen=True)
@@ -285,12 +285,6 @@ def checked(constraint: Constraint) -> Constraint:
     elif "no vocab to parse token" not in why:
         raise UsageError(f"{constraint.where or 'grammar'}: {why}")
     return constraint
-
-
-def c_api():
-    from edgeinfer.bindings import c_api as api
-
-    return api()
 
 
 def _init_grammar(vocab, gbnf: str) -> tuple[Any, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
