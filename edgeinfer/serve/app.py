@@ -200,14 +200,14 @@ class _Handlers:
             raise first
         assert isinstance(first, Started)
         if ask.stream:
-            return StreamingResponse(self._events(request, key, reply, fmt, timing), media_type=fmt.media_type,
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _Stream(self._events(request, reply, fmt, timing), lambda: self.engine.cancel(key),
+                           media_type=fmt.media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         answer = await self._whole(request, key, reply, timing)
         if answer is None:
             return Response(status_code=CLIENT_GONE)
         return JSONResponse(fmt.whole(answer, timing))
 
-    async def _events(self, request: Request, key: int, reply: Reply, fmt, timing: Timing):
+    async def _events(self, request: Request, reply: Reply, fmt, timing: Timing):
         """The answer as the protocol's stream; a client gone (Starlette cancels this) cancels the sequence."""
         over = False
         try:
@@ -227,8 +227,7 @@ class _Handlers:
                     self._done(request, event, timing)
                     yield fmt.tail(event, timing)
         finally:
-            if not over:
-                self.engine.cancel(key)
+            if not over:  # (the response's own close cancels the sequence)
                 request.state.tokens = "cancelled (client gone)"
 
     async def _whole(self, request: Request, key: int, reply: Reply, timing: Timing):
@@ -321,6 +320,22 @@ async def _read_json(request: Request) -> dict:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+class _Stream(StreamingResponse):
+    """A streamed answer that cancels its sequence once it is over, however it ended: a client gone before
+    the first chunk leaves the iterator unstarted, and its own `finally` never runs. (After a complete
+    answer the cancel finds nothing to end.)"""
+
+    def __init__(self, content, on_close: Callable[[], None], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _cut_short(event: object) -> ApiError | None:

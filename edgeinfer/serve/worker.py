@@ -85,6 +85,8 @@ class Engine:
 
     def submit(self, ask: Ask, reply: Reply) -> int:
         """Queue a request; its key (for `cancel`). A 503 with Retry-After while loading or when full."""
+        if self.failure is not None:
+            raise ApiError(503, f"the model cannot answer: {self.failure}", code="engine_failed")
         if not self.ready:
             raise ApiError(503, "the model is still loading", code="loading", retry_after=1)
         with self._lock:
