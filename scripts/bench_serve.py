@@ -4,7 +4,8 @@
 For each N in --clients, both servers are started on the same GGUF with N sequences (`--parallel N`;
 llama-server `-np N`, continuous batching, the same context per sequence and the same threads), and rounds
 alternate between them (interleaved, the first of each pair alternating). In a round N clients each send
-one streamed /v1/chat/completions request at once (their own question, greedy, --max-tokens). Reported per
+one streamed /v1/chat/completions request at once (their own question, new in every round, greedy,
+--max-tokens). Reported per
 server and N, medians over the rounds: aggregate output tok/s (tokens of all clients over the round's wall
 time), time to first token p50 and p99, per-request tok/s p50 (tokens after the first over the time after
 the first), end-to-end p50 and p99, failures, peak memory (the server process' VmHWM); and the ratios
@@ -96,9 +97,12 @@ def one_request(url: str, question: str, max_tokens: int, out: dict) -> None:
                speed=(tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0)
 
 
-def round_of(url: str, clients: int, max_tokens: int) -> dict:
+def round_of(url: str, clients: int, max_tokens: int, tag: str) -> dict:
+    """N clients at once; `tag` starts each question, so that no server answers from a prompt it cached in
+    an earlier round (llama-server keeps a slot's prompt: the same question again reads one token)."""
     outs = [{} for _ in range(clients)]
-    threads = [threading.Thread(target=one_request, args=(url, QUESTIONS[i % len(QUESTIONS)], max_tokens, outs[i]))
+    threads = [threading.Thread(target=one_request, args=(url, f"({tag}.{i}) {QUESTIONS[i % len(QUESTIONS)]}",
+                                                          max_tokens, outs[i]))
                for i in range(clients)]
     start = time.perf_counter()
     for t in threads:
@@ -146,11 +150,11 @@ def main() -> None:
         servers = start_servers(args, n)
         try:
             for server in servers:  # (a warm-up round each: first-call costs out of the figures)
-                round_of(server.url, n, 8)
+                round_of(server.url, n, 8, "warm-up")
             results = {s.name: [] for s in servers}
             for r in range(args.rounds):
                 for server in (servers if r % 2 == 0 else servers[::-1]):
-                    results[server.name].append(round_of(server.url, n, args.max_tokens))
+                    results[server.name].append(round_of(server.url, n, args.max_tokens, f"{n}.{r}"))
             for server in servers:
                 rounds = results[server.name]
                 every = lambda key: [v for one in rounds for v in one[key]]  # noqa: E731
