@@ -570,18 +570,20 @@ _DRAFT_TUNING = ("draft_max", "draft_min", "draft_p_min", "draft_threads", "draf
 def serve(
     ref: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="The model (as -m; default: the catalog's default model).")] = None,
     model: ModelOpt = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (another than loopback is reachable from other machines).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one).")] = 8080,
-    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="Requests answered at once, in one context (default: as many as fit in memory, at most 4).")] = None,
-    queue: Annotated[int, typer.Option("--queue", help="Requests that may wait beyond those; more are answered 503 with Retry-After.")] = 64,
+    host: Annotated[str, typer.Option("--host", metavar="ADDRESS", help="Address to listen on (another than loopback is reachable from other machines).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free one).")] = 8080,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", metavar="N", help="Requests answered at once, in one context (default: as many as fit in memory, at most 4).")] = None,
+    queue: Annotated[int, typer.Option("--queue", metavar="N", help="Requests that may wait beyond those; more are answered 503 with Retry-After.")] = 64,
     api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health (default: $EDGEINFER_API_KEY).")] = None,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="Let a web page from this origin call the API (repeatable).")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", metavar="NAME", help="Another name the model answers to (repeatable).")] = None,
-    grace: Annotated[float, typer.Option("--grace", help="Seconds the answers under way may take to finish at Ctrl-C or SIGTERM.")] = 10.0,
+    grace: Annotated[float, typer.Option("--grace", metavar="SECONDS", help="Seconds the answers under way may take to finish at Ctrl-C or SIGTERM.")] = 10.0,
     max_tokens: MaxTokensOpt = None,
     *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
-    """Answer the OpenAI and Ollama APIs over HTTP, several requests at once."""
+    """Serve the OpenAI and Ollama APIs over HTTP.
+
+    Several requests are answered at once, in one context; docs/serve.md explains it."""
     from edgeinfer import api, config, serve as server
     from edgeinfer.render import transfer_progress
 
