@@ -131,7 +131,7 @@ def _server(config, grace: float, cancel_all: Callable[[], None]):
         async def serve(self, sockets=None) -> None:
             with self.capture_signals():
                 await self._serve(sockets)
-                self._captured_signals.clear()
+                getattr(self, "_captured_signals", []).clear()  # (uvicorn >= 0.29 re-raises what is kept there)
 
         async def shutdown(self, sockets=None) -> None:
             deadline = asyncio.get_running_loop().call_later(grace, cancel_all)
