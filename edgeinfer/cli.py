@@ -603,6 +603,48 @@ def _chat_stats(result) -> str:
     return _stats_line(result) + (("\n" + describe_stats(result.stats, detailed=True)) if result.stats else "")
 
 
+_DRAFT_TUNING = ("draft_max", "draft_min", "draft_p_min", "draft_threads", "draft_gpu_layers", "draft_lookup")
+
+
+@app.command(cls=_Command, epilog=_examples("edgeinfer serve qwen2.5-coder-1.5b-instruct",
+                                            "edgeinfer serve -m smollm2-135m-instruct --port 11434 --parallel 4",
+                                            "edgeinfer serve --host 0.0.0.0 --api-key \"$KEY\" --alias gpt-4o-mini"))
+@_shared_options(sampling=_sampling, load=_loading, draft=_drafting, without=_DRAFT_TUNING)
+def serve(
+    ref: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="The model (as -m; default: the catalog's default model).")] = None,
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", metavar="ADDRESS", help="Address to listen on (another than loopback is reachable from other machines).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free one).")] = 8080,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", metavar="N", help="Requests answered at once, in one context (default: as many as fit in memory, at most 4).")] = None,
+    queue: Annotated[int, typer.Option("--queue", metavar="N", help="Requests that may wait beyond those; more are answered 503 with Retry-After.")] = 64,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health (default: $EDGEINFER_API_KEY).")] = None,
+    cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="Let a web page from this origin call the API (repeatable).")] = None,
+    alias: Annotated[Optional[list[str]], typer.Option("--alias", metavar="NAME", help="Another name the model answers to (repeatable).")] = None,
+    grace: Annotated[float, typer.Option("--grace", metavar="SECONDS", help="Seconds the answers under way may take to finish at Ctrl-C or SIGTERM.")] = 10.0,
+    max_tokens: MaxTokensOpt = None,
+    *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
+) -> None:
+    """Serve the OpenAI and Ollama APIs over HTTP.
+
+    Several requests are answered at once, in one context; docs/serve.md explains it."""
+    from edgeinfer import api, config, serve as server
+    from edgeinfer.render import transfer_progress
+
+    options = server.ServeOptions(host=host, port=port, queue=queue, api_key=api_key or config.api_key(),
+                                  cors=tuple(cors or ()), aliases=tuple(alias or ()), grace=grace)
+    with transfer_progress(stderr) as progress:
+        prepared = server.prepare(api.one_model(ref, model), parallel=parallel, sampling=sampling,
+                                  max_tokens=max_tokens, load=load, draft=draft, progress=progress)
+        for note in (*prepared.notes, *options.warnings()):
+            progress.note(note)
+    server.serve(prepared, options, log=_log_line)
+
+
+def _log_line(line: str) -> None:
+    sys.stderr.write(visible(line) + "\n")
+    sys.stderr.flush()
+
+
 @app.command(cls=_Command, epilog=_examples("edgeinfer bench smollm2-135m-instruct qwen2.5-coder-0.5b-instruct",
                                             "edgeinfer bench qwen2.5-coder-1.5b-instruct --draft auto -n 64",
                                             "edgeinfer bench qwen2.5-coder-0.5b-instruct --parallel 1,2,4,8 -p 32 -n 64"))

@@ -56,3 +56,8 @@ def hub_offline() -> bool:
 def history_file() -> Path:
     """Where `edgeinfer chat` keeps its input history across sessions."""
     return edgeinfer_home() / "chat_history"
+
+
+def api_key() -> str | None:
+    """The key `edgeinfer serve` asks of its clients when --api-key is not given: EDGEINFER_API_KEY."""
+    return os.environ.get("EDGEINFER_API_KEY") or None
