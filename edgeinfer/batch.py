@@ -51,7 +51,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Answer:
-    """A job's answer, or why it has none (`error`: its prompt cannot fit)."""
+    """A job's answer, or why it has none (`error`: its prompt cannot fit, its grammar found no way on)."""
 
     key: Hashable
     result: GenerationResult | None
@@ -207,8 +207,15 @@ class Batcher:
             seq.n_cached += count
             seq.read += max(0, min(start + count, len(seq.job.prompt)) - start)
             end += count
-            if seq.unread == 0 and (reason := seq.take(self.model.row(end - 1), self.model)):
-                done.append(self._leave(seq, reason))
+            if seq.unread == 0:
+                try:
+                    reason = seq.take(self.model.row(end - 1), self.model)
+                except GenerationError as exc:  # (its grammar found no way on: this sequence's failure alone)
+                    self._release(seq, keep=True)
+                    done.append(Answer(seq.job.key, None, seq.read, error=str(exc)))
+                    continue
+                if reason:
+                    done.append(self._leave(seq, reason))
         return done
 
     def close(self) -> None:
@@ -393,6 +400,8 @@ def generate_one(model: Model, prompt: Iterable[int], sampling: SamplingParams =
                 if interrupted.is_set():
                     batcher.cancel(0, "interrupted")
                 done = batcher.step()
+            if done[0].result is None:
+                raise GenerationError(done[0].error)
             waited = time.perf_counter() - start - done[0].result.total_seconds  # (before it was admitted)
         finally:
             batcher.close()

@@ -240,3 +240,15 @@ def test_a_step_may_read_more_tokens_than_one_sequences_context_holds(q8):
             batcher.submit(Job(i, tuple(prompt), GREEDY, 10))
         batcher.step()
         assert [model.held(s.slot) for s in batcher.live] == [40] * 4 and batcher.steps == 1
+
+
+def test_a_sequence_whose_grammar_dead_ends_fails_alone_and_the_others_are_answered(q8):
+    from edgeinfer.grammar import from_grammar
+
+    prompts = tokens_of(q8, PROMPTS[:2])
+    with load(q8, replace(SOLO, n_seq=2)) as model:
+        dead = from_grammar('root ::= "ab" [\\x00]\n').compile(model)  # (no token spells a NUL)
+        answers = {a.key: a for a in generate_batch(model, [Job("dead", tuple(prompts[0]), GREEDY, 20, grammar=dead),
+                                                            Job("fine", tuple(prompts[1]), GREEDY, 20)])}
+    assert answers["dead"].result is None and "allows no token" in answers["dead"].error
+    assert answers["fine"].result.tokens == alone(q8, [prompts[1]], max_tokens=20)[0]
