@@ -260,7 +260,8 @@ def test_ollama_errors_are_its_own_shape(server):
     answer = post(server, "/api/chat", '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
                                        '"options": {"temperature": "warm"}}')
     assert answer.status_code == 400 and answer.json() == {"error": "options.temperature must be a number"}
-    assert post(server, "/api/generate", '{"model": "tiny", "prompt": "hi", "format": "json"}').status_code == 400
+    answer = post(server, "/api/generate", '{"model": "tiny", "prompt": "hi", "format": "yaml"}')
+    assert answer.status_code == 400 and "format" in answer.json()["error"]
 
 
 def test_a_body_over_16_mib_is_refused_before_it_is_read(server):
@@ -280,6 +281,39 @@ def test_a_prompt_longer_than_the_context_is_400_naming_both(server):
     answer = post(server, "/v1/completions", json.dumps({"prompt": "hello " * 1500}))
     assert answer.status_code == 400
     assert re.search(r"the prompt is \d+ tokens, the context holds 1024", answer.json()["error"]["message"])
+
+
+# --- structured output --------------------------------------------------------------------------
+
+VERDICT = {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]},
+                                            "score": {"type": "integer", "minimum": 0}},
+           "required": ["answer", "score"], "additionalProperties": False}
+
+
+def test_openai_parse_with_a_pydantic_model_gives_an_instance_of_it(server):
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no", "maybe"]
+        score: int
+
+    completion = server.openai().chat.completions.parse(
+        model="tiny", messages=[{"role": "user", "content": "Is the sky blue? Answer in JSON."}],
+        response_format=Verdict, max_tokens=200, **GREEDY)
+    parsed = completion.choices[0].message.parsed  # (the client validated it against the model)
+    assert isinstance(parsed, Verdict) and completion.choices[0].finish_reason == "stop"
+
+
+def test_ollama_format_with_a_schema_gives_an_answer_that_validates(server):
+    import jsonschema
+
+    for stream in (False, True):
+        reply = server.ollama().chat(model="tiny", messages=[{"role": "user", "content": "Is it raining?"}],
+                                     format=VERDICT, options={"temperature": 0, "num_predict": 200}, stream=stream)
+        text = reply.message.content if not stream else "".join(part.message.content for part in reply)
+        jsonschema.validate(json.loads(text), VERDICT)
 
 
 # --- the engine behind -----------------------------------------------------------------------

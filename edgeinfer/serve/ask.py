@@ -9,12 +9,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from edgeinfer.errors import EdgeinferError
+from edgeinfer.errors import EdgeinferError, UsageError
 from edgeinfer.sampling import SamplingParams, out_of_range
 from edgeinfer.template import Message
 from edgeinfer.textstream import is_text
+
+if TYPE_CHECKING:
+    from edgeinfer.grammar import Constraint
 
 
 class ApiError(EdgeinferError):
@@ -40,6 +45,7 @@ class Ask:
     max_tokens: int | None = None  # None: the server's default (the model's cap, else the context)
     stop: tuple[str, ...] = ()
     stream: bool = False
+    constraint: Constraint | None = None  # structured output (grammar.py): JSON, a JSON Schema
 
 
 @dataclass
@@ -134,8 +140,13 @@ def refuse(body: dict, *names: str, why: str = "is not supported by this server"
             raise bad(f"{name} {why}", name)
 
 
-def structured_output(kind: object, param: str) -> None:
-    """Where structured output (issue 23: JSON mode, JSON schemas, grammars) plugs in: today only plain
-    text is answered, and anything else is a 400 that says so."""
-    if kind not in (None, "text"):
-        raise bad(f"{param} other than text is not supported yet (structured output is coming)", param)
+def structured_output(read: Callable[[Any], Constraint | None], value: Any, param: str) -> Constraint | None:
+    """A protocol's structured-output field (OpenAI's response_format, Ollama's format) as a constraint, its
+    grammar parsed by llama.cpp (grammar.checked); a bad one is a 400 naming the field."""
+    from edgeinfer.grammar import checked
+
+    try:
+        constraint = read(value)
+        return checked(constraint) if constraint is not None else None
+    except UsageError as exc:
+        raise bad(str(exc), param) from None

@@ -38,7 +38,9 @@ class Metrics:
                                 ("edgeinfer_sequences_waiting", "Requests waiting for a place in the context",
                                  lambda g: g.waiting),
                                 ("edgeinfer_kv_cells_used", "KV cache positions held, summed over the sequences",
-                                 lambda g: g.cells)):
+                                 lambda g: g.cells),
+                                ("edgeinfer_kv_cells_kept", "KV cache positions kept from finished answers "
+                                 "as prefixes for the next request", lambda g: g.kept)):
             Gauge(name, doc, registry=registry).set_function(lambda pick=pick: pick(gauges()))
         Gauge("edgeinfer_kv_cells", "KV cache cells of the context", registry=registry).set_function(cells_total)
         # (--draft is refused for now: the batched steps are plain, so there are no drafts to count)

@@ -31,7 +31,9 @@ def error_body(error: ApiError) -> dict:
 def _common(body: dict, n_ctx: int) -> dict:
     fields = Fields(body)
     refuse(body, "images", "tools", "template", "context", "suffix", "think")
-    structured_output(body.get("format") or None, "format")
+    from edgeinfer.grammar import from_ollama_format
+
+    constraint = structured_output(from_ollama_format, body.get("format") or None, "format")
     options = Fields(fields.object("options") or {}, "options.")
     num_ctx = options.whole("num_ctx", 1)
     if num_ctx is not None and num_ctx > n_ctx:
@@ -40,7 +42,7 @@ def _common(body: dict, n_ctx: int) -> dict:
     predict = options.whole("num_predict")
     stream = fields.flag("stream")
     return {"sampling": options.sampling(**_SAMPLING), "max_tokens": predict if predict and predict > 0 else None,
-            "stop": options.stop(), "stream": True if stream is None else stream}
+            "stop": options.stop(), "stream": True if stream is None else stream, "constraint": constraint}
 
 
 def chat_ask(body: dict, n_ctx: int) -> Ask | None:

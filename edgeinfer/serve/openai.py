@@ -39,14 +39,15 @@ def _common(body: dict, fields: Fields) -> dict:
     fields.number("frequency_penalty", -2, 2)
     refuse(body, "logprobs", "top_logprobs", "logit_bias", "tools", "functions", "tool_choice", "function_call",
            "audio", "prediction")
-    response_format = fields.object("response_format")
-    structured_output(response_format and response_format.get("type"), "response_format")
+    from edgeinfer.grammar import from_response_format
+
+    constraint = structured_output(from_response_format, fields.object("response_format"), "response_format")
     stream = bool(fields.flag("stream"))
     options = Fields(fields.object("stream_options") or {}, "stream_options.")
     max_tokens = fields.whole("max_completion_tokens", 1)
     max_tokens = max_tokens if max_tokens is not None else fields.whole("max_tokens", 1)
     return {"sampling": fields.sampling(**_SAMPLING), "max_tokens": max_tokens, "stop": fields.stop(),
-            "stream": stream, "usage": bool(stream and options.flag("include_usage"))}
+            "stream": stream, "usage": bool(stream and options.flag("include_usage")), "constraint": constraint}
 
 
 def chat_ask(body: dict) -> tuple[Ask, bool]:

@@ -40,6 +40,7 @@ class Gauges:
     active: int = 0
     waiting: int = 0
     cells: int = 0  # positions llama.cpp's cache holds, summed over the sequences (a shared prefix counts twice)
+    kept: int = 0  # positions kept from finished answers, a prefix for whoever comes next (batch.Batcher.kept)
 
 
 class Reply:
@@ -187,7 +188,9 @@ class Engine:
         model, prepared = self.model, self.prepared
         tokens = raw_tokens(model, ask.prompt) if ask.messages is None else chat_tokens(model, list(ask.messages))
         max_tokens = ask.max_tokens if ask.max_tokens is not None else prepared.max_tokens
-        return Job(key, tuple(tokens), ask.sampling.over(prepared.sampling), max_tokens, ask.stop, on_text=reply.put)
+        grammar = ask.constraint.compile(model) if ask.constraint is not None else None
+        return Job(key, tuple(tokens), ask.sampling.over(prepared.sampling), max_tokens, ask.stop, on_text=reply.put,
+                   grammar=grammar)
 
     def _finish(self, answer: Answer, replies: dict[int, Reply]) -> None:
         self._done()
@@ -212,6 +215,9 @@ class Engine:
 
     def _measure(self, batcher: Batcher) -> None:
         model = self.model
-        cells = sum(model.held(seq) for seq in range(model.n_seq))
-        self.gauges = Gauges(len(batcher.live), len(batcher.waiting), cells)
+        # (cells in use: the live sequences'; those kept from finished answers, as prefixes for the next
+        # turn of a conversation, are a cache, given up whenever cells run short)
+        cells = sum(model.held(seq.slot) for seq in batcher.live)
+        kept = sum(len(tokens) for tokens in batcher.kept.values())
+        self.gauges = Gauges(len(batcher.live), len(batcher.waiting), cells, kept)
 
