@@ -283,6 +283,18 @@ def test_a_prompt_longer_than_the_context_is_400_naming_both(server):
     assert re.search(r"the prompt is \d+ tokens, the context holds 1024", answer.json()["error"]["message"])
 
 
+def test_the_next_turn_of_a_conversation_reads_only_its_new_tokens(server):
+    client = server.openai()
+    turn = [{"role": "user", "content": "Tell me a story about a lighthouse keeper and the sea."}]
+    first = client.chat.completions.create(model="tiny", messages=turn, max_tokens=12, **GREEDY)
+    turn += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=12, **GREEDY)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # (its cells were kept where the first turn's answer ended: only the new turn is read)
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+
+
 # --- structured output --------------------------------------------------------------------------
 
 VERDICT = {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]},

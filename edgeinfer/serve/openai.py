@@ -129,7 +129,9 @@ class _Format:
     def usage_of(answer: Answer) -> dict:
         r = answer.result
         return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens}
+                "total_tokens": r.prompt_tokens + r.completion_tokens,
+                # (a conversation's earlier turns, kept in the cache by the engine: not read again)
+                "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
 
     def tail(self, answer: Answer, timing: Timing) -> bytes:
         last = self.event(self._envelope(self.chunk_object, [self._choice_chunk(None, FINISH[answer.result.finish_reason])]))
