@@ -135,7 +135,11 @@ def test_a_chat_answer_streamed_is_the_answer_given_whole(server):
     assert text == whole.choices[0].message.content and text
     assert whole.choices[0].finish_reason == chunks[-2].choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == 24 and whole.usage.prompt_tokens > 5
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    streamed = chunks[-1].usage
+    assert chunks[-1].choices == [] and (streamed.prompt_tokens, streamed.completion_tokens, streamed.total_tokens) \
+        == (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    # (the same question again: its prompt, all but the last token, was kept in the cache by the first)
+    assert streamed.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
 
 
 def test_a_stream_without_include_usage_has_no_usage_chunk(server):
