@@ -97,24 +97,15 @@ def bench_speculative(name: str, path: Path, options: LoadOptions, plan, *, n_ge
     Both on one loaded target, with the plan a user's `run --draft` gets, so a pair that
     earlier runs found hopeless here is benchmarked as skipped.
     """
-    from edgeinfer.engine import generate
     from edgeinfer.speculative import speculation
     from edgeinfer.template import chat_tokens
 
     progress = progress or SilentProgress()
-    greedy = SamplingParams(temperature=0)
     with load(path, options, cache_file) as model, speculation(model, plan, options, n_gen, cache_file) as factory:
         prompt = chat_tokens(model, [{"role": "user", "content": SPECULATION_PROMPT}])
-        runs = {"plain": None, "draft": factory}
-        speeds: dict[str, list[float]] = {k: [] for k in runs}
         progress.start(f"{name}: tg{n_gen} plain and with --draft {plan.options.ref}", repetitions)
-        for rep in range(repetitions + 1):  # the first round warms both paths up and is not counted
-            for key in (list(runs) if rep % 2 else list(runs)[::-1]):
-                model.truncate(0)
-                result = generate(model, prompt, greedy, max_tokens=n_gen, stepper_factory=runs[key])
-                if rep:
-                    speeds[key].append(result.completion_tokens / (result.total_seconds - result.time_to_first_token + 1e-9))
-            progress.advance(1 if rep else 0)
+        speeds = _alternated(model, prompt, n_gen, {"plain": {}, "draft": {"stepper_factory": factory}},
+                             repetitions, progress)
     label = (f"tg{n_gen} code-edit --draft {plan.options.ref}" + (" (speculation off)" if plan.skipped else "")
              + (" (prompt lookup only)" if plan.note else ""))
     return [BenchResult(name, f"tg{n_gen} code-edit", tuple(speeds["plain"])), BenchResult(name, label, tuple(speeds["draft"]))]
@@ -130,25 +121,34 @@ def bench_structured(name: str, path: Path, options: LoadOptions, constraint, *,
     """Greedy generation on a prompt asking for JSON, free and under the constraint (--format json,
     --json-schema, --grammar), interleaved: tg tok/s of each. A constrained answer may end before n_gen
     tokens (its JSON is whole): its speed is over the tokens it has."""
-    from edgeinfer.engine import generate
     from edgeinfer.template import chat_tokens
 
     progress = progress or SilentProgress()
-    greedy = SamplingParams(temperature=0)
     with load(path, options, cache_file) as model:
         prompt = chat_tokens(model, [{"role": "user", "content": STRUCTURED_PROMPT}])
-        runs = {"free": None, "constrained": constraint.compile(model)}
-        speeds: dict[str, list[float]] = {k: [] for k in runs}
         progress.start(f"{name}: tg{n_gen} free and with {constraint.describe()}", repetitions)
-        for rep in range(repetitions + 1):  # the first round warms both paths up and is not counted
-            for key in (list(runs) if rep % 2 else list(runs)[::-1]):
-                model.truncate(0)
-                result = generate(model, prompt, greedy, max_tokens=n_gen, grammar=runs[key])
-                if rep:
-                    speeds[key].append(result.completion_tokens / (result.total_seconds - result.time_to_first_token + 1e-9))
-            progress.advance(1 if rep else 0)
+        speeds = _alternated(model, prompt, n_gen, {"free": {}, "constrained": {"grammar": constraint.compile(model)}},
+                             repetitions, progress)
     return [BenchResult(name, f"tg{n_gen} json-prompt", tuple(speeds["free"])),
             BenchResult(name, f"tg{n_gen} json-prompt {constraint.describe()}", tuple(speeds["constrained"]))]
+
+
+def _alternated(model: Model, prompt: list[int], n_gen: int, runs: dict[str, dict], repetitions: int,
+                progress: ProgressReporter) -> dict[str, list[float]]:
+    """Greedy tg tok/s of each way to generate (`generate`'s keyword arguments), interleaved ABBA on one
+    loaded model, each from an empty cache; the first round warms every path up and is not counted."""
+    from edgeinfer.engine import generate
+
+    greedy = SamplingParams(temperature=0)
+    speeds: dict[str, list[float]] = {key: [] for key in runs}
+    for rep in range(repetitions + 1):
+        for key in (list(runs) if rep % 2 else list(runs)[::-1]):
+            model.truncate(0)
+            result = generate(model, prompt, greedy, max_tokens=n_gen, **runs[key])
+            if rep:
+                speeds[key].append(result.completion_tokens / (result.total_seconds - result.time_to_first_token + 1e-9))
+        progress.advance(1 if rep else 0)
+    return speeds
 
 
 def _prompt_tokens(model: Model, n: int) -> list[int]:
