@@ -119,8 +119,12 @@ def test_a_short_first_run_does_not_pay_for_measuring_and_a_longer_one_does(mode
     unnamed = [a for a in args if a not in ("--cache-type", "q8_0")]
     off = json.loads(cli(*unnamed, "-n", "96").stdout)
     assert off["cache_type"] == "f16" and off["text"] == json.loads(cli(*unnamed[:-3], "-n", "96", unnamed[-1]).stdout)["text"]
-    code, out, err = cli(*args, "-n", "128")  # long enough to repay it: measures
-    assert code == 0 and "speculation off" not in err and json.loads(out)["speculative"]["target_passes"] > 0
+    for _ in range(3):  # long enough to repay it: measures (timings taken beside a busy program are not
+        code, out, err = cli(*args, "-n", "128")  # kept, and a shared machine has busy moments: again then)
+        assert code == 0 and "speculation off" not in err and json.loads(out)["speculative"]["target_passes"] > 0
+        book = json.loads((edgeinfer_home / "speculation-costs.json").read_text())
+        if all(entry["steps"] for entry in book.values()):
+            break
     code, out, err = cli(*args, "-n", "96")  # measured now: a short run speculates too
     assert code == 0 and "not yet measured" not in err and json.loads(out)["text"] == plain["text"]
 
