@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgeinfer.engine import GenerationResult, Model, ctrl_c_sets_flag
+from edgeinfer.engine import GenerationResult, Model, common_prefix, ctrl_c_sets_flag
 from edgeinfer.errors import GenerationError, UsageError
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.textstream import TextStream
@@ -264,7 +264,7 @@ class Batcher:
         """The free place for a sequence, and how many of its tokens the cells kept there hold (its last
         token excepted: its logits are wanted). None held anywhere: an empty place, else the oldest kept."""
         most = len(seq.tokens) - 1
-        shared = {slot: _common_prefix(self.kept.get(slot, []), seq.tokens, most) for slot in self._free}
+        shared = {slot: common_prefix(self.kept.get(slot, []), seq.tokens, most) for slot in self._free}
         best = max(shared, key=shared.get)
         if shared[best]:
             return best, shared[best]
@@ -290,7 +290,7 @@ class Batcher:
         last prompt token excepted: its logits give the first token, so it is always read)."""
         best, length = None, 0
         for other in self.live:
-            n = _common_prefix(other.tokens, seq.tokens, len(seq.tokens) - 1)
+            n = common_prefix(other.tokens, seq.tokens, len(seq.tokens) - 1)
             if n > length:
                 best, length = other, n
         return (best, length) if self.policy.worth_sharing(length) else (None, 0)
@@ -421,11 +421,3 @@ def _fill(batcher: Batcher, pending: Iterator[Job]) -> Iterator[Answer]:
             batcher.submit(job)
         except GenerationError as exc:
             yield Answer(job.key, None, error=str(exc))
-
-
-def _common_prefix(a: list[int], b: list[int], most: int) -> int:
-    n = min(len(a), len(b), most)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -368,7 +368,6 @@ def answer_one_at_a_time(model: Model, items: Iterable[BatchItem], request: Batc
             raise Interrupted(INTERRUPTED)
         try:
             job = _job(model, request, item, index, sampling, max_tokens, grammars)
-            held = _common_length(model.cached, job.prompt)  # (what the previous answer left: not read again)
             answer = generate(model, job.prompt, job.sampling, max_tokens=job.max_tokens, stop=job.stop,
                               stepper_factory=stepper_factory, grammar=job.grammar)
             answer = judged(answer, item.constraint or request.constraint)
@@ -378,14 +377,10 @@ def answer_one_at_a_time(model: Model, items: Iterable[BatchItem], request: Batc
         else:
             if answer.finish_reason == "interrupted":
                 raise Interrupted(INTERRUPTED)
-            result = BatchResult(item.id, index, answer, prompt_read=len(job.prompt) - min(held, len(job.prompt) - 1))
+            result = BatchResult(item.id, index, answer, prompt_read=answer.prompt_tokens - answer.cached_tokens)
         if on_done is not None:
             on_done(result)
         yield result
-
-
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def in_order(results: Iterable[BatchResult]) -> Iterator[BatchResult]:

@@ -242,7 +242,7 @@ class Model:
             raise GenerationError("empty prompt: nothing to evaluate")
         if len(tokens) >= self.n_ctx:
             raise GenerationError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx}; shorten it or raise --ctx-size")
-        keep = _common_prefix(self.cached, tokens)
+        keep = common_prefix(self.cached, tokens)
         keep = min(keep, len(tokens) - 1)  # the last token is always evaluated again: we need its logits
         self.truncate(keep)
         rest = list(tokens[keep:])
@@ -312,8 +312,8 @@ class Model:
         del self.cached[n:]
 
     # --- several sequences (batch.py's step) --------------------------------------------
-    # These leave `cached`, the single-sequence record of sequence 0, alone: a batch begins and ends with
-    # forget(-1), which empties both.
+    # Only forget(-1) touches `cached`, the record of sequence 0; a Batcher begins from that record and
+    # leaves its own sequence 0 there when it closes (batch.py, kept prefixes).
 
     def decode_rows(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
                     outputs: Sequence[bool]) -> bool:
@@ -371,8 +371,9 @@ class Model:
         self.close()
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
+def common_prefix(a: Sequence[int], b: Sequence[int], most: int | None = None) -> int:
+    """How many tokens a and b begin with alike (at most `most`)."""
+    n = min(len(a), len(b)) if most is None else min(len(a), len(b), most)
     for i in range(n):
         if a[i] != b[i]:
             return i
@@ -478,11 +479,11 @@ def generate(
     start = time.perf_counter()
     emit = on_text or (lambda _text: None)
     sampler = Sampler(sampling, grammar)
-    stepper = (stepper_factory or PlainStepper)(model, sampler)
+    stepper = stepper_factory(model, sampler)
     history, produced = list(prompt), []
     stream, reason, first = TextStream(stop), None, 0.0
     limit = max_tokens if max_tokens is not None else model.n_ctx
-    cached = min(_common_prefix(model.cached, prompt), len(prompt) - 1)
+    cached = common_prefix(model.cached, prompt, len(prompt) - 1)
     with ctrl_c_sets_flag() as interrupted:
         logits = model.prefill(prompt)
         stepper.prepare(prompt)
