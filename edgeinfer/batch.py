@@ -55,8 +55,12 @@ class Answer:
 
     key: Hashable
     result: GenerationResult | None
-    prompt_read: int = 0  # prompt tokens it evaluated itself; the others it was given by a sequence holding them
     error: str | None = None
+
+    @property
+    def prompt_read(self) -> int:
+        """Prompt tokens it evaluated itself; the others were kept in its place or given by a sequence."""
+        return self.result.prompt_tokens - self.result.cached_tokens if self.result is not None else 0
 
 
 @dataclass
@@ -142,7 +146,7 @@ class Sequence:
                                   completion_tokens=len(produced), time_to_first_token=(self.first or now) - started,
                                   total_seconds=now - started, tokens=produced, cache_type=cache_type,
                                   cached_tokens=len(self.job.prompt) - self.read)
-        return Answer(self.job.key, result, self.read)
+        return Answer(self.job.key, result)
 
 
 class Batcher:
@@ -212,7 +216,7 @@ class Batcher:
                     reason = seq.take(self.model.row(end - 1), self.model)
                 except GenerationError as exc:  # (its grammar found no way on: this sequence's failure alone)
                     self._release(seq, keep=True)
-                    done.append(Answer(seq.job.key, None, seq.read, error=str(exc)))
+                    done.append(Answer(seq.job.key, None, error=str(exc)))
                     continue
                 if reason:
                     done.append(self._leave(seq, reason))

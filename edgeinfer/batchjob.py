@@ -59,7 +59,11 @@ class BatchResult:
     index: int
     result: GenerationResult | None = None
     error: str | None = None
-    prompt_read: int = 0  # prompt tokens evaluated; the rest were given by a sequence that held them
+
+    @property
+    def prompt_read(self) -> int:
+        """Prompt tokens evaluated; the rest were kept from an earlier answer or given by a sequence."""
+        return self.result.prompt_tokens - self.result.cached_tokens if self.result is not None else 0
 
     def to_json(self) -> dict:
         if self.result is None:
@@ -344,7 +348,7 @@ def answer_items(model: Model, items: Iterable[BatchItem], request: BatchRequest
             item = by_index.pop(answer.key)
             error = answer.error and (f"line {item.line}: {answer.error}" if item.line else answer.error)
             result = answer.result and judged(answer.result, item.constraint or request.constraint)
-            yield BatchResult(item.id, answer.key, result, error, answer.prompt_read)
+            yield BatchResult(item.id, answer.key, result, error)
         yield from _drained(failed)
 
     for result in results():
@@ -377,7 +381,7 @@ def answer_one_at_a_time(model: Model, items: Iterable[BatchItem], request: Batc
         else:
             if answer.finish_reason == "interrupted":
                 raise Interrupted(INTERRUPTED)
-            result = BatchResult(item.id, index, answer, prompt_read=answer.prompt_tokens - answer.cached_tokens)
+            result = BatchResult(item.id, index, answer)
         if on_done is not None:
             on_done(result)
         yield result

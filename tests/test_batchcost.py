@@ -122,8 +122,8 @@ def test_the_summary_adds_up_the_answers():
     summary = BatchSummary(seconds=2.0, steps=30, parallel=4, how="--parallel")
     for i, first in enumerate([0.1, 0.4, 0.2, 0.3, 1.0]):
         result = GenerationResult("x", "length", prompt_tokens=10, completion_tokens=8, time_to_first_token=first,
-                                  total_seconds=1.0)
-        summary.add(BatchResult(i, i, result, prompt_read=10 if i % 2 else 4))
+                                  total_seconds=1.0, cached_tokens=0 if i % 2 else 6)
+        summary.add(BatchResult(i, i, result))
     summary.add(BatchResult("bad", 5, error="line 6: not JSON"))
     data = summary.to_json()
     assert (data["jobs"], data["failed"], data["prompt_tokens"], data["prompt_tokens_read"]) == (6, 1, 50, 32)
