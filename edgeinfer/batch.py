@@ -191,6 +191,21 @@ class Batcher:
                                   "shorten it or raise --ctx-size")
         self.waiting.append(Sequence(job, self.model.n_ctx))
 
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        """End every job at the next step, waiting or admitted."""
+        for seq in (*self.live, *self.waiting):
+            seq.cancelled = seq.cancelled or reason
+
+    @property
+    def cells_used(self) -> int:
+        """Positions the live sequences hold (a shared prefix counted for each)."""
+        return sum(seq.n_cached for seq in self.live)
+
+    @property
+    def cells_kept(self) -> int:
+        """Positions kept from finished answers: a cache, given up whenever cells run short."""
+        return sum(len(tokens) for tokens in self.kept.values())
+
     def cancel(self, key: Hashable, reason: str = "cancelled") -> None:
         """End a job at the next step, waiting or admitted (its answer's finish_reason: `reason`)."""
         for seq in (*self.live, *self.waiting):

@@ -57,6 +57,14 @@ class Constraint:
         """A short name for /show and --json: json, schema (NAME) or grammar (FILE)."""
         return self.kind if not self.where or self.kind == "json" else f"{self.kind} ({self.where})"
 
+    @functools.cached_property
+    def _validator(self) -> Any:
+        """The schema's jsonschema validator, built once for every answer checked against it."""
+        from jsonschema import Draft202012Validator, validators
+
+        schema = json.loads(self.schema)
+        return validators.validator_for(schema, default=Draft202012Validator)(schema)
+
     def validate(self, text: str) -> str | None:
         """Why a finished answer fails the constraint (it does not parse, or the schema refuses it), or None
         when it passes. A grammar's answers are what the grammar allowed: nothing more to check."""
@@ -68,11 +76,7 @@ class Constraint:
             return f"the answer is not JSON ({exc})"
         if self.kind == "json":
             return None if isinstance(value, dict) else "the answer is JSON but not an object"
-        from jsonschema import Draft202012Validator, validators
-
-        schema = json.loads(self.schema)
-        validator = validators.validator_for(schema, default=Draft202012Validator)(schema)
-        error = next(iter(sorted(validator.iter_errors(value), key=lambda e: e.path)), None)
+        error = next(iter(sorted(self._validator.iter_errors(value), key=lambda e: e.path)), None)
         if error is None:
             return None
         where = "/".join(str(p) for p in error.absolute_path)
@@ -94,6 +98,7 @@ def judged(result: GenerationResult, constraint: Constraint | None) -> Generatio
 # --- making constraints --------------------------------------------------------------------
 
 
+@functools.cache
 def json_object() -> Constraint:
     """Any JSON object (`--format json`, OpenAI's json_object, Ollama's "json"): llama.cpp's JSON grammar."""
     from llama_cpp.llama_grammar import JSON_GBNF

@@ -161,29 +161,28 @@ class _Handlers:
         return JSONResponse({"version": ollama.VERSION, "edgeinfer": __version__})
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await _read_json(request)
-        name = self._model(body, openai_names=True)
-        ask, usage = openai.chat_ask(body)
-        return await self._answer(request, ask, openai.ChatFormat(name, usage))
+        return await self._openai(request, openai.chat_ask, openai.ChatFormat)
 
     async def completions(self, request: Request) -> Response:
-        body = await _read_json(request)
-        name = self._model(body, openai_names=True)
-        ask, usage = openai.completion_ask(body)
-        return await self._answer(request, ask, openai.CompletionFormat(name, usage))
+        return await self._openai(request, openai.completion_ask, openai.CompletionFormat)
 
     async def ollama_chat(self, request: Request) -> Response:
-        body = await _read_json(request)
-        name = self._model(body)
-        fmt = ollama.ChatFormat(name)
-        ask = ollama.chat_ask(body, self._n_ctx())
-        return JSONResponse(fmt.loaded()) if ask is None else await self._answer(request, ask, fmt)
+        return await self._ollama(request, ollama.chat_ask, ollama.ChatFormat)
 
     async def ollama_generate(self, request: Request) -> Response:
+        return await self._ollama(request, ollama.generate_ask, ollama.GenerateFormat)
+
+    async def _openai(self, request: Request, read, answer_format) -> Response:
         body = await _read_json(request)
-        name = self._model(body)
-        fmt = ollama.GenerateFormat(name)
-        ask = ollama.generate_ask(body, self._n_ctx())
+        name = self._model(body, openai_names=True)
+        ask, usage = read(body)
+        return await self._answer(request, ask, answer_format(name, usage))
+
+    async def _ollama(self, request: Request, read, answer_format) -> Response:
+        """An Ollama request; one without a prompt only asks for the model to be loaded (it is)."""
+        body = await _read_json(request)
+        fmt = answer_format(self._model(body))
+        ask = read(body, self._n_ctx())
         return JSONResponse(fmt.loaded()) if ask is None else await self._answer(request, ask, fmt)
 
     # --- answering -------------------------------------------------------------------

@@ -142,11 +142,9 @@ def refuse(body: dict, *names: str, why: str = "is not supported by this server"
 
 def structured_output(read: Callable[[Any], Constraint | None], value: Any, param: str) -> Constraint | None:
     """A protocol's structured-output field (OpenAI's response_format, Ollama's format) as a constraint, its
-    grammar parsed by llama.cpp (grammar.checked); a bad one is a 400 naming the field."""
-    from edgeinfer.grammar import checked
-
+    grammar parsed by the engine thread when it compiles it (llama.cpp is called from there alone); a bad
+    field is a 400 naming it."""
     try:
-        constraint = read(value)
-        return checked(constraint) if constraint is not None else None
+        return read(value)
     except UsageError as exc:
         raise bad(str(exc), param) from None

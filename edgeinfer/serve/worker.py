@@ -162,8 +162,7 @@ class Engine:
             if command[0] == "cancel":
                 batcher.cancel(command[1])
             elif command[0] == "cancel_all":
-                for seq in (*batcher.live, *batcher.waiting):
-                    batcher.cancel(seq.job.key)
+                batcher.cancel_all()
             else:
                 self._queue(batcher, replies, *command[1:])
                 self._measure(batcher)
@@ -202,8 +201,7 @@ class Engine:
 
     def _drop(self, batcher: Batcher) -> list[Answer]:
         """At stop: every sequence still there ends as cancelled, its cells freed."""
-        for seq in (*batcher.live, *batcher.waiting):
-            batcher.cancel(seq.job.key)  # (Batcher.cancel(key) is all there is to cancel with)
+        batcher.cancel_all()
         answers = batcher.step() if batcher.busy else []
         batcher.close()
         self.gauges = Gauges()
@@ -214,10 +212,5 @@ class Engine:
             self._outstanding -= 1
 
     def _measure(self, batcher: Batcher) -> None:
-        model = self.model
-        # (cells in use: the live sequences'; those kept from finished answers, as prefixes for the next
-        # turn of a conversation, are a cache, given up whenever cells run short)
-        cells = sum(model.held(seq.slot) for seq in batcher.live)
-        kept = sum(len(tokens) for tokens in batcher.kept.values())
-        self.gauges = Gauges(len(batcher.live), len(batcher.waiting), cells, kept)
+        self.gauges = Gauges(len(batcher.live), len(batcher.waiting), batcher.cells_used, batcher.cells_kept)
 
