@@ -20,7 +20,7 @@ from statistics import median
 from typing import TYPE_CHECKING
 
 from edgeinfer.errors import GenerationError
-from edgeinfer.speculative.costs import pair_key, read_book, write_book
+from edgeinfer.speculative.costs import PairKey, pair_key, read_book, write_book
 
 if TYPE_CHECKING:
     from edgeinfer.engine import LoadOptions, Model
@@ -116,8 +116,6 @@ def speculate_or_batch(speculation: float | None, costs: StepCosts | None, paral
 def measure(model: Model, sizes: Sequence[int]) -> StepCosts:
     """v(B) for each size the context holds (model.n_seq at most): steps of B one-token rows, B sequences each
     after a short prompt of its own, the sizes interleaved (a drifting machine favours none), medians."""
-    from edgeinfer.bench import counting_tokens
-
     sizes = [b for b in sizes if b <= model.n_seq]
     prompt = counting_tokens(model, min(PROMPT, model.n_ctx // 2))
     n = len(prompt)
@@ -148,11 +146,18 @@ def _decode(model: Model, tokens: Sequence[int], positions: Sequence[int], seqs:
         raise GenerationError("llama.cpp found no KV cells to measure a batched step")
 
 
+def counting_tokens(model: Model, n: int) -> list[int]:
+    """n tokens of "1, 2, 3, ...": a model goes on counting rather than ending its answer, so every sequence
+    generates all its tokens, as llama-batched-bench's do (it never stops at an end-of-generation token;
+    on random tokens a model often says one within a few tokens, and S_TG would time a smaller batch)."""
+    text = ", ".join(str(i) for i in range(1, 4 * n + 2))
+    return model.tokenize(text, add_special=False)[:n]
+
+
 def step_key(path: Path, threads: int, gpu_layers: int | None, cache_type: str) -> str:
     """Whose costs: the CPU, the threads, the model file, the cache type, the offload (a speculation pair's
     key without its drafter)."""
-    key = pair_key(path, "", threads, gpu_layers, cache_type)
-    return json.dumps([key.cpu, key.threads, key.target, key.gpu_layers])
+    return json.dumps(PairKey.target_of(pair_key(path, "", threads, gpu_layers, cache_type).text()))
 
 
 class BatchCostBook:

@@ -158,14 +158,6 @@ def _prompt_tokens(model: Model, n: int) -> list[int]:
     return [int(t) for t in rng.choice(ordinary, size=n)]
 
 
-def counting_tokens(model: Model, n: int) -> list[int]:
-    """n tokens of "1, 2, 3, ...": a model goes on counting rather than ending its answer, so every sequence
-    generates all its tokens, as llama-batched-bench's do (it never stops at an end-of-generation token;
-    on random tokens a model often says one within a few tokens, and S_TG would time a smaller batch)."""
-    text = ", ".join(str(i) for i in range(1, 4 * n + 2))
-    return model.tokenize(text, add_special=False)[:n]
-
-
 def _warm_up(model: Model) -> None:
     model.truncate(0)
     model.decode([model.bos_token if model.bos_token >= 0 else 0])
@@ -221,6 +213,7 @@ def aggregate_generation(path: Path, options: LoadOptions, batch: int, n_prompt:
     """(S_TG, seconds to the last first token) of `batch` greedy sequences of one prompt, shared with no one:
     generated tokens over the time after all prompts were read."""
     from edgeinfer.batch import AdmissionPolicy, Job, generate_batch
+    from edgeinfer.batchcost import counting_tokens
 
     with load(path, replace(options, n_seq=batch), cache_file) as model:
         prompt = tuple(counting_tokens(model, n_prompt))
