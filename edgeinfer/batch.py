@@ -6,8 +6,9 @@
 # prompt is read. A sequence that finishes leaves at once, its cells freed, and a waiting one takes its
 # place at the next step; the cells it leaves stay in its place as a prefix for whoever comes next (the
 # next turn of a conversation reads only its new tokens). Whom to admit and how much prompt to read is an
-# `AdmissionPolicy`: numbers in, decisions out. `generate_one` is `run` and `chat`: a batch of one.
-# docs/batching.md explains the step, admission, prefix sharing and exactness.
+# `AdmissionPolicy`: numbers in, decisions out. `generate_one` is `run` and `chat`: a batch of one. A
+# sequence that generates alone may take its steps through a stepper of its own instead (a server's --draft:
+# speculative rounds on its `Lane`). docs/batching.md explains the step, admission, prefix sharing and exactness.
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgeinfer.engine import GenerationResult, Model, common_prefix, ctrl_c_sets_flag
+from edgeinfer.engine import GenerationResult, Model, Stepper, common_prefix, ctrl_c_sets_flag
 from edgeinfer.errors import GenerationError, UsageError
 from edgeinfer.sampling import Sampler, SamplingParams
 from edgeinfer.textstream import TextStream
@@ -109,6 +110,8 @@ class Sequence:
         self.started: float | None = None
         self.first: float | None = None
         self.cancelled: str | None = None  # the finish_reason a cancel gave it
+        self.stepper: Stepper | None = None  # its rounds while it generates alone (Batcher's `solo`)
+        self.lane: Lane | None = None
 
     @property
     def unread(self) -> int:
@@ -121,7 +124,10 @@ class Sequence:
     def take(self, logits: np.ndarray, model: Model) -> str | None:
         """Sample the next token from this sequence's logits; the reason to finish, if there is one
         (the checks of engine.generate, in its order)."""
-        token = self.sampler.sample(logits, self.tokens)
+        return self.keep(self.sampler.sample(logits, self.tokens), model)
+
+    def keep(self, token: int, model: Model) -> str | None:
+        """A token sampled for this sequence: its text out, and the reason to finish, if there is one."""
         self.first = self.first or time.perf_counter()
         if model.is_eog(token):
             return "stop"
@@ -145,15 +151,54 @@ class Sequence:
         result = GenerationResult(text=self.stream.text, finish_reason=reason, prompt_tokens=len(self.job.prompt),
                                   completion_tokens=len(produced), time_to_first_token=(self.first or now) - started,
                                   total_seconds=now - started, tokens=produced, cache_type=cache_type,
-                                  cached_tokens=len(self.job.prompt) - self.read)
+                                  cached_tokens=len(self.job.prompt) - self.read,
+                                  stats=self.stepper.stats() if hasattr(self.stepper, "stats") else {})
         return Answer(self.job.key, result)
+
+
+class Lane:
+    """One sequence of a batch's context seen as a model of its own, for a stepper to drive (speculative
+    rounds): decode and truncate at that sequence's positions; everything else is the model's."""
+
+    def __init__(self, model: Model, seq: Sequence, make_room: Callable[[], bool]) -> None:
+        self._model, self._seq, self._make_room = model, seq, make_room
+        self.cached: list[int] = []
+        self.sync()
+
+    def __getattr__(self, name: str):  # n_ctx, n_batch, is_eog, scratch, path, cache_type...: the model's
+        return getattr(self._model, name)
+
+    def sync(self) -> None:
+        """Take up the sequence's tokens where the batch's plain steps left them."""
+        self.cached = self._seq.tokens[:self._seq.n_cached]
+
+    def decode(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+        """As Model.decode, in this sequence; kept prefixes make room if the cells run short."""
+        n, start = len(tokens), len(self.cached)
+        if start + n > self._model.n_ctx:
+            raise GenerationError(f"the context window ({self._model.n_ctx} tokens) is full")
+        outputs = [all_logits or i == n - 1 for i in range(n)]
+        while not self._model.decode_rows(tokens, range(start, start + n), [self._seq.slot] * n, outputs):
+            if not self._make_room():
+                raise GenerationError("the KV cache is full")
+        self.cached.extend(tokens)
+        return self._model.rows(0, n) if all_logits else self._model.rows(n - 1, 1)
+
+    def truncate(self, n: int) -> None:
+        self._model.forget(self._seq.slot, n)
+        del self.cached[n:]
+
+
+# A stepper for the sequence that generates alone, from its lane, its sampler and its most tokens
+# (speculative.stepper_factory's factories are such).
+Solo = Callable[[Lane, Sampler, int], Stepper]
 
 
 class Batcher:
     """Sequences in one context, moved forward together, one llama_decode a step."""
 
-    def __init__(self, model: Model, policy: AdmissionPolicy | None = None) -> None:
-        self.model = model
+    def __init__(self, model: Model, policy: AdmissionPolicy | None = None, solo: Solo | None = None) -> None:
+        self.model, self.solo = model, solo
         # (one sequence reads its prompt in steps of n_batch, as llama.cpp does: nobody else waits for them)
         step = model.n_batch if model.n_seq == 1 else min(model.n_batch, max(DEFAULT_STEP, model.n_seq))
         self.policy = policy or AdmissionPolicy(model.n_seq, model.n_cells, step)
@@ -216,6 +261,9 @@ class Batcher:
         """One llama_decode for the admitted sequences; the answers it (or a cancel) finished."""
         done = self._cancelled()
         self._admit()
+        alone = self._alone()
+        if alone is not None:
+            return done + self._solo_round(alone)
         rows = self._rows()
         if not rows:
             return done
@@ -230,7 +278,7 @@ class Batcher:
                 try:
                     reason = seq.take(self.model.row(end - 1), self.model)
                 except GenerationError as exc:  # (its grammar found no way on: this sequence's failure alone)
-                    self._release(seq, keep=True)
+                    self._retire(seq)
                     done.append(Answer(seq.job.key, None, error=str(exc)))
                     continue
                 if reason:
@@ -241,7 +289,7 @@ class Batcher:
         """Drop what is under way (a Ctrl-C); free every cell but those of sequence 0, which the model's
         record (`Model.cached`) then names: the next run or turn on this model may reuse them."""
         for seq in list(self.live):
-            self._release(seq, keep=True)
+            self._retire(seq)
         self.waiting.clear()
         for slot in range(1, self.model.n_seq):
             self.model.forget(slot)
@@ -250,6 +298,37 @@ class Batcher:
         self.kept.clear()
 
     # --- the parts of a step ------------------------------------------------------------
+
+    def _alone(self) -> Sequence | None:
+        """The sequence that generates with nobody beside it or waiting, when it has a stepper of its own."""
+        if self.solo is None or len(self.live) != 1 or self.waiting:
+            return None
+        seq = self.live[0]
+        return seq if seq.unread == 1 and seq.donor is None else None
+
+    def _solo_round(self, seq: Sequence) -> list[Answer]:
+        """One round of the sequence's own stepper (made at its first: speculative decoding, several tokens
+        from one target pass); its tokens are kept as a plain step keeps one, and the cells past what the
+        sequence kept (a draft's tail after a stop) are freed."""
+        if seq.stepper is None:
+            seq.lane = Lane(self.model, seq, self._drop_kept)
+            seq.stepper = self.solo(seq.lane, seq.sampler, seq.limit)
+            seq.stepper.prepare(seq.job.prompt)
+        seq.lane.sync()
+        self.steps += 1
+        reason, error = None, None
+        try:
+            for token in seq.stepper.advance(seq.tokens):
+                if reason := seq.keep(token, self.model):
+                    break
+        except GenerationError as exc:  # (its grammar found no way on: this sequence's failure alone)
+            error = str(exc)
+        seq.n_cached = min(len(seq.lane.cached), len(seq.tokens))
+        self.model.forget(seq.slot, seq.n_cached)
+        if error is not None:
+            self._retire(seq)
+            return [Answer(seq.job.key, None, error=error)]
+        return [self._leave(seq, reason)] if reason else []
 
     def _admit(self) -> None:
         """Waiting sequences take the places the policy allows, each where the cells kept hold the longest
@@ -364,8 +443,14 @@ class Batcher:
         return done + [seq.answer(seq.cancelled, self.model.cache_type) for seq in gone]
 
     def _leave(self, seq: Sequence, reason: str) -> Answer:
-        self._release(seq, keep=True)
+        self._retire(seq)
         return seq.answer(reason, self.model.cache_type)
+
+    def _retire(self, seq: Sequence) -> None:
+        """A sequence's answer is over: its place is given up, its cells kept there."""
+        self._release(seq, keep=True)
+        if seq.stepper is not None:
+            seq.stepper.finish()
 
     def _release(self, seq: Sequence, keep: bool = False) -> None:
         """Give up a sequence's place; its cells stay there as a kept prefix (`keep`), else are freed (those

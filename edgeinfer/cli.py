@@ -603,19 +603,17 @@ def _chat_stats(result) -> str:
     return _stats_line(result) + (("\n" + describe_stats(result.stats, detailed=True)) if result.stats else "")
 
 
-_DRAFT_TUNING = ("draft_max", "draft_min", "draft_p_min", "draft_threads", "draft_gpu_layers", "draft_lookup")
-
-
 @app.command(cls=_Command, epilog=_examples("edgeinfer serve qwen2.5-coder-1.5b-instruct",
                                             "edgeinfer serve -m smollm2-135m-instruct --port 11434 --parallel 4",
-                                            "edgeinfer serve --host 0.0.0.0 --api-key \"$KEY\" --alias gpt-4o-mini"))
-@_shared_options(sampling=_sampling, load=_loading, draft=_drafting, without=_DRAFT_TUNING)
+                                            "edgeinfer serve --host 0.0.0.0 --api-key \"$KEY\" --alias gpt-4o-mini",
+                                            "edgeinfer serve qwen2.5-coder-1.5b-instruct --draft auto"))
+@_shared_options(sampling=_sampling, load=_loading, draft=_drafting)
 def serve(
     ref: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="The model (as -m; default: the catalog's default model).")] = None,
     model: ModelOpt = None,
     host: Annotated[str, typer.Option("--host", metavar="ADDRESS", help="Address to listen on (another than loopback is reachable from other machines).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free one).")] = 8080,
-    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", metavar="N", help="Requests answered at once, in one context (default: as many as fit in memory, at most 4).")] = None,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", metavar="N", help="Requests answered at once, in one context (default: the fewest within 5% of the best speed run --batch measured here, else as many as fit in memory, at most 8 on a CPU).")] = None,
     queue: Annotated[int, typer.Option("--queue", metavar="N", help="Requests that may wait beyond those; more are answered 503 with Retry-After.")] = 64,
     api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health (default: $EDGEINFER_API_KEY).")] = None,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="Let a web page from this origin call the API (repeatable).")] = None,
@@ -626,7 +624,8 @@ def serve(
 ) -> None:
     """Serve the OpenAI and Ollama APIs over HTTP.
 
-    Several requests are answered at once, in one context; docs/serve.md explains it."""
+    Several requests are answered at once, in one context; with --draft, a request that is answered alone
+    speculates. docs/serve.md explains it."""
     from edgeinfer import api, config, serve as server
     from edgeinfer.render import transfer_progress
 

@@ -341,6 +341,16 @@ class Model:
         """The logits of the i-th token of the last decode_rows: a view, valid until the next decode."""
         return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
 
+    def rows(self, i: int, count: int) -> np.ndarray:
+        """The logits of `count` tokens of the last decode_rows from the i-th on, each of them an output."""
+        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(count, self.n_vocab))
+
+    @property
+    def shares_cache(self) -> bool:
+        """Do several sequences share the KV cache? Then a pass attends over cells other sequences hold as well
+        (its kernel chosen by their count: speculative passes are checked as past LONG_CONTEXT)."""
+        return self.n_seq > 1
+
     def forget(self, seq_id: int, start: int = 0) -> None:
         """Free a sequence's cells from position `start` on; seq_id -1: every sequence's."""
         self._ll.llama_memory_seq_rm(self._memory, seq_id, start, -1)
@@ -394,6 +404,9 @@ class Stepper(Protocol):
     def advance(self, history: list[int]) -> list[int]:
         """Evaluate history[-1] (sampled, not yet in the cache) and return the next token(s)."""
 
+    def finish(self) -> None:
+        """The answer is over (what it cost may be worth remembering)."""
+
 
 class PlainStepper:
     """One token per model call: the baseline every other stepper must equal."""
@@ -407,6 +420,9 @@ class PlainStepper:
     def advance(self, history: list[int]) -> list[int]:
         logits = self.model.decode(history[-1:])[0]
         return [self.sampler.sample(logits, history)]
+
+    def finish(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -485,18 +501,21 @@ def generate(
     limit = max_tokens if max_tokens is not None else model.n_ctx
     cached = common_prefix(model.cached, prompt, len(prompt) - 1)
     with ctrl_c_sets_flag() as interrupted:
-        logits = model.prefill(prompt)
-        stepper.prepare(prompt)
-        pending = [sampler.sample(logits, history)]
-        first = time.perf_counter() - start
-        while reason is None:
-            reason = _consume(model, pending, history, produced, stream, emit, limit)
-            if reason is None and interrupted.is_set():
-                reason = "interrupted"
-            elif reason is None and len(model.cached) + 1 > model.n_ctx:
-                reason = "context"
-            elif reason is None:
-                pending = stepper.advance(history)
+        try:
+            logits = model.prefill(prompt)
+            stepper.prepare(prompt)
+            pending = [sampler.sample(logits, history)]
+            first = time.perf_counter() - start
+            while reason is None:
+                reason = _consume(model, pending, history, produced, stream, emit, limit)
+                if reason is None and interrupted.is_set():
+                    reason = "interrupted"
+                elif reason is None and len(model.cached) + 1 > model.n_ctx:
+                    reason = "context"
+                elif reason is None:
+                    pending = stepper.advance(history)
+        finally:
+            stepper.finish()
     emit(stream.flush())
     stats = getattr(stepper, "stats", None)
     return GenerationResult(

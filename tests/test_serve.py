@@ -400,12 +400,54 @@ def test_a_full_queue_answers_503_with_retry_after_and_sigterm_lets_the_answer_f
         busy.kill()
 
 
-def test_serve_refuses_draft_and_a_port_in_use(q8, home, server):
-    refused = run_edgeinfer("serve", "-m", q8, "--draft", "ngram", env={"EDGEINFER_HOME": str(home)})
-    assert refused.exit_code == 2 and "--draft is not served yet" in refused.error_line
+def test_a_port_in_use_is_one_line_before_the_model_loads(q8, home, server):
     port = server.url.rsplit(":", 1)[1]
     taken = run_edgeinfer("serve", "-m", q8, "--port", port, env={"EDGEINFER_HOME": str(home)})
     assert taken.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.error_line
+
+
+# --- --draft: a request answered alone speculates -------------------------------------------
+
+
+@pytest.mark.parametrize("draft", ["ngram", "close"])
+def test_with_draft_a_request_alone_speculates_and_every_answer_is_the_plain_one(server, q8, home, tiny_family,
+                                                                                 draft):
+    """Greedy answers are the plain server's, alone (speculative rounds) as beside others (plain batched
+    steps), and /metrics counts the drafts verified and accepted."""
+    if draft == "close":  # (a draft model that agrees with the target most of the time)
+        draft = str(tiny_family.close_draft)
+    repeating = "Hello world! Hello world! Hello world! Hello world!"  # (prompt lookup finds copies in it)
+    questions = [repeating, *QUESTIONS]
+    plain = {q: chat(server.openai(), q, max_tokens=48).choices[0].message.content for q in questions}
+    fast = start(home, q8, "--parallel", "2", "--ctx-size", "1024", "--draft", draft)
+    try:
+        client = fast.openai()
+        alone = {q: streamed_chat(client, q, max_tokens=48)[0] for q in questions}
+        assert alone == plain
+        counts = fast.metrics()
+        assert counts["edgeinfer_speculative_rounds_total"] > 0
+        assert 0 < counts["edgeinfer_speculative_accepted_tokens_total"] <= counts["edgeinfer_speculative_drafted_tokens_total"]
+
+        together: dict[str, str] = {}
+
+        def ask(question: str) -> None:
+            together[question] = chat(fast.openai(), question, max_tokens=48).choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(q,)) for q in questions]  # (5 clients, 2 sequences)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert together == plain
+        assert wait_for(lambda: fast.metrics()["edgeinfer_sequences_active"] == 0 or None, "the batch emptied")
+        assert fast.stop() == 0
+    finally:
+        fast.kill()
+
+
+def test_a_draft_that_cannot_pair_is_refused_before_the_server_listens(q8, home, tiny_family):
+    refused = run_edgeinfer("serve", "-m", q8, "--draft", str(tiny_family.other_vocab), env={"EDGEINFER_HOME": str(home)})
+    assert refused.exit_code != 0 and "cannot pair with" in refused.error_line
 
 
 def test_a_host_beyond_loopback_without_a_key_is_warned_about():

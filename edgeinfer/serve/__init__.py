@@ -13,7 +13,7 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,16 +61,17 @@ def prepare(model: str | None, *, parallel: int | None = None, sampling: Samplin
             max_tokens: int | None = None, load: LoadOptions | None = None, draft: DraftOptions | None = None,
             progress: ProgressReporter | None = None, lib=None) -> Prepared:
     """The model found (pulled if missing, reported to `progress`) and checked to fit with `parallel`
-    sequences (None: as many as memory allows, at most batch.DEFAULT_PARALLEL), as `run --batch` does."""
+    sequences (None: as many as earlier runs measured best here, within memory), as `run --batch` does;
+    with `draft`, its draft found, paired and planned as `run --draft` does (the plan may turn it off)."""
     from edgeinfer import api
     from edgeinfer.sampling import SamplingParams
 
-    if draft is not None:
-        raise UsageError("--draft is not served yet: the server's batched steps are plain "
-                         "(`edgeinfer run --draft` and `chat --draft` speculate)")
     request = api.BatchRequest(model=model, sampling=sampling or SamplingParams(), max_tokens=max_tokens,
-                               load=load or api.LoadOptions(), parallel=parallel)
-    return api.prepare(request, progress, lib=lib)
+                               load=load or api.LoadOptions(), parallel=parallel, draft=draft)
+    prepared = api.prepare(request, progress, lib=lib)
+    # (a request alone speculates in this context: its cache is the type the plan's passes are exact with)
+    cache = request.load.decided(prepared.plan.run_cache).cache_type
+    return replace(prepared, load=replace(prepared.load, cache_type=cache))
 
 
 def served_name(prepared: Prepared) -> str:

@@ -264,9 +264,7 @@ class _Handlers:
 
     def _finished(self, answer) -> None:  # (engine thread: prometheus_client's counters take a lock)
         if answer.result is not None:
-            self.counts.prompt_tokens.inc(answer.result.prompt_tokens)
-            self.counts.generated_tokens.inc(answer.result.completion_tokens)
-            self.counts.finished.labels(answer.result.finish_reason).inc()
+            self.counts.answered(answer.result)
 
     # --- helpers ---------------------------------------------------------------------
 

@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from edgeinfer.serve.worker import Gauges
+
+if TYPE_CHECKING:
+    from edgeinfer.engine import GenerationResult
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -43,7 +47,23 @@ class Metrics:
                                  "as prefixes for the next request", lambda g: g.kept)):
             Gauge(name, doc, registry=registry).set_function(lambda pick=pick: pick(gauges()))
         Gauge("edgeinfer_kv_cells", "KV cache cells of the context", registry=registry).set_function(cells_total)
-        # (--draft is refused for now: the batched steps are plain, so there are no drafts to count)
+        # --draft: a request that generates alone speculates (edgeinfer.batch.Batcher's solo rounds)
+        self.drafted = Counter("edgeinfer_speculative_drafted_tokens", "Tokens drafted (or copied out of the "
+                               "context) and verified by the model", registry=registry)
+        self.accepted = Counter("edgeinfer_speculative_accepted_tokens", "Drafted tokens the model accepted",
+                                registry=registry)
+        self.rounds = Counter("edgeinfer_speculative_rounds", "Model passes that verified a draft",
+                              registry=registry)
+
+    def answered(self, result: GenerationResult) -> None:
+        """Count a finished answer's tokens, its finish reason and what speculating did for it."""
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.generated_tokens.inc(result.completion_tokens)
+        self.finished.labels(result.finish_reason).inc()
+        if "drafted" in result.stats:
+            self.drafted.inc(result.stats["drafted"])
+            self.accepted.inc(result.stats["accepted"])
+            self.rounds.inc(result.stats["speculative_passes"])
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

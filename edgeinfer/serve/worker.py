@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -118,18 +119,25 @@ class Engine:
     def _run(self) -> None:
         from edgeinfer.batch import Batcher
         from edgeinfer.engine import load
+        from edgeinfer.speculative import speculation
 
-        prepared = self.prepared
+        prepared, loaded = self.prepared, contextlib.ExitStack()
         try:
-            model = load(prepared.path, prepared.load, prepared.cache_file)
+            model = loaded.enter_context(load(prepared.path, prepared.load, prepared.cache_file))
+            # (--draft: the draft model loads beside it; the costs measured are saved when the server stops)
+            factory = loaded.enter_context(speculation(model, prepared.plan, prepared.load, prepared.max_tokens,
+                                                       prepared.cache_file))
         except EdgeinferError as exc:
+            loaded.close()
             self.failure = exc
             self._ready.set()
             if self.on_failure is not None:
                 self.on_failure(exc)
             return
-        with model:
-            self.model, batcher, replies = model, Batcher(model), {}
+        with loaded:
+            # A request that generates alone takes speculative rounds; beside others, plain batched steps.
+            solo = factory if prepared.plan.verifying else None
+            self.model, batcher, replies = model, Batcher(model, solo=solo), {}
             self._ready.set()
             if self.on_ready is not None:
                 self.on_ready(model)

@@ -4,6 +4,7 @@ manager that loads the draft beside a target and hands `generate` its stepper fa
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -336,19 +337,19 @@ def speculation(target: Model, plan: SpeculationPlan, target_load: LoadOptions, 
         if factory is not None:
             yield factory
             return
-        draft_load = replace(target_load, n_ctx=target.n_ctx, n_threads=options.n_threads or target_load.n_threads,
+        # (one sequence: the draft follows whichever sequence speculates, as a server's lone one)
+        draft_load = replace(target_load, n_ctx=target.n_ctx, n_seq=1, n_cells=None,
+                             n_threads=options.n_threads or target_load.n_threads,
                              n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None
                              else target_load.n_gpu_layers)
         start = time.perf_counter()
         with load(plan.draft_path, draft_load, cache_file) as draft:
             loaded.append(draft)
-            drafter = ModelDrafter(draft, target.n_vocab, target.info.file_size, lookup=options.lookup)
-            cost_model(target, drafter, plan.book).observe_load(time.perf_counter() - start)
-            factory = stepper_factory(lambda: drafter, options, max_tokens, plan.book)
-            yield factory
+            # (a drafter per answer, each with its own index of copies; the draft model is one)
+            drafter = functools.partial(ModelDrafter, draft, target.n_vocab, target.info.file_size, lookup=options.lookup)
+            cost_model(target, drafter(), plan.book).observe_load(time.perf_counter() - start)
+            yield stepper_factory(drafter, options, max_tokens, plan.book)
     finally:
-        for stepper in getattr(factory, "made", ()):
-            stepper.costs.observe_answer(stepper.counts["tokens"] + 1)  # (+ the token read off the prompt)
         plan.book.save(trusted=not any(model.contended for model in loaded))
 
 
@@ -376,17 +377,19 @@ def modelless_factory(plan: SpeculationPlan, max_tokens: int | None = None) -> C
 
 
 def stepper_factory(make_drafter: Callable[[], Drafter], options: DraftOptions, max_tokens: int | None = None,
-                    book: CostBook | None = None, note: str | None = None) -> Callable[[Model, Sampler], SpeculativeStepper]:
+                    book: CostBook | None = None, note: str | None = None) -> Callable[..., SpeculativeStepper]:
+    """A stepper per answer, on a target (a Model, or one sequence of a batch: batch.Lane) with that answer's
+    sampler and, where answers differ in it (a server's requests), its own most tokens."""
     from edgeinfer.speculative.stepper import SpeculativeStepper  # (here: the stepper reads this module's plan)
 
-    def factory(target: Model, sampler: Sampler) -> SpeculativeStepper:
+    default = max_tokens
+
+    def factory(target: Model, sampler: Sampler, max_tokens: int | None = default) -> SpeculativeStepper:
         drafter = make_drafter()
         stepper = SpeculativeStepper(target, sampler, drafter, options, cost_model(target, drafter, book), max_tokens)
         stepper.note = note
-        factory.made.append(stepper)
         return stepper
 
-    factory.made = []  # (each generation's stepper: how long its answer ran goes to the costs at the end)
     return factory
 
 

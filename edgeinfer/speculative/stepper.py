@@ -34,17 +34,19 @@ class SpeculativeStepper:
         self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, tokens=0, k_sum=0, copies=0,
                            copied=0)
         self.seconds = 0.0
+        self.finished = False
 
     def prepare(self, prompt: Sequence[int]) -> None:
         """The draft reads the prompt now, with the target, rather than in the first round; and on the first
         use of this pair on this machine, which passes are exact and what they cost are measured before
         they decide anything."""
         start = time.perf_counter()
+        self.prompt_len = len(prompt)
         read = self.drafter.prepare(prompt)
         reading = time.perf_counter() - start
         upto = self.options.draft_max + 1
-        # (the probe past LONG_CONTEXT only for a run that may get there)
-        long = len(prompt) + (self.max_tokens or self.target.n_ctx) > LONG_CONTEXT
+        # (the probe past LONG_CONTEXT only for a run that may get there, or whose cache others share)
+        long = len(prompt) + (self.max_tokens or self.target.n_ctx) > LONG_CONTEXT or self.target.shares_cache
         if not self.costs.knows_exactness(upto, long):
             measure_exactness(self.target, prompt, self.costs, upto, long)
         if self._verify_cap() < 1:
@@ -81,8 +83,6 @@ class SpeculativeStepper:
         """One round: the policy's choice, the draft (or the copy), one target pass that verifies it, the
         accepted prefix and one token of the target's own; or one plain step."""
         start = time.perf_counter()
-        if self.prompt_len is None:
-            self.prompt_len = len(history) - 1
         length, copy = self._choose(history)
         out, catch_up = None, 0.0
         if length:
@@ -109,7 +109,9 @@ class SpeculativeStepper:
 
     def _choose(self, history: list[int]) -> Choice:
         """What to verify this round: the policy weighs the copy the context offers, then the draft model."""
-        limit = self.policy.limit(len(history), self._room(history))
+        # (in a cache other sequences share, the pass's kernel depends on their cells too: held as long)
+        context = LONG_CONTEXT if self.target.shares_cache else len(history)
+        limit = self.policy.limit(context, self._room(history))
         if not self.options.adaptive:
             return Choice(self.policy.choose(limit), None)
         self.policy.judge_copies(history)
@@ -168,6 +170,12 @@ class SpeculativeStepper:
         c["doubts"] += draft.doubted
         c["k_sum"] += length
         self.policy.record(draft, accepted, rejected)
+
+    def finish(self) -> None:
+        """The answer is over: how long it ran goes to the costs (what a draft model's loading must repay)."""
+        if not self.finished:
+            self.finished = True
+            self.costs.observe_answer(self.counts["tokens"] + 1)  # (+ the token read off the prompt)
 
     def stats(self) -> dict:
         c, rounds, cut = self.counts, self.policy.rounds, self._long_context_note()
