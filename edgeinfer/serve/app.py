@@ -280,7 +280,7 @@ class _Handlers:
             return self.site.names[0]
         if not isinstance(name, str):
             raise bad("model must be a string", "model")
-        if name in self.site.names or (not openai_names and ollama.served_name(name, self.site.names)):
+        if name in self.site.names or (not openai_names and ollama.names_one_of(name, self.site.names)):
             return name
         raise ApiError(404, f"the model {name!r} is not served here; this server serves "
                             f"{', '.join(map(repr, self.site.names))}", param="model", code="model_not_found")
