@@ -360,12 +360,10 @@ class _captured_stderr:
 
 
 class Grammar:
-    """A constraint compiled for one model: what every answer's state starts from, and the vocabulary-wide
-    arrays a mask needs, made once and shared by the sequences that use it."""
+    """A constraint compiled for one model: what every answer's state starts from, shared by the sequences
+    that use it; the vocabulary-wide arrays a mask needs belong to the model (`_Vocabulary`)."""
 
     def __init__(self, constraint: Constraint, model: Model) -> None:
-        import numpy as np
-
         self.constraint, self.model = constraint, model
         self._vocab = model._vocab  # (llama.cpp's vocabulary of the loaded model: the grammar reads tokens' text)
         first, why = _init_grammar(self._vocab, constraint.gbnf)
@@ -373,9 +371,7 @@ class Grammar:
             raise UsageError(f"{constraint.where or 'grammar'}: {why}")
         self._first = _owned(first)
         self.end_token = model.eos_token if model.is_eog(model.eos_token) else _first_eog(model)
-        self._all = np.zeros(model.n_vocab, dtype=_token_data())
-        self._all["id"] = np.arange(model.n_vocab)
-        self._whitespace: np.ndarray | None = None  # each token's length if it is all whitespace, else 0
+        self._tables = _Vocabulary.of(model)
 
     def start(self) -> GrammarState:
         """A new answer's state."""
@@ -388,7 +384,7 @@ class Grammar:
 
         ll = c_api()
         if ids is None:
-            cands = self._all
+            cands = self._tables.candidates
         else:
             cands = np.zeros(len(ids), dtype=_token_data())
             cands["id"] = ids
@@ -399,14 +395,39 @@ class Grammar:
         return np.isneginf(cands["logit"])
 
     def whitespace(self) -> np.ndarray:
-        """Each token's length where its text is all whitespace, else 0 (read once, when a run first nears the cap)."""
+        """Each token's length where its text is all whitespace, else 0 (read once per model, when a run first
+        nears the cap)."""
         import numpy as np
 
-        if self._whitespace is None:
+        tables = self._tables
+        if tables.whitespace is None:
             piece = self.model.piece
-            self._whitespace = np.array([len(p) if p and p.isspace() else 0 for p in map(piece, range(self.model.n_vocab))],
-                                        dtype=np.int32)
-        return self._whitespace
+            tables.whitespace = np.array([len(p) if p and p.isspace() else 0 for p in map(piece, range(self.model.n_vocab))],
+                                         dtype=np.int32)
+        return tables.whitespace
+
+
+class _Vocabulary:
+    """A loaded model's vocabulary-wide arrays, made once per model and shared by every Grammar compiled on it
+    (the server compiles one per request: rebuilding them cost ~50 ms a request on Qwen's vocabulary). One
+    candidates array serves them all: llama.cpp's grammar writes only its logits, which `refused` resets before
+    each pass, and llama.cpp is called from one thread (the server's engine thread)."""
+
+    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (a model's tables go when the model does)
+
+    def __init__(self, n_vocab: int) -> None:
+        import numpy as np
+
+        self.candidates = np.zeros(n_vocab, dtype=_token_data())
+        self.candidates["id"] = np.arange(n_vocab)
+        self.whitespace: np.ndarray | None = None  # each token's length if it is all whitespace, else 0
+
+    @classmethod
+    def of(cls, model: Model) -> _Vocabulary:
+        tables = cls._of.get(model)
+        if tables is None:
+            tables = cls._of[model] = cls(model.n_vocab)
+        return tables
 
 
 def _first_eog(model: Model) -> int:

@@ -135,11 +135,14 @@ class Sampler:
         token = self._sample(logits, history)
         if state.allows(token):
             return token
-        # The allowed tokens that can be drawn: greedy the best one, with top-k the k best (a repeat penalty
-        # reorders them: then all); the grammar looks for those among the best logits first.
+        return self._sample(state.mask(logits, self._reach()), history)
+
+    def _reach(self) -> int:
+        """How many of the best allowed tokens a draw can reach: greedy the best one, with top-k the k best;
+        0 (any of them) without top-k, or with a repeat penalty, which reorders them. The grammar looks for
+        those among the best logits first (GrammarState.mask)."""
         p = self.params
-        best = 0 if p.repeat_penalty != 1.0 else 1 if p.greedy else p.top_k
-        return self._sample(state.mask(logits, best), history)
+        return 0 if p.repeat_penalty != 1.0 else 1 if p.greedy else p.top_k
 
     def fork(self) -> "Sampler":
         """This sampler for a drafter: the same settings and random numbers, its own copy of the grammar's
@@ -172,14 +175,17 @@ class Sampler:
 
     def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """The full next-token distribution after every transformation (zeros where excluded), the grammar's
-        mask among them (speculative sampling's p and q: here the whole vocabulary is masked)."""
+        mask among them (speculative sampling's p and q). With top-k, only the k best allowed tokens can have
+        a probability above 0, and they alone are normalised over, so the grammar's shortlist is exact here
+        too: a token it leaves out (allowed or not) has a lower logit than all k (checked), and gets 0 either
+        way. Without top-k, every allowed token has its share: the whole vocabulary is masked."""
         if self.constraint is not None:
             self.constraint.follow(history)
             if self.constraint.complete:
                 probs = np.zeros(len(logits), dtype=np.float64)
                 probs[self.constraint.grammar.end_token] = 1.0
                 return probs
-            logits = self.constraint.mask(logits)
+            logits = self.constraint.mask(logits, self._reach())
         return self._distribution(logits, history)
 
     def _distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:

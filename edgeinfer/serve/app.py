@@ -15,7 +15,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -137,6 +136,10 @@ class _Handlers:
         self.site, self.engine = site, site.engine
         self.counts = Metrics(lambda: self.engine.gauges, lambda: self.engine.model.n_cells if self.engine.model else 0)
         self.engine.finished = self._finished
+        # The model file does not change while it is served: its size and time are read once, not per listing.
+        stat = self.engine.prepared.path.stat()
+        self._size, self._modified = stat.st_size, stat.st_mtime
+        self._details: dict | None = None  # (its metadata, read at the first /api/tags)
 
     async def root(self, request: Request) -> Response:
         return PlainTextResponse("edgeinfer is running")
@@ -151,11 +154,10 @@ class _Handlers:
         return Response(self.counts.text(), media_type=self.counts.content_type)
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse(openai.models(self.site.names, int(self.engine.prepared.path.stat().st_mtime)))
+        return JSONResponse(openai.models(self.site.names, int(self._modified)))
 
     async def tags(self, request: Request) -> Response:
-        path: Path = self.engine.prepared.path
-        return JSONResponse(ollama.tags(self.site.names, path.stat().st_size, path.stat().st_mtime, self._details()))
+        return JSONResponse(ollama.tags(self.site.names, self._size, self._modified, self._model_details()))
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": ollama.VERSION, "edgeinfer": __version__})
@@ -276,7 +278,7 @@ class _Handlers:
             return self.site.names[0]
         if not isinstance(name, str):
             raise bad("model must be a string", "model")
-        if name in self.site.names or (not openai_names and ollama.served_name(name, self.site.names)):
+        if name in self.site.names or (not openai_names and ollama.names_one_of(name, self.site.names)):
             return name
         raise ApiError(404, f"the model {name!r} is not served here; this server serves "
                             f"{', '.join(map(repr, self.site.names))}", param="model", code="model_not_found")
@@ -287,13 +289,15 @@ class _Handlers:
             raise ApiError(503, "the model is still loading", code="loading", retry_after=1)
         return model.n_ctx
 
-    def _details(self) -> dict:
-        from edgeinfer.ggufinfo import inspect
+    def _model_details(self) -> dict:
+        if self._details is None:
+            from edgeinfer.ggufinfo import inspect
 
-        info = inspect(self.engine.prepared.path, self.engine.prepared.cache_file)
-        size = f"{info.parameters / 1e9:.1f}B" if info.parameters >= 1e8 else f"{info.parameters / 1e6:.0f}M"
-        return {"format": "gguf", "family": info.architecture, "families": [info.architecture],
-                "parameter_size": size, "quantization_level": info.quantization, "parent_model": ""}
+            info = inspect(self.engine.prepared.path, self.engine.prepared.cache_file)
+            size = f"{info.parameters / 1e9:.1f}B" if info.parameters >= 1e8 else f"{info.parameters / 1e6:.0f}M"
+            self._details = {"format": "gguf", "family": info.architecture, "families": [info.architecture],
+                             "parameter_size": size, "quantization_level": info.quantization, "parent_model": ""}
+        return self._details
 
 
 async def _read_json(request: Request) -> dict:

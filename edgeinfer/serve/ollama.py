@@ -140,7 +140,7 @@ def tags(names: list[str], size: int, modified: float, details: dict) -> dict:
                         "details": details} for name in names]}
 
 
-def served_name(name: str, names: list[str]) -> bool:
-    """Whether `name` is one of `names`, allowing Ollama's `:latest` tag."""
+def names_one_of(name: str, names: list[str]) -> bool:
+    """Whether the model name a request gives is one of `names`, allowing Ollama's `:latest` tag."""
     return name in names or (name.endswith(":latest") and name[: -len(":latest")] in names)
 

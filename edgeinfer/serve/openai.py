@@ -109,13 +109,11 @@ class _Format:
     """One endpoint's answer, whole or as server-sent events."""
 
     media_type = "text/event-stream"
-    object = ""
+    _id_prefix = ""
 
     def __init__(self, model: str, usage: bool) -> None:
         self.model, self.usage = model, usage
         self.id, self.created = self._id_prefix + uuid.uuid4().hex[:24], int(time.time())
-
-    _id_prefix = ""
 
     def _envelope(self, obj: str, choices: list, **more: object) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
