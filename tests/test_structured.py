@@ -355,3 +355,25 @@ def test_looking_among_the_best_logits_first_gives_what_masking_everything_gives
     monkeypatch.setattr(grammar, "SHORTLIST", 10 ** 9)  # (longer than the vocabulary: every mask is whole)
     whole = generate(tiny, prompt, sampling, max_tokens=150, grammar=constraint.compile(tiny))
     assert shortlisted.tokens == whole.tokens and shortlisted.finish_reason == "stop"
+
+
+def test_speculative_samplings_distribution_under_a_grammar_is_the_whole_masks(tiny, monkeypatch):
+    """p for verifying a draft under a grammar, with top-k, looks for the k best allowed tokens among the
+    highest logits first: row by row, the same distribution as masking the whole vocabulary."""
+    from edgeinfer.sampling import Sampler
+
+    compiled = grammar.from_schema(json.dumps(SCHEMAS["nested objects"])).compile(tiny)
+    sampling = SamplingParams(temperature=1.0, top_k=8, seed=5)
+    prompt = tiny.tokenize("Answer in JSON:")
+    answer = generate(tiny, prompt, sampling, max_tokens=80, grammar=compiled).tokens
+    rows = []
+    for n in range(len(answer)):
+        history = [*prompt, *answer[:n]]
+        rows.append((history, tiny.prefill(history).copy()))
+    shortlisted = Sampler(sampling, compiled)
+    found = [shortlisted.distribution(logits, history) for history, logits in rows]
+    monkeypatch.setattr(grammar, "SHORTLIST", 10 ** 9)  # (longer than the vocabulary: every mask is whole)
+    whole = Sampler(sampling, compiled)
+    assert len(rows) > 10
+    for (history, logits), p in zip(rows, found):
+        assert (p == whole.distribution(logits, history)).all()
