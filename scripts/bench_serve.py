@@ -13,6 +13,13 @@ edgeinfer / llama-server.
 
     .venv/bin/python scripts/bench_serve.py --model /tmp/benchhome/models/.../qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \\
         --llama-server LLAMA_CPP/build/bin/llama-server --clients 1,2,4,8 --rounds 3
+
+With --draft REF a third server runs, `edgeinfer serve --draft REF` (a request alone speculates), and with
+--llama-draft PATH llama-server gets that draft model (`-md PATH`); --prompts edits asks for code edits,
+which quote their code (where speculation pays), in place of questions:
+
+    .venv/bin/python scripts/bench_serve.py --model …1.5b….gguf --llama-server … --clients 1,2 \\
+        --draft qwen2.5-coder-0.5b-instruct --llama-draft …0.5b….gguf --prompts edits --max-tokens 128
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_speculative import EDITS  # noqa: E402 (code edits that quote their code)
+
 QUESTIONS = [
     "Write a Python function that reverses a linked list.", "Explain what a mutex is, with an example.",
     "Write a SQL query that counts orders per customer.", "What does the HTTP status code 409 mean?",
@@ -97,11 +107,11 @@ def one_request(url: str, question: str, max_tokens: int, out: dict) -> None:
                speed=(tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0)
 
 
-def round_of(url: str, clients: int, max_tokens: int, tag: str) -> dict:
+def round_of(url: str, clients: int, max_tokens: int, tag: str, prompts: list[str] = QUESTIONS) -> dict:
     """N clients at once; `tag` starts each question, so that no server answers from a prompt it cached in
     an earlier round (llama-server keeps a slot's prompt: the same question again reads one token)."""
     outs = [{} for _ in range(clients)]
-    threads = [threading.Thread(target=one_request, args=(url, f"({tag}.{i}) {QUESTIONS[i % len(QUESTIONS)]}",
+    threads = [threading.Thread(target=one_request, args=(url, f"({tag}.{i}) {prompts[i % len(prompts)]}",
                                                           max_tokens, outs[i]))
                for i in range(clients)]
     start = time.perf_counter()
@@ -124,15 +134,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def start_servers(args, n: int) -> list[Process]:
-    ours = Process("edgeinfer", [sys.executable, "-m", "edgeinfer", "serve", "-m", args.model, "--port", "18301",
-                                 "--parallel", str(n), "--ctx-size", str(args.ctx), "--threads", str(args.threads),
-                                 "--alias", "m"],
-                   "http://127.0.0.1:18301", env={"PYTHONPATH": str(REPO)})
-    theirs = Process("llama-server", [args.llama_server, "-m", args.model, "--port", "18302", "-np", str(n),
-                                      "-c", str(args.ctx * n), "-t", str(args.threads), "-tb", str(args.threads),
-                                      "-cb", "--no-webui", "-a", "m"],
-                     "http://127.0.0.1:18302")
-    return [ours, theirs]
+    """edgeinfer, edgeinfer --draft (with --draft), then llama-server (with -md, given --llama-draft)."""
+    def ours(name: str, port: int, *more: str) -> Process:
+        return Process(name, [sys.executable, "-m", "edgeinfer", "serve", "-m", args.model, "--port", str(port),
+                              "--parallel", str(n), "--ctx-size", str(args.ctx), "--threads", str(args.threads),
+                              "--alias", "m", *more], f"http://127.0.0.1:{port}", env={"PYTHONPATH": str(REPO)})
+
+    servers = [ours("edgeinfer", 18301)]
+    if args.draft:
+        servers.append(ours("edgeinfer-draft", 18303, "--draft", args.draft))
+    drafting = ["-md", args.llama_draft, "--draft-max", "8"] if args.llama_draft else []
+    servers.append(Process("llama-server", [args.llama_server, "-m", args.model, "--port", "18302", "-np", str(n),
+                                            "-c", str(args.ctx * n), "-t", str(args.threads), "-tb", str(args.threads),
+                                            "-cb", "--no-webui", "-a", "m", *drafting],
+                           "http://127.0.0.1:18302"))
+    return servers
 
 
 def main() -> None:
@@ -144,17 +160,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--ctx", type=int, default=2048, help="context per sequence")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--draft", help="also edgeinfer serve --draft REF (a model reference or path, or ngram)")
+    parser.add_argument("--llama-draft", help="a draft .gguf for llama-server (-md)")
+    parser.add_argument("--prompts", choices=("questions", "edits"), default="questions")
     args = parser.parse_args()
+    prompts = EDITS if args.prompts == "edits" else QUESTIONS
     rows = []
     for n in map(int, args.clients.split(",")):
         servers = start_servers(args, n)
         try:
             for server in servers:  # (a warm-up round each: first-call costs out of the figures)
-                round_of(server.url, n, 8, "warm-up")
+                round_of(server.url, n, 32, "warm-up", prompts)
             results = {s.name: [] for s in servers}
             for r in range(args.rounds):
                 for server in (servers if r % 2 == 0 else servers[::-1]):
-                    results[server.name].append(round_of(server.url, n, args.max_tokens, f"{n}.{r}"))
+                    results[server.name].append(round_of(server.url, n, args.max_tokens, f"{n}.{r}", prompts))
             for server in servers:
                 rounds = results[server.name]
                 every = lambda key: [v for one in rounds for v in one[key]]  # noqa: E731
@@ -169,7 +189,7 @@ def main() -> None:
         finally:
             for server in servers:
                 server.stop()
-        print(json.dumps(rows[-2:]), file=sys.stderr, flush=True)
+        print(json.dumps(rows[-len(servers):]), file=sys.stderr, flush=True)
     print("| N | server | aggregate tok/s | TTFT p50 / p99 ms | request tok/s p50 | e2e p50 / p99 s | failures | "
           "peak MiB | tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -177,11 +197,13 @@ def main() -> None:
         print(f"| {row['N']} | {row['server']} | {row['aggregate_tok_s']:.1f} | {row['ttft_p50_ms']:.0f} / "
               f"{row['ttft_p99_ms']:.0f} | {row['request_tok_s_p50']:.1f} | {row['e2e_p50_s']:.2f} / "
               f"{row['e2e_p99_s']:.2f} | {row['failures']} | {row['peak_mib']:.0f} | {row['tokens']} |")
-    print("\nratios edgeinfer / llama-server:")
-    for ours, theirs in zip(rows[0::2], rows[1::2]):
-        print(f"  N={ours['N']}: aggregate {ours['aggregate_tok_s'] / theirs['aggregate_tok_s']:.2f}x, "
-              f"TTFT p50 {ours['ttft_p50_ms'] / theirs['ttft_p50_ms']:.2f}x, "
-              f"peak memory {ours['peak_mib'] - theirs['peak_mib']:+.0f} MiB")
+    print("\nratios to llama-server:")
+    for ours in rows:
+        theirs = next(row for row in rows if row["N"] == ours["N"] and row["server"] == "llama-server")
+        if ours is not theirs:
+            print(f"  N={ours['N']} {ours['server']}: aggregate {ours['aggregate_tok_s'] / theirs['aggregate_tok_s']:.2f}x, "
+                  f"TTFT p50 {ours['ttft_p50_ms'] / theirs['ttft_p50_ms']:.2f}x, "
+                  f"peak memory {ours['peak_mib'] - theirs['peak_mib']:+.0f} MiB")
 
 
 if __name__ == "__main__":
