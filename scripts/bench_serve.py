@@ -143,7 +143,7 @@ def start_servers(args, n: int) -> list[Process]:
     servers = [ours("edgeinfer", 18301)]
     if args.draft:
         servers.append(ours("edgeinfer-draft", 18303, "--draft", args.draft))
-    drafting = ["-md", args.llama_draft, "--draft-max", "8"] if args.llama_draft else []
+    drafting = ["-md", args.llama_draft] if args.llama_draft else []  # (its own defaults for the rest)
     servers.append(Process("llama-server", [args.llama_server, "-m", args.model, "--port", "18302", "-np", str(n),
                                             "-c", str(args.ctx * n), "-t", str(args.threads), "-tb", str(args.threads),
                                             "-cb", "--no-webui", "-a", "m", *drafting],
