@@ -52,6 +52,12 @@ QUESTIONS = [
 class Process:
     def __init__(self, name: str, command: list[str], url: str, env: dict | None = None) -> None:
         self.name, self.url = name, url
+        try:
+            httpx.get(url + "/health", timeout=2)
+        except httpx.HTTPError:
+            pass  # (nothing there: the port is ours)
+        else:
+            raise SystemExit(f"something already answers on {url} (a server left from an earlier run?)")
         self.log = open(f"/tmp/bench_serve_{name}.log", "w")
         self.popen = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env={**os.environ, **(env or {})}, cwd=REPO)
@@ -63,6 +69,7 @@ class Process:
             except httpx.HTTPError:
                 pass
             if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise SystemExit(f"{name} did not start: see /tmp/bench_serve_{name}.log")
             time.sleep(0.2)
 
@@ -140,14 +147,22 @@ def start_servers(args, n: int) -> list[Process]:
                               "--parallel", str(n), "--ctx-size", str(args.ctx), "--threads", str(args.threads),
                               "--alias", "m", *more], f"http://127.0.0.1:{port}", env={"PYTHONPATH": str(REPO)})
 
-    servers = [ours("edgeinfer", 18301)]
-    if args.draft:
-        servers.append(ours("edgeinfer-draft", 18303, "--draft", args.draft))
     drafting = ["-md", args.llama_draft] if args.llama_draft else []  # (its own defaults for the rest)
-    servers.append(Process("llama-server", [args.llama_server, "-m", args.model, "--port", "18302", "-np", str(n),
-                                            "-c", str(args.ctx * n), "-t", str(args.threads), "-tb", str(args.threads),
-                                            "-cb", "--no-webui", "-a", "m", *drafting],
-                           "http://127.0.0.1:18302"))
+    starts = [lambda: ours("edgeinfer", 18301)]
+    if args.draft:
+        starts.append(lambda: ours("edgeinfer-draft", 18303, "--draft", args.draft))
+    starts.append(lambda: Process("llama-server", [args.llama_server, "-m", args.model, "--port", "18302", "-np", str(n),
+                                                   "-c", str(args.ctx * n), "-t", str(args.threads), "-tb",
+                                                   str(args.threads), "-cb", "--no-webui", "-a", "m", *drafting],
+                                  "http://127.0.0.1:18302"))
+    servers = []
+    try:
+        for begin in starts:
+            servers.append(begin())
+    except BaseException:  # (one failed to start: the others must not outlive the script on their ports)
+        for server in servers:
+            server.stop()
+        raise
     return servers
 
 
