@@ -259,7 +259,8 @@ class _Handlers:
         r = answer.result
         timing.ended = time.perf_counter()
         timing.first = timing.first or timing.ended
-        request.state.tokens = f"{r.prompt_tokens}+{r.completion_tokens} tokens {r.finish_reason}"
+        request.state.tokens = f"{r.prompt_tokens}+{r.completion_tokens} tokens {r.finish_reason}" + (
+            f", {r.stats['accepted']} of {r.stats['drafted']} drafted accepted" if "drafted" in r.stats else "")
         self.counts.ttft.observe(timing.to_first())
         if r.completion_tokens > 1:
             self.counts.per_token.observe((timing.ended - timing.first) / (r.completion_tokens - 1))

@@ -34,6 +34,7 @@ class SpeculativeStepper:
         self.counts = dict(drafted=0, accepted=0, rejections=0, doubts=0, passes=0, tokens=0, k_sum=0, copies=0,
                            copied=0)
         self.seconds = 0.0
+        self.produced = 0  # the answer's tokens so far (a server's request may have begun in batched steps)
         self.finished = False
 
     def prepare(self, prompt: Sequence[int]) -> None:
@@ -83,6 +84,8 @@ class SpeculativeStepper:
         """One round: the policy's choice, the draft (or the copy), one target pass that verifies it, the
         accepted prefix and one token of the target's own; or one plain step."""
         start = time.perf_counter()
+        if self.prompt_len is None:  # (never prepared: the history is a prompt and one token)
+            self.prompt_len = len(history) - 1
         length, copy = self._choose(history)
         out, catch_up = None, 0.0
         if length:
@@ -105,6 +108,7 @@ class SpeculativeStepper:
         self.counts["tokens"] += len(out)
         self.counts["passes"] += 1
         self.seconds += elapsed
+        self.produced = len(history) - self.prompt_len + len(out)
         return out
 
     def _choose(self, history: list[int]) -> Choice:
@@ -175,7 +179,7 @@ class SpeculativeStepper:
         """The answer is over: how long it ran goes to the costs (what a draft model's loading must repay)."""
         if not self.finished:
             self.finished = True
-            self.costs.observe_answer(self.counts["tokens"] + 1)  # (+ the token read off the prompt)
+            self.costs.observe_answer(self.produced)
 
     def stats(self) -> dict:
         c, rounds, cut = self.counts, self.policy.rounds, self._long_context_note()
