@@ -311,9 +311,10 @@ class Batcher:
         from one target pass); its tokens are kept as a plain step keeps one, and the cells past what the
         sequence kept (a draft's tail after a stop) are freed."""
         if seq.stepper is None:
+            # (to the stepper, what came before the last token is the prompt, and the last its first token)
             seq.lane = Lane(self.model, seq, self._drop_kept)
-            seq.stepper = self.solo(seq.lane, seq.sampler, seq.limit)
-            seq.stepper.prepare(seq.job.prompt)
+            seq.stepper = self.solo(seq.lane, seq.sampler, seq.limit - seq.produced + 1)
+            seq.stepper.prepare(seq.tokens[:-1])
         seq.lane.sync()
         self.steps += 1
         reason, error = None, None

@@ -341,6 +341,35 @@ def test_copies_beside_a_draft_model_keep_the_targets_tokens_and_are_remembered_
     assert fast.stats["copies"] == 0 and fast.tokens == generate(target, prompt, GREEDY, max_tokens=60).tokens
 
 
+def test_a_draft_model_whose_reading_of_the_prompt_the_answer_cannot_repay_is_set_aside_for_copies(models):
+    """A server's request may bring a long new prompt for a short answer: reading it into the draft model would
+    cost more than drafting saves. Then copies out of the context stand in, for that answer alone."""
+    target, close = models.target, models.close
+    options = DraftOptions(ref="close", draft_max=4, p_min=0.0)
+    prompt = target.tokenize(" ".join(PROMPTS), add_special=False)  # (a long prompt the draft has not read)
+
+    def speculate(max_tokens: int):
+        book = CostBook(None)  # (costs as measured earlier, the same for both answers)
+        costs = book.get(pair_key(target.path, close.path.name, target.n_threads, target.n_gpu_layers))
+        for n in range(1, 10):
+            for _ in range(3):
+                costs.observe_pass(n, 0.01 * (1 + 0.1 * n))
+        costs.observe_draft(0.002)
+        costs.observe_catch_up(0.0025 * 40, 40)  # (the draft reads a token in a quarter of a target step)
+        close.forget(-1)
+        drafter = ModelDrafter(close, target.n_vocab, target.info.file_size)
+        return generate(target, prompt, GREEDY, max_tokens=max_tokens,
+                        stepper_factory=stepper_factory(lambda: drafter, options, max_tokens, book))
+
+    short = speculate(6)
+    assert short.tokens == generate(target, prompt, GREEDY, max_tokens=6).tokens
+    assert short.stats["drafter"] == "ngram" and "set aside for this answer" in short.stats["note"]
+    assert close.cached == []  # (it never read the prompt)
+    long = speculate(60)  # (an answer ten times longer repays the reading)
+    assert long.stats["drafter"] == close.path.name and "note" not in long.stats
+    assert long.tokens == generate(target, prompt, GREEDY, max_tokens=60).tokens
+
+
 def test_what_one_run_measured_is_where_the_next_run_starts(tmp_path):
     book_file = tmp_path / "speculation-costs.json"
     key = PairKey("Some CPU avx2", 2, "target.gguf:1000", "draft.gguf", None)

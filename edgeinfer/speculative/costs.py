@@ -74,17 +74,18 @@ def can_win(costs: "CostModel", step_hint: float, draft_min: int, cap: int, copy
 
 
 def repays_loading(costs: "CostModel", step_hint: float, cap: int, prompt_tokens: int, answer_tokens: int,
-                   draft_min: int = 0) -> bool:
-    """Would speculating over an answer of `answer_tokens` save more time than loading the draft model and
-    its reading of a `prompt_tokens` prompt cost, at the best draft length and the rates seen so far? (What
-    the user waits for is the whole run, not the token loop.) Unknown costs: yes, the run learns them."""
+                   draft_min: int = 0, loaded: bool = False) -> bool:
+    """Would speculating over an answer of `answer_tokens` save more time than loading the draft model (unless
+    it is `loaded`) and its reading of `prompt_tokens` cost, at the best draft length and the rates seen so
+    far? (What the user waits for is the whole run, not the token loop.) Unknown costs: yes, the run learns them."""
     step = costs.measured(1)
-    if not costs.loads or step is None or costs.measured(2) is None:
+    if (not loaded and not costs.loads) or step is None or costs.measured(2) is None:
         return True
     speed = max(expected_speeds(costs, step_hint, draft_min, cap, reject=costs.rejection_prior(),
                                 doubt=costs.doubt_prior()).values())
     saved = answer_tokens * (step - 1.0 / speed)
-    return saved > median(costs.loads) + prompt_tokens * costs.catch_up_per_token(step_hint)
+    loading = 0.0 if loaded else median(costs.loads)
+    return saved > loading + prompt_tokens * costs.catch_up_per_token(step_hint)
 
 
 class Tally:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgeinfer.engine import Model
+from edgeinfer.engine import Model, common_prefix
 from edgeinfer.sampling import Sampler
 
 
@@ -36,6 +36,13 @@ class Drafter(Protocol):
 
     def prepare(self, prompt: Sequence[int]) -> int:
         """Read the prompt while the target does (a model drafter's prefill); how many tokens it read."""
+
+    def unread(self, prompt: Sequence[int]) -> int:
+        """How many tokens of the prompt `prepare` would read (what its cache does not share with it)."""
+
+    def copies_only(self) -> Drafter | None:
+        """The drafter that stands in where reading the prompt would not pay: its copies out of the context
+        alone (None: it has none to offer, or costs nothing to prepare)."""
 
     def propose(self, history: Sequence[int], n: int, sampler: Sampler, p_min: float) -> Draft:
         """Up to n tokens after history (whose last token is not yet in any cache)."""
@@ -69,6 +76,12 @@ class ModelDrafter:
 
     def copy(self, history: Sequence[int], n: int) -> Draft:
         return self._copies.copy(history, n) if self._copies is not None else Draft()
+
+    def unread(self, prompt: Sequence[int]) -> int:
+        return len(prompt) - common_prefix(self.model.cached, prompt)
+
+    def copies_only(self) -> NgramDrafter | None:
+        return NgramDrafter() if self.lookup else None
 
     def prepare(self, prompt: Sequence[int]) -> int:
         self._copies = None
@@ -153,6 +166,12 @@ class NgramDrafter:
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # positions of history whose n-grams are in the index
         self._prompt_len = 0  # positions before this are the prompt's; after, the answer's
+
+    def unread(self, prompt: Sequence[int]) -> int:
+        return 0
+
+    def copies_only(self) -> None:
+        return None
 
     def prepare(self, prompt: Sequence[int]) -> int:
         self._prompt_len = len(prompt)

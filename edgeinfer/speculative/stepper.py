@@ -11,7 +11,7 @@ import numpy as np
 
 from edgeinfer.engine import Model
 from edgeinfer.sampling import Sampler
-from edgeinfer.speculative.costs import CostModel
+from edgeinfer.speculative.costs import CostModel, repays_loading
 from edgeinfer.speculative.drafters import Draft, Drafter
 from edgeinfer.speculative.plan import LONG_CONTEXT, NOT_EXACT, DraftOptions, measure_exactness
 from edgeinfer.speculative.policy import Choice, DraftPolicy
@@ -43,6 +43,13 @@ class SpeculativeStepper:
         they decide anything."""
         start = time.perf_counter()
         self.prompt_len = len(prompt)
+        stand_in = self.drafter.copies_only()
+        if stand_in is not None and not self._reading_repays(prompt):
+            unread, name = self.drafter.unread(prompt), self.drafter.name
+            self.drafter = stand_in
+            self.policy = DraftPolicy(self.costs, self.options, self.drafter.step_cost_hint)
+            self.note = (f"{name} set aside for this answer, copies out of the context only: its reading of "
+                         f"{unread} prompt tokens would cost more than it saves")
         read = self.drafter.prepare(prompt)
         reading = time.perf_counter() - start
         upto = self.options.draft_max + 1
@@ -59,6 +66,18 @@ class SpeculativeStepper:
             # A first guess at what reading a backlog costs the draft, the price of a probe (low: a long
             # prompt is read in bigger batches than a catch-up; real catch-ups replace it).
             self.costs.observe_catch_up(reading, read)
+
+    def _reading_repays(self, prompt: Sequence[int]) -> bool:
+        """Would the answer (as long as answers here tend to be, within --max-tokens) repay what the draft model
+        has not read of the prompt? A server's request with a long new prompt and a short answer may not; then
+        copies out of the context (--draft-lookup) stand in for the draft model. Unknown costs: yes."""
+        unread = self.drafter.unread(prompt)
+        answer = self.costs.typical_answer(self.max_tokens)
+        if not unread or not self.options.adaptive or answer is None:
+            return True
+        cap = self.costs.verify_cap(self.options.draft_max, long=self.target.shares_cache)
+        return repays_loading(self.costs, self.drafter.step_cost_hint, max(cap, 1), unread, answer,
+                              self.options.draft_min, loaded=True)
 
     def _calibrate(self, prompt: Sequence[int]) -> None:
         """Time one target pass of each size a round may verify, on the prompt's own tokens, then forget them;
