@@ -85,12 +85,13 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--queue", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=600, help="the soak is stopped after this long")
+    parser.add_argument("--draft", help="serve --draft REF: a request alone speculates (its rounds soaked too)")
     args = parser.parse_args()
     url = "http://127.0.0.1:18311"
     log = open("/tmp/soak_serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "edgeinfer", "serve", "-m", args.model, "--port", "18311",
                                "--parallel", str(args.parallel), "--queue", str(args.queue), "--alias", "m",
-                               "--ctx-size", "1024"],
+                               "--ctx-size", "1024", *(["--draft", args.draft] if args.draft else [])],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     try:
         while True:
