@@ -260,7 +260,7 @@ class _Handlers:
         timing.ended = time.perf_counter()
         timing.first = timing.first or timing.ended
         request.state.tokens = f"{r.prompt_tokens}+{r.completion_tokens} tokens {r.finish_reason}" + (
-            f", {r.stats['accepted']} of {r.stats['drafted']} drafted accepted" if "drafted" in r.stats else "")
+            f", {r.stats['accepted']} of {r.stats['drafted']} drafted accepted" if r.stats.get("drafted") else "")
         self.counts.ttft.observe(timing.to_first())
         if r.completion_tokens > 1:
             self.counts.per_token.observe((timing.ended - timing.first) / (r.completion_tokens - 1))
