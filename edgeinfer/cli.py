@@ -614,11 +614,11 @@ def serve(
     host: Annotated[str, typer.Option("--host", metavar="ADDRESS", help="Address to listen on (another than loopback is reachable from other machines).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on (0: any free one).")] = 8080,
     parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", metavar="N", help="Requests answered at once, in one context (default: the fewest within 5% of the best speed run --batch measured here, else as many as fit in memory, at most 8 on a CPU).")] = None,
-    queue: Annotated[int, typer.Option("--queue", metavar="N", help="Requests that may wait beyond those; more are answered 503 with Retry-After.")] = 64,
+    queue: Annotated[Optional[int], typer.Option("--queue", metavar="N", help="Requests that may wait beyond those (default 64); more are answered 503 with Retry-After.")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health (default: $EDGEINFER_API_KEY).")] = None,
     cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="Let a web page from this origin call the API (repeatable).")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", metavar="NAME", help="Another name the model answers to (repeatable).")] = None,
-    grace: Annotated[float, typer.Option("--grace", metavar="SECONDS", help="Seconds the answers under way may take to finish at Ctrl-C or SIGTERM.")] = 10.0,
+    grace: Annotated[Optional[float], typer.Option("--grace", metavar="SECONDS", help="Seconds the answers under way may take to finish at Ctrl-C or SIGTERM (default 10).")] = None,
     max_tokens: MaxTokensOpt = None,
     *, sampling: SamplingParams, load: LoadOptions, draft: DraftOptions | None,
 ) -> None:
@@ -629,8 +629,9 @@ def serve(
     from edgeinfer import api, config, serve as server
     from edgeinfer.render import transfer_progress
 
-    options = server.ServeOptions(host=host, port=port, queue=queue, api_key=api_key or config.api_key(),
-                                  cors=tuple(cors or ()), aliases=tuple(alias or ()), grace=grace)
+    given = {name: value for name, value in (("queue", queue), ("grace", grace)) if value is not None}
+    options = server.ServeOptions(host=host, port=port, api_key=api_key or config.api_key(), cors=tuple(cors or ()),
+                                  aliases=tuple(alias or ()), **given)  # (the defaults are ServeOptions')
     with transfer_progress(stderr) as progress:
         prepared = server.prepare(api.one_model(ref, model), parallel=parallel, sampling=sampling,
                                   max_tokens=max_tokens, load=load, draft=draft, progress=progress)

@@ -8,6 +8,7 @@ others can be compared with the same request answered alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -381,20 +382,40 @@ def test_an_api_key_is_required_and_compared(q8, home):
         keyed.kill()
 
 
+@contextlib.contextmanager
+def streaming(server: Server, max_tokens: int) -> Iterator[Iterator[str]]:
+    """A streamed completion under way: its lines, the first one already read."""
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as answer:
+        lines = answer.iter_lines()
+        assert next(lines).startswith("data: ")
+        yield lines
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_sigterm_lets_the_answer_finish(q8, home):
-    busy = start(home, q8, "--parallel", "1", "--queue", "0", "--ctx-size", "512", "--grace", "60")
+    # (an answer long enough to be under way while the client below is refused, however slow it is to start)
+    busy = start(home, q8, "--parallel", "1", "--queue", "0", "--ctx-size", "4096", "--grace", "60")
     try:
-        body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 300, "stream": True,
-                "temperature": 0}
-        with httpx.stream("POST", busy.url + "/v1/completions", json=body, timeout=120) as answer:
-            lines = answer.iter_lines()
-            assert next(lines).startswith("data: ")
+        with streaming(busy, 3000) as lines:
             with pytest.raises(openai.InternalServerError) as full:
                 chat(busy.openai(), "hi")
             assert full.value.status_code == 503 and full.value.response.headers["Retry-After"] == "1"
             busy.process.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert busy.process.wait(60) == 0
+    finally:
+        busy.kill()
+
+
+def test_an_answer_still_under_way_when_the_grace_is_over_ends_with_a_503_error_event(q8, home):
+    busy = start(home, q8, "--parallel", "1", "--ctx-size", "4096", "--grace", "0")
+    try:
+        with streaming(busy, 4000) as lines:
+            busy.process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        error = json.loads(rest[-1][6:])["error"]
+        assert error["code"] == "shutting_down" and "stopped before the answer was complete" in error["message"]
         assert busy.process.wait(60) == 0
     finally:
         busy.kill()

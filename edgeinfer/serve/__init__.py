@@ -21,7 +21,7 @@ from edgeinfer.errors import EdgeinferError, UsageError
 
 if TYPE_CHECKING:
     from edgeinfer.api import Prepared
-    from edgeinfer.engine import LoadOptions, Model
+    from edgeinfer.engine import LoadOptions
     from edgeinfer.progress import ProgressReporter
     from edgeinfer.sampling import SamplingParams
     from edgeinfer.speculative import DraftOptions
@@ -91,11 +91,14 @@ def serve(prepared: Prepared, options: ServeOptions = ServeOptions(), *, log: Ca
     sock = _listen(options.host, options.port)
     address = _address(sock)
     names = list(dict.fromkeys([served_name(prepared), *options.aliases]))
-    server = None
+    server, ready, lock = None, {}, threading.Lock()
 
-    def ready(model: Model) -> None:  # (engine thread)
-        while server is None or not (server.started or server.should_exit):
-            threading.Event().wait(0.02)
+    def announce(**what) -> None:  # (the engine thread, with the model; uvicorn's, when it listens)
+        with lock:
+            ready.update(what)
+            if "model" not in ready or "listening" not in ready or "said" in ready:
+                return
+            ready["said"], model = True, ready["model"]
         log(f"serving {names[0]} on {address} ({model.n_seq} sequences of {model.n_ctx} tokens, "
             f"queue {options.queue}); Ctrl-C stops")
 
@@ -103,13 +106,13 @@ def serve(prepared: Prepared, options: ServeOptions = ServeOptions(), *, log: Ca
         if server is not None:
             server.should_exit = True
 
-    engine = Engine(prepared, options.queue, on_ready=ready, on_failure=failed)
+    engine = Engine(prepared, options.queue, on_ready=lambda model: announce(model=model), on_failure=failed)
     app = build(Site(engine, names, options.api_key, options.cors, log))
     # (uvicorn's own deadline is a backstop: at `grace` the engine cancels what is left, and the answers
     # under way end with an error event, written as any other; uvicorn would cancel their tasks mid-write)
     config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=options.grace + 5, server_header=False)
-    server = _server(config, options.grace, engine.cancel_all)
+    server = _server(config, options.grace, engine.cancel_all, lambda: announce(listening=True))
     engine.start()
     try:
         server.run(sockets=[sock])
@@ -120,10 +123,10 @@ def serve(prepared: Prepared, options: ServeOptions = ServeOptions(), *, log: Ca
         raise engine.failure
 
 
-def _server(config, grace: float, cancel_all: Callable[[], None]):
-    """uvicorn's Server, except that its shutdown cancels the answers still under way after `grace` seconds,
-    and that a SIGTERM or Ctrl-C that stopped it gracefully is not raised again once it has stopped (uvicorn
-    re-raises it, so the process would die of the signal rather than exit 0)."""
+def _server(config, grace: float, cancel_all: Callable[[], None], listening: Callable[[], None]):
+    """uvicorn's Server, except that it says when it listens, that its shutdown cancels the answers still
+    under way after `grace` seconds, and that a SIGTERM or Ctrl-C that stopped it gracefully is not raised
+    again once it has stopped (uvicorn re-raises it, so the process would die of the signal, not exit 0)."""
     import asyncio
 
     import uvicorn
@@ -133,6 +136,11 @@ def _server(config, grace: float, cancel_all: Callable[[], None]):
             with self.capture_signals():
                 await self._serve(sockets)
                 getattr(self, "_captured_signals", []).clear()  # (uvicorn >= 0.29 re-raises what is kept there)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                listening()
 
         async def shutdown(self, sockets=None) -> None:
             deadline = asyncio.get_running_loop().call_later(grace, cancel_all)

@@ -221,9 +221,9 @@ class _Handlers:
                     yield fmt.piece(event)
                     continue
                 over = True
-                if isinstance(event, ApiError) or _cut_short(event):
+                if isinstance(event, ApiError):
                     request.state.tokens = "ended by an error"
-                    yield fmt.stream_error(_cut_short(event) or event)
+                    yield fmt.stream_error(event)
                 else:
                     self._done(request, event, timing)
                     yield fmt.tail(event, timing)
@@ -236,8 +236,8 @@ class _Handlers:
         async def collect():
             while isinstance(event := await reply.get(), str):
                 timing.first = timing.first or time.perf_counter()
-            if isinstance(event, ApiError) or _cut_short(event):
-                raise _cut_short(event) or event
+            if isinstance(event, ApiError):
+                raise event
             return event
 
         work, watch = asyncio.create_task(collect()), asyncio.create_task(_disconnected(request))
@@ -338,13 +338,6 @@ class _Stream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
-
-
-def _cut_short(event: object) -> ApiError | None:
-    """An answer the server cancelled (its grace after SIGTERM was over) as the error it is for the client."""
-    if getattr(getattr(event, "result", None), "finish_reason", None) == "cancelled":
-        return ApiError(503, "the server stopped before the answer was complete", code="shutting_down")
-    return None
 
 
 async def _disconnected(request: Request) -> None:

@@ -205,7 +205,7 @@ class Engine:
         if self.finished is not None:
             self.finished(answer)
         if reply is not None:
-            reply.put(answer if answer.error is None else ApiError(400, answer.error))
+            reply.put(_outcome(answer))
 
     def _drop(self, batcher: Batcher) -> list[Answer]:
         """At stop: every sequence still there ends as cancelled, its cells freed."""
@@ -222,3 +222,13 @@ class Engine:
     def _measure(self, batcher: Batcher) -> None:
         self.gauges = Gauges(len(batcher.live), len(batcher.waiting), batcher.cells_used, batcher.cells_kept)
 
+
+
+def _outcome(answer: Answer) -> Answer | ApiError:
+    """What the handler hears: the answer, or the error it is for the client (a sequence that failed; one
+    the server cancelled when its grace after SIGTERM was over: a client that went away hears nothing)."""
+    if answer.error is not None:
+        return ApiError(400, answer.error)
+    if answer.result.finish_reason == "cancelled":
+        return ApiError(503, "the server stopped before the answer was complete", code="shutting_down")
+    return answer
