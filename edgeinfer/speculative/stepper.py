@@ -162,7 +162,8 @@ class SpeculativeStepper:
             self.costs.observe_sync(draft.sync_seconds)
         if draft.steps:
             self.costs.observe_draft((spent - draft.catch_up_seconds - draft.sync_seconds) / draft.steps)
-        return _allowed(draft, history, self.sampler)
+        # (a draft model's tokens were sampled under the fork: allowed; a copy, prompt lookup's, is checked)
+        return _allowed(draft, history, self.sampler) if draft.source else draft
 
     def _verify(self, history: list[int], draft: Draft, length: int) -> list[int]:
         """One target pass over the last token and the draft; the tokens it gives."""
