@@ -49,12 +49,17 @@ def quantize(source: Path, dest: Path, ftype_name: str) -> Path:
     return dest
 
 
+def quantized_target(tiny_family, folder: Path) -> tuple[Path, Path]:
+    """The tiny target in Q8_0, and its own Q4_K_M: a draft that agrees with it most of the time."""
+    return (quantize(tiny_family.target, folder / "tiny-target-q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+            quantize(tiny_family.target, folder / "tiny-target-q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M"))
+
+
 @pytest.fixture(scope="module")
 def models(tiny_family, tmp_path_factory):
     """The target loaded once, and its drafts: its own Q4_K_M (close) and an unrelated seed (far)."""
     folder = tmp_path_factory.mktemp("speculative")
-    q8 = quantize(tiny_family.target, folder / "tiny-target-q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0")
-    q4 = quantize(tiny_family.target, folder / "tiny-target-q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M")
+    q8, q4 = quantized_target(tiny_family, folder)
     options = LoadOptions(n_ctx=512, n_threads=2)
     with load(q8, options) as target, load(q4, options) as close, load(tiny_family.unrelated, options) as far:
         yield SimpleNamespace(target=target, close=close, far=far, q4=q4, options=options, folder=folder)

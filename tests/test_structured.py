@@ -22,7 +22,7 @@ from edgeinfer.errors import GenerationError, UsageError
 from edgeinfer.sampling import SamplingParams
 from edgeinfer.speculative import DraftOptions, stepper_factory
 from edgeinfer.speculative.drafters import ModelDrafter, NgramDrafter
-from test_speculative import quantize
+from test_speculative import quantized_target
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -84,9 +84,7 @@ def tiny(tiny_model):
 @pytest.fixture(scope="module")
 def pair(tiny_family, tmp_path_factory):
     """The tiny target in Q8_0 and its own Q4_K_M as a draft (as test_speculative.py pairs them)."""
-    folder = tmp_path_factory.mktemp("structured")
-    q8 = quantize(tiny_family.target, folder / "tiny-target-q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0")
-    q4 = quantize(tiny_family.target, folder / "tiny-target-q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M")
+    q8, q4 = quantized_target(tiny_family, tmp_path_factory.mktemp("structured"))
     options = LoadOptions(n_ctx=512, n_threads=1, cache_type="q8_0")
     with load(q8, options) as target, load(q4, options) as close:
         yield SimpleNamespace(target=target, close=close, q8=q8)
